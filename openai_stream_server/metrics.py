@@ -1,0 +1,33 @@
+"""Prometheus metrics (prometheus-client), one registry per app so tests need no global resets."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("oss_requests", "HTTP requests to /v1/chat/completions by status", ["status"], registry=r)
+        self.completions = Counter("oss_completions", "Completions ended, by final status", ["status"], registry=r)
+        self.active_streams = Gauge("oss_active_streams", "Completions in flight", registry=r)
+        self.chunks = Counter("oss_chunks", "Chunks delivered in order to completions", registry=r)
+        self.events = Counter("oss_sse_events", "SSE events written (coalesced chunks count once)", registry=r)
+        self.dropped_chunks = Counter(
+            "oss_dropped_chunks", "Chunks dropped: unknown request, duplicate, late, overflow", ["reason"], registry=r
+        )
+        self.reordered_chunks = Counter("oss_reordered_chunks", "Chunks that arrived early and were held", registry=r)
+        self.cancellations = Counter("oss_cancellations", "Completions cancelled (client gone or asked)", registry=r)
+        self.errors = Counter("oss_errors", "Completions that failed, by error code", ["code"], registry=r)
+        self.time_to_first_chunk = Histogram(
+            "oss_time_to_first_chunk_seconds", "From request to first chunk", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.inter_chunk = Histogram(
+            "oss_inter_event_seconds", "Gap between SSE events of one stream", buckets=_LATENCY_BUCKETS, registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

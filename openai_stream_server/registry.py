@@ -1,0 +1,154 @@
+"""All completions in flight and recently finished, keyed by request id.
+
+The backend delivers chunks here; the HTTP layer opens, reads and cancels
+completions here. Chunks for an unknown, finished or cancelled request are
+dropped and counted, never delivered to another request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+from .errors import ChatCompletionError, TooManyRequests
+from .metrics import Metrics
+from .protocol import Chunk
+from .settings import Settings
+from .state import Limits, Outcome, Status, StreamState
+
+logger = logging.getLogger(__name__)
+
+
+class StreamRegistry:
+    def __init__(self, settings: Settings, metrics: Metrics, on_cancel: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._on_cancel = on_cancel
+        self._limits = Limits(settings.max_buffered_chunks, settings.max_completion_bytes)
+        self.active: dict[str, StreamState] = {}
+        self.retained: OrderedDict[str, StreamState] = OrderedDict()
+        self._retained_bytes = 0
+        self._legacy_waiting: deque[str] = deque()
+        self.last_chunk_at: float | None = None
+
+    def open(self, request_id: str, model: str, prompt_tokens: int) -> StreamState:
+        if len(self.active) >= self.settings.max_active_requests:
+            raise TooManyRequests(f"{len(self.active)} requests in flight (limit {self.settings.max_active_requests})")
+        state = StreamState(request_id, model, prompt_tokens=prompt_tokens, limits=self._limits)
+        self.active[request_id] = state
+        self._legacy_waiting.append(request_id)
+        if len(self._legacy_waiting) > 2 * len(self.active) + 64:  # forget ids that ended: amortised O(1)
+            self._legacy_waiting = deque(i for i in self._legacy_waiting if i in self.active)
+        self.metrics.active_streams.inc()
+        return state
+
+    def get(self, request_id: str) -> StreamState | None:
+        return self.active.get(request_id) or self.retained.get(request_id)
+
+    # -- from the backend --------------------------------------------------
+
+    def deliver(self, chunks: list[Chunk]) -> None:
+        """Route a batch of chunks to their requests (called on the loop thread)."""
+        now = time.monotonic()
+        self.last_chunk_at = now
+        metrics = self.metrics
+        for chunk in chunks:
+            state = self._route(chunk)
+            if state is None:
+                metrics.dropped_chunks.labels("unknown").inc()
+                continue
+            was_first = state.first_chunk_at is None
+            outcome = state.accept(chunk, now)
+            if outcome is Outcome.DELIVERED:
+                metrics.chunks.inc()
+                if was_first and state.first_chunk_at is not None:
+                    metrics.time_to_first_chunk.observe(state.first_chunk_at - state.started_at)
+            elif outcome is Outcome.REORDERED:
+                metrics.reordered_chunks.inc()
+            else:
+                metrics.dropped_chunks.labels(outcome.value).inc()
+            if state.done and state.request_id in self.active:
+                self._ended(state)
+
+    def _route(self, chunk: Chunk) -> StreamState | None:
+        if chunk.request_id is not None:
+            return self.active.get(chunk.request_id) or self.retained.get(chunk.request_id)
+        if chunk.seq is None:  # legacy reply without an id: the oldest request still waiting
+            while self._legacy_waiting:
+                state = self.active.get(self._legacy_waiting.popleft())
+                if state is not None and state.first_chunk_at is None:
+                    return state
+        return None
+
+    # -- from the HTTP layer -----------------------------------------------
+
+    def cancel(self, request_id: str) -> bool:
+        """The client is gone or asked to cancel: end the request and tell the node."""
+        state = self.active.get(request_id)
+        if state is None or not state.cancel():
+            return False
+        self.metrics.cancellations.inc()
+        self._ended(state)
+        return True
+
+    def fail(self, state: StreamState, error: ChatCompletionError) -> None:
+        if state.request_id in self.active:
+            state.fail(error)
+            self._ended(state)
+
+    def fail_all(self, error: ChatCompletionError) -> None:
+        """Shutdown: every in-flight request ends with ``error``."""
+        for state in list(self.active.values()):
+            self.fail(state, error)
+
+    def sweep(self) -> None:
+        """Apply timeouts to requests in flight and expire retained ones."""
+        now = time.monotonic()
+        s = self.settings
+        for state in list(self.active.values()):
+            if state.check_deadlines(now, s.first_chunk_timeout_s, s.idle_timeout_s, s.gap_timeout_s):
+                self._ended(state)
+        while self.retained:
+            oldest = next(iter(self.retained.values()))
+            if oldest.ended_at is not None and now - oldest.ended_at <= s.retention_s:
+                break
+            self._evict_oldest()
+
+    # -- bookkeeping -------------------------------------------------------
+
+    def _ended(self, state: StreamState) -> None:
+        del self.active[state.request_id]
+        self.metrics.active_streams.dec()
+        self.metrics.completions.labels(state.status.value).inc()
+        if state.status is Status.CANCELLED or (state.status is Status.FAILED and state.finish_reason != "error"):
+            # The node may still be working on it: stop it (DESIGN.md, Limits and failure behaviour).
+            self._on_cancel(state.request_id)
+        if state.status is Status.FAILED and state.error is not None:
+            self.metrics.errors.labels(state.error.code or state.error.error_type).inc()
+        self._log(state)
+        self.retained[state.request_id] = state
+        self._retained_bytes += state.nbytes
+        s = self.settings
+        while self.retained and (len(self.retained) > s.max_retained or self._retained_bytes > s.max_retained_bytes):
+            self._evict_oldest()
+
+    def _evict_oldest(self) -> None:
+        _, state = self.retained.popitem(last=False)
+        self._retained_bytes -= state.nbytes
+
+    def _log(self, state: StreamState) -> None:
+        ttfc = "-" if state.first_chunk_at is None else f"{(state.first_chunk_at - state.started_at) * 1000:.1f}ms"
+        duration = (state.ended_at or time.monotonic()) - state.started_at
+        logger.info(
+            "completion %s model=%s status=%s finish_reason=%s chunks=%d ttfc=%s duration=%.3fs%s",
+            state.request_id,
+            state.model,
+            state.status.value,
+            state.finish_reason,
+            len(state.pieces),
+            ttfc,
+            duration,
+            f" error={state.error.message!r}" if state.error else "",
+        )

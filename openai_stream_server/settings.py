@@ -1,0 +1,124 @@
+"""One frozen settings object: command-line flags > ``OPENAI_STREAM_SERVER_*`` variables > defaults.
+
+No other module reads ``os.environ``; tests construct ``Settings(...)`` directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+ENV_PREFIX = "OPENAI_STREAM_SERVER_"
+DEFAULT_MODEL = "dora-stream"
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    """Interface to bind; 127.0.0.1 unless told otherwise."""
+    port: int = 8000
+    models: tuple[str, ...] = ()
+    """Model names served. Empty: ``DEFAULT_MODEL`` is listed and any requested name is accepted."""
+    api_key: str | None = None
+    """When set, every /v1 route needs ``Authorization: Bearer <api_key>``."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins allowed by CORS (``*`` for any); empty turns CORS off."""
+    log_level: str = "info"
+
+    first_chunk_timeout_s: float = 60.0
+    """No first chunk within this time: 504 (or an error event once streaming), and ``cancel`` downstream."""
+    idle_timeout_s: float = 30.0
+    """No chunk within this time after the previous one: an error event, and ``cancel`` downstream."""
+    gap_timeout_s: float = 5.0
+    """A missing ``seq`` that does not arrive within this time ends the stream with an error naming it."""
+    header_grace_s: float = 2.0
+    """How long a streaming response holds its headers back waiting for the first chunk or an error."""
+    ping_interval_s: float = 15.0
+    """Comment pings on quiet streams so that proxies keep the connection."""
+    sweep_interval_s: float = 0.25
+    """How often timeouts and retention are checked."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    """Larger request bodies get 413 (images travel as data: URIs, hence the generous default)."""
+    max_active_requests: int = 4096
+    """Requests in flight; beyond this 429 with ``Retry-After``."""
+    max_buffered_chunks: int = 4096
+    """Out-of-order chunks held per request while waiting for a gap to fill; beyond it the stream fails."""
+    max_completion_bytes: int = 16 * 1024 * 1024
+    """Answer text kept per request; beyond it the stream fails."""
+    retention_s: float = 300.0
+    """How long a finished completion stays available for GET and reattach."""
+    max_retained: int = 1024
+    """Finished completions retained at most (oldest evicted first)."""
+    max_retained_bytes: int = 64 * 1024 * 1024
+    """Answer text retained over all finished completions at most (oldest evicted first)."""
+    close_stream_after_events: int = 0
+    """Test-only: close each reattach stream after this many events (0: never), to exercise reconnects."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                raise ValueError(f"{f.name} must be >= 0, got {value!r}")
+        if not 0 < self.port < 65536 and self.port != 0:
+            raise ValueError(f"port must be 0..65535, got {self.port}")
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0] if self.models else DEFAULT_MODEL
+
+
+def _cast(name: str, raw: str, kind: Any) -> Any:
+    """Cast one textual value; the error names the variable and the value."""
+    try:
+        if kind == "tuple[str, ...]":
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return raw
+    except ValueError as exc:
+        raise ValueError(f"{name}: cannot read {raw!r} as {kind}") from exc
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from flags and environment; raises ``SystemExit`` with a message on a bad value."""
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="openai-stream-server",
+        description="Streaming OpenAI-compatible API server node for dora-rs dataflows. "
+        f"Every flag can also be set as {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}PORT).",
+    )
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "models":
+            parser.add_argument("--model", dest="models", action="append", help="model name to serve (repeatable)")
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=f"(env {ENV_PREFIX}{f.name.upper()})")
+    args = parser.parse_args(argv)
+
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        env_name = ENV_PREFIX + ("MODEL" if f.name == "models" else f.name.upper())
+        raw = getattr(args, f.name)
+        source = f"--{f.name.replace('_', '-')}"
+        if f.name == "models" and raw:
+            raw = ",".join(raw)
+        if raw is None and env_name in environ:
+            raw, source = environ[env_name], env_name
+        if raw is None:
+            continue
+        try:
+            values[f.name] = _cast(source, raw, f.type)
+        except ValueError as exc:
+            parser.error(str(exc))
+    try:
+        return Settings(**values)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits

@@ -1,0 +1,76 @@
+"""The bytes of the ``chat.completion.chunk`` stream, preformatted.
+
+Why not ``ServerSentEvent`` per chunk: sse-starlette cost about 1.6x the CPU
+per event of writing preformatted ``data:`` bytes (DESIGN.md, measured
+facts). ``EventSourceResponse`` still carries these bytes (it passes bytes
+through untouched) and keeps its disconnect watch and pings;
+``tests/unit/test_sse.py`` checks that the bytes parse the same as the
+library's and as the openai SDK's decoder expects.
+
+POST streams carry no ``id:`` lines: the SDK's decoder keeps the last ``id:``
+and turns a later comment ping into an empty event that fails to parse
+(DESIGN.md, HTTP API). Reattach streams (``resumable=True``) carry
+``id: <seq>`` and ``sequence_number`` so that ``EventSource`` resumes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .errors import ChatCompletionError
+
+DONE = b"data: [DONE]\n\n"
+PING = b": ping\n"
+"""A single comment line, no blank line after: every parser tested ignores it (DESIGN.md)."""
+
+
+def error_event(error: ChatCompletionError) -> bytes:
+    return b"data: " + error.to_json() + b"\n\n"
+
+
+class ChunkEncoder:
+    """Renders one completion's chunks; the constant parts of the JSON are built once per stream."""
+
+    __slots__ = ("_head", "_tail", "_resumable", "include_usage")
+
+    def __init__(
+        self, request_id: str, model: str, created: int, *, include_usage: bool = False, resumable: bool = False
+    ) -> None:
+        head = orjson.dumps({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model})[:-1]
+        self._head = head + b',"system_fingerprint":null'
+        self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        self._resumable = resumable
+        self.include_usage = include_usage
+
+    def _event(self, seq: int | None, body: bytes) -> bytes:
+        if self._resumable and seq is not None:
+            number = str(seq).encode()
+            return b"id: " + number + b"\ndata: " + self._head + b',"sequence_number":' + number + body
+        return b"data: " + self._head + body
+
+    def role(self) -> bytes:
+        return self._event(
+            None,
+            b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]'
+            + self._tail,
+        )
+
+    def content(self, text: str, seq: int | None = None) -> bytes:
+        return self._event(
+            seq,
+            b',"choices":[{"index":0,"delta":{"content":'
+            + orjson.dumps(text)
+            + b'},"logprobs":null,"finish_reason":null}]'
+            + self._tail,
+        )
+
+    def finish(self, finish_reason: str, seq: int | None = None, usage: dict[str, Any] | None = None) -> bytes:
+        choices = b',"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":' + orjson.dumps(finish_reason)
+        if usage is not None and not self.include_usage:  # reattach streams: usage rides on the finish chunk
+            return self._event(seq, choices + b'}],"usage":' + orjson.dumps(usage) + b"}\n\n")
+        return self._event(seq, choices + b"}]" + self._tail)
+
+    def usage(self, usage: dict[str, Any], seq: int | None = None) -> bytes:
+        return self._event(seq, b',"choices":[],"usage":' + orjson.dumps(usage) + b"}\n\n")

@@ -1,0 +1,205 @@
+"""Per-request stream state: reorder buffer, finish marker, usage, log, subscribers.
+
+One ``StreamState`` per completion. Chunks go in through ``accept`` in any
+order; ``pieces`` holds the in-order texts (``pieces[i]`` is the text of
+``seq == i``), which is also the log a reattaching client reads from.
+Subscribers never get a queue of their own: each keeps a cursor into
+``pieces`` and waits for ``changed``, so a slow reader costs no memory and
+gets everything pending in one wake-up (coalesced).
+Runs on the event loop thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass
+
+from .errors import ChatCompletionError, UpstreamError, UpstreamTimeout
+from .protocol import Chunk
+
+
+class Status(enum.Enum):
+    IN_PROGRESS = "in_progress"  # waiting for or receiving chunks
+    COMPLETED = "completed"  # finish marker received and every seq before it
+    CANCELLED = "cancelled"  # the client went away or asked to cancel
+    FAILED = "failed"  # an error ended it: node error, timeout, gap, shutdown
+
+
+class Outcome(enum.Enum):
+    DELIVERED = "delivered"  # in order, appended to the log
+    REORDERED = "reordered"  # early, held until the gap fills
+    DUPLICATE = "duplicate"  # a seq already seen, dropped
+    LATE = "late"  # the request had already ended, dropped
+    OVERFLOW = "overflow"  # the request's buffer was full; it failed
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_buffered_chunks: int = 4096
+    max_completion_bytes: int = 16 * 1024 * 1024
+
+
+class StreamState:
+    """One completion in flight or retained."""
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        *,
+        prompt_tokens: int = 0,
+        limits: Limits = Limits(),
+        created: int | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.created = int(time.time()) if created is None else created
+        self.limits = limits
+        self.status = Status.IN_PROGRESS
+        self.pieces: list[str] = []
+        self.nbytes = 0
+        self.finish_reason: str | None = None
+        self.error: ChatCompletionError | None = None
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens: int | None = None
+        self.counted_tokens = 0
+        self.started_at = time.monotonic()
+        self.first_chunk_at: float | None = None
+        self.last_chunk_at: float | None = None
+        self.ended_at: float | None = None
+        self._pending: dict[int, Chunk] = {}
+        self._fin_seq: int | None = None
+        self._gap_since: float | None = None
+        self._changed = asyncio.Event()
+
+    # -- reading -----------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.status is not Status.IN_PROGRESS
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        completion = self.completion_tokens if self.completion_tokens is not None else self.counted_tokens
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+    async def wait(self, cursor: int, timeout_s: float | None = None) -> None:
+        """Return once there is more than ``cursor`` pieces, the stream ended, or ``timeout_s`` passed."""
+        while cursor >= len(self.pieces) and not self.done:
+            self._changed.clear()
+            if timeout_s is None:
+                await self._changed.wait()
+            else:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout_s)
+                except TimeoutError:
+                    return
+
+    async def wait_done(self) -> None:
+        while not self.done:
+            self._changed.clear()
+            await self._changed.wait()
+
+    # -- writing -----------------------------------------------------------
+
+    def accept(self, chunk: Chunk, now: float) -> Outcome:
+        """Take one chunk from the node, in whatever order it came."""
+        if self.done:
+            return Outcome.LATE
+        if chunk.seq is None:  # a legacy reply: the whole answer at once
+            self._append(chunk, now)
+            self._finish("stop")
+            return Outcome.DELIVERED
+        seq = chunk.seq
+        next_seq = len(self.pieces)
+        if seq < next_seq or seq in self._pending or (self._fin_seq is not None and seq > self._fin_seq):
+            return Outcome.DUPLICATE
+        if chunk.fin:
+            self._fin_seq = seq
+        if seq > next_seq:
+            if len(self._pending) >= self.limits.max_buffered_chunks:
+                self.fail(UpstreamError(f"more than {self.limits.max_buffered_chunks} chunks waiting for seq {next_seq}"))
+                return Outcome.OVERFLOW
+            self._pending[seq] = chunk
+            if self._gap_since is None:
+                self._gap_since = now
+            return Outcome.REORDERED
+        self._append(chunk, now)
+        while self._pending and not self.done:
+            following = self._pending.pop(len(self.pieces), None)
+            if following is None:
+                break
+            self._append(following, now)
+        self._gap_since = now if self._pending else None
+        return Outcome.DELIVERED
+
+    def _append(self, chunk: Chunk, now: float) -> None:
+        if self.first_chunk_at is None:
+            self.first_chunk_at = now
+        self.last_chunk_at = now
+        self.pieces.append(chunk.text)
+        self.nbytes += len(chunk.text)
+        if chunk.text:
+            self.counted_tokens += 1
+        self._changed.set()
+        if self.nbytes > self.limits.max_completion_bytes:
+            self.fail(UpstreamError(f"the answer exceeded {self.limits.max_completion_bytes} bytes"))
+            return
+        if chunk.prompt_tokens is not None:
+            self.prompt_tokens = chunk.prompt_tokens
+        if chunk.completion_tokens is not None:
+            self.completion_tokens = chunk.completion_tokens
+        if chunk.fin:
+            if chunk.finish_reason == "error":
+                self.finish_reason = "error"
+                self.fail(UpstreamError(chunk.error or "the model node reported an error"))
+            else:
+                self._finish(chunk.finish_reason or "stop")
+
+    def _finish(self, finish_reason: str) -> None:
+        self.finish_reason = finish_reason
+        self._end(Status.COMPLETED)
+
+    def fail(self, error: ChatCompletionError) -> None:
+        if self.done:
+            return
+        self.error = error
+        self._end(Status.FAILED)
+
+    def cancel(self) -> bool:
+        """End the request because the client is gone; False if it had already ended."""
+        if self.done:
+            return False
+        self._end(Status.CANCELLED)
+        return True
+
+    def _end(self, status: Status) -> None:
+        self.status = status
+        self.ended_at = time.monotonic()
+        self._pending.clear()
+        self._changed.set()
+
+    def check_deadlines(self, now: float, first_chunk_timeout_s: float, idle_timeout_s: float, gap_timeout_s: float) -> bool:
+        """Fail the request if a timeout passed; True if it did."""
+        if self.done:
+            return False
+        if self._gap_since is not None and now - self._gap_since > gap_timeout_s:
+            self.fail(
+                UpstreamError(f"chunk seq {len(self.pieces)} never arrived (waited {gap_timeout_s:g} s)", code="missing_chunk")
+            )
+        elif self.first_chunk_at is None and not self._pending:
+            if now - self.started_at > first_chunk_timeout_s:
+                self.fail(UpstreamTimeout(f"no answer from the model node within {first_chunk_timeout_s:g} s"))
+        elif self.last_chunk_at is not None and now - self.last_chunk_at > idle_timeout_s:
+            self.fail(UpstreamTimeout(f"the model node went silent for {idle_timeout_s:g} s"))
+        return self.done

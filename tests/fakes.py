@@ -1,0 +1,92 @@
+"""An in-process backend that answers like echo_stream, for HTTP-layer tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from openai_stream_server.backend import ChunkSink, DownstreamRequest
+from openai_stream_server.errors import BackendUnavailable
+from openai_stream_server.protocol import Chunk, last_user_text, parse_request_texts, split_tokens
+
+Plan = Callable[[DownstreamRequest, list[Chunk]], list[Chunk]]
+"""Rewrites the chunks of one answer before delivery: reorder, duplicate, drop, add."""
+
+
+@dataclass
+class FakeBackend:
+    """Echoes the last user text, one chunk per token, ``delay_s`` apart.
+
+    ``plan`` may rewrite a request's chunks (chaos); ``silent`` answers nothing;
+    ``fail_submit`` makes ``submit`` raise.
+    """
+
+    delay_s: float = 0.0
+    plan: Plan | None = None
+    silent: bool = False
+    fail_submit: bool = False
+    legacy: bool = False
+    submitted: list[DownstreamRequest] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    _sink: ChunkSink | None = None
+    _on_stop: Callable[[], None] | None = None
+    _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+
+    async def start(self, sink: ChunkSink, on_stop: Callable[[], None]) -> None:
+        self._sink, self._on_stop = sink, on_stop
+
+    def submit(self, request: DownstreamRequest) -> None:
+        if self.fail_submit:
+            raise BackendUnavailable("fake backend refuses")
+        self.submitted.append(request)
+        if not self.silent:
+            self._tasks[request.request_id] = asyncio.ensure_future(self._answer(request))
+
+    def answer_chunks(self, request: DownstreamRequest) -> list[Chunk]:
+        text = last_user_text(parse_request_texts(request.texts))
+        rid = request.request_id
+        if self.legacy:
+            return [Chunk(None, None, text, fin=True, finish_reason="stop")]
+        tokens = split_tokens(text)
+        limit = request.metadata.get("max_tokens") or 0
+        finish = "stop"
+        if limit and len(tokens) > limit:
+            tokens, finish = tokens[:limit], "length"
+        chunks = [Chunk(rid, i, t) for i, t in enumerate(tokens)]
+        chunks.append(Chunk(rid, len(tokens), "", fin=True, finish_reason=finish, completion_tokens=len(tokens)))
+        return chunks
+
+    async def _answer(self, request: DownstreamRequest) -> None:
+        chunks = self.answer_chunks(request)
+        if self.plan is not None:
+            chunks = self.plan(request, chunks)
+        for chunk in chunks:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            else:
+                await asyncio.sleep(0)
+            assert self._sink is not None
+            self._sink([chunk])
+
+    def deliver(self, chunks: list[Chunk]) -> None:
+        assert self._sink is not None
+        self._sink(chunks)
+
+    def cancel(self, request_id: str) -> None:
+        self.cancelled.append(request_id)
+        task = self._tasks.pop(request_id, None)
+        if task is not None:
+            task.cancel()
+
+    def stop(self) -> None:
+        assert self._on_stop is not None
+        self._on_stop()
+
+    def health(self) -> dict[str, Any]:
+        return {"connected": True}
+
+    async def aclose(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
