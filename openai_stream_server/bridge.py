@@ -50,7 +50,12 @@ class DoraBridge:
                 event = node.next()
                 if event is None:
                     break
-                events = [event, *node.drain()]
+                events = [event]
+                if event["type"] != "STOP":
+                    try:
+                        events.extend(node.drain())
+                    except RuntimeError:  # the channel closed after this event: the dataflow is stopping
+                        pass
                 self.last_event_at = time.monotonic()
                 batch: list[Chunk] = []
                 stop = False

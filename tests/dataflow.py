@@ -1,0 +1,137 @@
+"""Start and stop a real ``dora run`` dataflow for end-to-end tests and benchmarks.
+
+The YAML is copied into a work directory with the server's port (and any
+node's ``env:``) overridden, because node-level ``env:`` wins over the
+environment of ``dora run``. Only the process group started here is ever
+signalled.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_NODE = "openai-stream-server"
+BIN_DIR = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Dataflow:
+    """``with Dataflow(ROOT / "dataflow-stream.yml", tmp_path) as flow: flow.base_url ...``"""
+
+    def __init__(
+        self,
+        yml: Path,
+        workdir: Path,
+        *,
+        env: dict[str, dict[str, Any]] | None = None,
+        extra_nodes: list[dict[str, Any]] | None = None,
+        transform: Any = None,
+        ready_timeout_s: float = 90.0,
+    ) -> None:
+        self.yml = yml
+        self.workdir = workdir
+        self.port = free_port()
+        self.env = env or {}
+        self.extra_nodes = extra_nodes or []
+        self.transform = transform
+        self.ready_timeout_s = ready_timeout_s
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "dora-run.log"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def descriptor(self) -> dict[str, Any]:
+        spec = yaml.safe_load(self.yml.read_text())
+        spec["nodes"].extend(self.extra_nodes)
+        for node in spec["nodes"]:
+            node_env = node.setdefault("env", {}) or {}
+            node["env"] = node_env
+            if node["id"] == SERVER_NODE:
+                node_env["OPENAI_STREAM_SERVER_PORT"] = self.port
+            node_env.update(self.env.get(node["id"], {}))
+            if isinstance(node.get("path"), str) and node["path"].endswith(".py") and not os.path.isabs(node["path"]):
+                node["path"] = str((self.yml.parent / node["path"]).resolve())
+        if self.transform is not None:
+            spec = self.transform(spec)
+        return spec
+
+    def start(self) -> Dataflow:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.workdir / "dataflow.yml"
+        path.write_text(yaml.safe_dump(self.descriptor(), sort_keys=False))
+        env = {**os.environ, "PATH": f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [str(BIN_DIR / "dora"), "run", str(path)],
+                cwd=self.workdir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"dora run exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"the dataflow did not become ready in {self.ready_timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """SIGINT the process group (dora stops the nodes), then SIGKILL whatever is left."""
+        process = self.process
+        if process is None:
+            return None
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGINT)
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # stragglers in the group, if any
+        except ProcessLookupError:
+            pass
+        process.wait(5)
+        return process.returncode
+
+    def __enter__(self) -> Dataflow:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
