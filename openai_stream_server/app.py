@@ -158,7 +158,7 @@ class ChatCompletions:
         # Hold the headers back until the first chunk or an error is known, so that a failure
         # still gets a real HTTP status the SDK can retry on (DESIGN.md, HTTP API).
         await state.wait(0, timeout_s=self.settings.header_grace_s)
-        if state.done and not state.pieces and state.status is not Status.COMPLETED:
+        if state.done and not state.nbytes and state.status is not Status.COMPLETED:
             raise end_error(state)
         encoder = ChunkEncoder(request_id, model, state.created, include_usage=body.include_usage)
         events = guarded(chunk_events(state, encoder, self.metrics), lambda: self._cancel(request_id))

@@ -68,7 +68,7 @@ class ChunkEncoder:
 
     def finish(self, finish_reason: str, seq: int | None = None, usage: dict[str, Any] | None = None) -> bytes:
         choices = b',"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":' + orjson.dumps(finish_reason)
-        if usage is not None and not self.include_usage:  # reattach streams: usage rides on the finish chunk
+        if usage is not None and self._resumable:  # reattach streams: usage rides on the finish chunk
             return self._event(seq, choices + b'}],"usage":' + orjson.dumps(usage) + b"}\n\n")
         return self._event(seq, choices + b"}]" + self._tail)
 

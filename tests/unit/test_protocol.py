@@ -1,0 +1,99 @@
+"""The wire protocol helpers node authors share."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from openai_stream_server.protocol import (
+    ChunkSender,
+    Part,
+    cancelled_request_id,
+    last_user_text,
+    parse_chunk,
+    parse_request_texts,
+    split_tokens,
+    texts_of,
+)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[Any], dict[str, Any]]] = []
+
+    def send_output(self, output_id: str, data: pa.Array, metadata: dict[str, Any] | None = None) -> None:
+        self.sent.append((output_id, data.to_pylist(), dict(metadata or {})))
+
+
+def test_importing_protocol_pulls_in_no_http_stack_and_no_dora() -> None:
+    code = "import sys, openai_stream_server.protocol; print(sorted(m for m in ('starlette','uvicorn','dora','pydantic') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+def test_request_texts_round_trip() -> None:
+    parts = [
+        Part("system", "text", "be brief"),
+        Part("user", "text", "what is this?"),
+        Part("user", "image", "data:image/png;base64,AAAA"),
+        Part("assistant", "text", "a cat"),
+        Part("tool", "text", '{"x": 1}'),
+        Part("user", "text", "and now?\nsecond line"),
+    ]
+    texts = [p.encode() for p in parts]
+    assert texts[1] == "<|user|>\n<|im_start|>\nwhat is this?"
+    assert texts[2] == "<|user|>\n<|vision_start|>\ndata:image/png;base64,AAAA"
+    assert parse_request_texts(texts) == parts
+    assert last_user_text(parts) == "and now?\nsecond line"
+    assert parse_request_texts(["no prefix"]) == [Part("user", "text", "no prefix")]
+
+
+@pytest.mark.parametrize("text", ["", "one", "  lead and trail  ", "a\n\nb\tc", "  "])
+def test_split_tokens_keeps_whitespace(text: str) -> None:
+    assert "".join(split_tokens(text)) == text
+
+
+@pytest.mark.parametrize(
+    "metadata, seq, fin, reason",
+    [
+        pytest.param({"request_id": "r", "seq": 3}, 3, False, None, id="int"),
+        pytest.param({"session_id": "r", "seq": "3", "fin": "true"}, 3, True, "stop", id="strings-as-dora-example"),
+        pytest.param({"request_id": "r", "seq": 0, "finish_reason": "length"}, 0, True, "length", id="reason-ends"),
+        pytest.param({"request_id": "r", "seq": 1, "fin": True, "error": "boom"}, 1, True, "error", id="error"),
+        pytest.param({"request_id": "r"}, None, True, "stop", id="legacy"),
+    ],
+)
+def test_parse_chunk_is_lenient(metadata: dict[str, Any], seq: int | None, fin: bool, reason: str | None) -> None:
+    chunk = parse_chunk(["a", "b"], metadata)
+    assert (chunk.request_id, chunk.seq, chunk.fin, chunk.finish_reason) == ("r", seq, fin, reason)
+
+
+def test_parse_chunk_rejects_garbage() -> None:
+    with pytest.raises(ValueError):
+        parse_chunk(["x"], {"request_id": "r", "seq": "three"})
+    with pytest.raises(ValueError):
+        parse_chunk(["x"], {"request_id": "r", "seq": 1, "finish_reason": "bored"})
+
+
+def test_chunk_sender_numbers_and_finishes_without_flush() -> None:
+    node = Recorder()
+    sender = ChunkSender(node, {"request_id": "r1", "model": "m"})
+    sender.send("a")
+    sender.send("b")
+    sender.finish("length", prompt_tokens=3, completion_tokens=2)
+    assert [m["seq"] for _, _, m in node.sent] == [0, 1, 2]
+    assert node.sent[-1][2]["fin"] is True and node.sent[-1][2]["finish_reason"] == "length"
+    assert all("flush" not in m and m["request_id"] == "r1" == m["session_id"] for _, _, m in node.sent)
+    assert [parse_chunk(d, m).text for _, d, m in node.sent] == ["a", "b", ""]
+    with pytest.raises(RuntimeError):
+        sender.send("late")
+
+
+def test_texts_and_cancel_helpers() -> None:
+    assert texts_of(pa.array(["a", "b"], type=pa.string())) == ["a", "b"]
+    assert cancelled_request_id(pa.array(["r9"]), {}) == "r9"
+    assert cancelled_request_id(pa.array(["x"]), {"request_id": "r1"}) == "r1"
