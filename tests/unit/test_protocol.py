@@ -30,7 +30,10 @@ class Recorder:
 
 
 def test_importing_protocol_pulls_in_no_http_stack_and_no_dora() -> None:
-    code = "import sys, openai_stream_server.protocol; print(sorted(m for m in ('starlette','uvicorn','dora','pydantic') if m in sys.modules))"
+    code = (
+        "import sys, openai_stream_server.protocol; "
+        "print(sorted(m for m in ('starlette', 'uvicorn', 'dora', 'pydantic') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 
