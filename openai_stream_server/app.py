@@ -19,7 +19,8 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .backend import Backend, DownstreamRequest
@@ -238,7 +239,14 @@ class ChatCompletions:
         except ChatCompletionError as error:
             return error_response(error, request.path_params["request_id"])
         encoder = ChunkEncoder(state.request_id, state.model, state.created, resumable=True)
-        events = chunk_events(state, encoder, self.metrics, after=after, max_events=self.settings.close_stream_after_events)
+        events = chunk_events(
+            state,
+            encoder,
+            self.metrics,
+            after=after,
+            max_events=self.settings.close_stream_after_events,
+            retry_ms=self.settings.sse_retry_ms,
+        )
         return self._sse(events, {"X-Request-Id": state.request_id})
 
     async def retrieve(self, request: Request) -> Response:
@@ -358,6 +366,7 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
         Route("/v1/chat/completions/{request_id}", chat.retrieve),
         Route("/v1/chat/completions/{request_id}/stream", chat.stream),
         Route("/v1/chat/completions/{request_id}/cancel", chat.cancel, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),  # the demo page's app.js and style.css
     ]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
     app.state.registry = registry

@@ -58,6 +58,8 @@ class Settings:
     """Answer text retained over all finished completions at most (oldest evicted first)."""
     close_stream_after_events: int = 0
     """Test-only: close each reattach stream after this many events (0: never), to exercise reconnects."""
+    sse_retry_ms: int = 1000
+    """Reattach streams open with ``retry: <ms>``: how soon an EventSource reconnects after a drop (browsers default to 3 s)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

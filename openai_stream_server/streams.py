@@ -25,6 +25,7 @@ async def chunk_events(
     *,
     after: int | None = None,
     max_events: int = 0,
+    retry_ms: int = 0,
 ) -> AsyncIterator[bytes]:
     """The SSE events of one completion, from the start or after sequence number ``after``.
 
@@ -32,10 +33,14 @@ async def chunk_events(
     (coalesced), so a slow client gets fewer, larger events rather than an
     unbounded queue. Ends with the finish chunk (and usage chunk) or an error
     event, then ``[DONE]``. ``max_events`` (test-only) cuts the stream short
-    without ``[DONE]`` to simulate a dropped connection.
+    without ``[DONE]`` to simulate a dropped connection. ``retry_ms`` opens the
+    stream with a data-less ``retry:`` block (no event is dispatched for it) so
+    that an ``EventSource`` reconnects sooner than its 3 s default.
     """
     cursor = 0 if after is None else after + 1
     sent = 0
+    if retry_ms:
+        yield b"retry: %d\n\n" % retry_ms
     if after is None:
         yield encoder.role()
         sent += 1
