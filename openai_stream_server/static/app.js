@@ -1,0 +1,226 @@
+// Demo chat page: POST with background: true, then follow the completion with EventSource.
+//
+// EventSource reconnects by itself after a drop and sends Last-Event-ID (every event on the
+// reattach stream carries id: <seq>), so the server resumes right after the last event we got.
+// We still skip any event whose sequence_number is not above the last one applied, so a replay
+// can never duplicate text. No framework, no build step, no CDN.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const app = $("app");
+  const form = $("ask");
+  const promptBox = $("prompt");
+  const modelSelect = $("model");
+  const sendButton = $("send");
+  const stopButton = $("stop");
+  const statusLine = $("status");
+  const answerBox = $("answer");
+  const meta = $("meta");
+  const stats = { ttft: $("ttft"), tokens: $("tokens"), tps: $("tps"), reconnects: $("reconnects") };
+
+  let run = null; // the completion being shown: {id, source, ...}
+
+  function setState(state, message) {
+    app.dataset.state = state;
+    statusLine.textContent = message;
+    statusLine.className = "status " + state;
+    const live = state === "waiting" || state === "streaming" || state === "reconnecting";
+    answerBox.classList.toggle("live", live);
+    stopButton.disabled = !live;
+  }
+
+  function fmtMs(ms) {
+    return ms < 1000 ? ms.toFixed(0) + " ms" : (ms / 1000).toFixed(2) + " s";
+  }
+
+  function showStats(r) {
+    const now = r.endedAt ?? performance.now();
+    stats.ttft.textContent = r.firstAt == null ? "–" : fmtMs(r.firstAt - r.startedAt);
+    stats.tokens.textContent = r.tokens ? String(r.tokens) : "–";
+    const seconds = r.firstAt == null ? 0 : (now - r.firstAt) / 1000;
+    stats.tps.textContent = r.tokens > 1 && seconds > 0 ? (r.tokens / seconds).toFixed(1) : "–";
+    stats.reconnects.textContent = String(Math.max(0, r.opens - 1));
+  }
+
+  function finish(r, state, message) {
+    if (r.source) r.source.close();
+    r.endedAt = r.endedAt ?? performance.now();
+    clearInterval(r.ticker);
+    showStats(r);
+    setState(state, message);
+    sendButton.disabled = false;
+  }
+
+  function apply(r, chunk) {
+    if (chunk.error) {
+      // An error event; [DONE] follows. A Stop shows up here as code "cancelled".
+      r.endedAt = performance.now();
+      r.failure = chunk.error;
+      return;
+    }
+    const seq = chunk.sequence_number;
+    if (typeof seq === "number") {
+      if (seq <= r.lastSeq) {
+        app.dataset.skipped = String(Number(app.dataset.skipped) + 1);
+        return;
+      }
+      r.lastSeq = seq;
+    }
+    app.dataset.applied = String(Number(app.dataset.applied) + 1);
+    const choice = chunk.choices && chunk.choices[0];
+    const content = choice && choice.delta ? choice.delta.content : null;
+    if (content) {
+      if (r.firstAt == null) {
+        r.firstAt = performance.now();
+        setState("streaming", "streaming…");
+      }
+      r.text.appendData(content);
+      r.tokens = Math.max(r.tokens, seq + 1); // one chunk per token for echo; usage corrects it at the end
+      showStats(r);
+    }
+    if (chunk.usage) r.tokens = chunk.usage.completion_tokens;
+    if (choice && choice.finish_reason) {
+      r.finishReason = choice.finish_reason;
+      r.endedAt = performance.now();
+    }
+  }
+
+  async function explainClosed(r) {
+    // EventSource gives no detail when it gives up (e.g. 404 once the completion has expired).
+    let message = "the connection was lost";
+    try {
+      const response = await fetch("/v1/chat/completions/" + encodeURIComponent(r.id));
+      const body = await response.json();
+      if (body.error) message = body.error.message;
+    } catch (_) {
+      message = "the server is unreachable";
+    }
+    if (run === r) finish(r, "error", message);
+  }
+
+  function follow(r, streamUrl) {
+    const source = new EventSource(streamUrl);
+    r.source = source;
+    source.addEventListener("open", () => {
+      r.opens += 1;
+      app.dataset.opens = String(r.opens);
+      if (app.dataset.state === "reconnecting") setState(r.firstAt == null ? "waiting" : "streaming", "streaming… (resumed after a drop)");
+      showStats(r);
+    });
+    source.addEventListener("message", (event) => {
+      if (run !== r) return;
+      if (event.data === "[DONE]") {
+        if (r.failure && r.failure.code === "cancelled") finish(r, "cancelled", "stopped");
+        else if (r.failure) finish(r, "error", r.failure.message);
+        else finish(r, "done", "done · finish_reason " + (r.finishReason || "stop"));
+        return;
+      }
+      let chunk;
+      try {
+        chunk = JSON.parse(event.data);
+      } catch (_) {
+        return;
+      }
+      apply(r, chunk);
+    });
+    source.addEventListener("error", () => {
+      if (run !== r) return;
+      if (source.readyState === EventSource.CLOSED) {
+        explainClosed(r);
+        return;
+      }
+      app.dataset.drops = String(Number(app.dataset.drops) + 1);
+      setState("reconnecting", "connection dropped, reconnecting…");
+    });
+  }
+
+  async function submit() {
+    const prompt = promptBox.value;
+    if (!prompt.trim()) return;
+    if (run) {
+      if (run.source) run.source.close();
+      clearInterval(run.ticker);
+      if (app.dataset.state !== "done") fetch(`/v1/chat/completions/${encodeURIComponent(run.id)}/cancel`, { method: "POST" });
+    }
+    answerBox.textContent = "";
+    const r = {
+      id: null, source: null, text: document.createTextNode(""), lastSeq: -1, tokens: 0, opens: 0,
+      startedAt: performance.now(), firstAt: null, endedAt: null, finishReason: null, failure: null, ticker: 0,
+    };
+    answerBox.appendChild(r.text);
+    run = r;
+    Object.assign(app.dataset, { opens: "0", drops: "0", applied: "0", skipped: "0", id: "" });
+    meta.textContent = "";
+    sendButton.disabled = true;
+    setState("waiting", "waiting for the first token…");
+    showStats(r);
+
+    const body = { messages: [{ role: "user", content: prompt }], stream: true, background: true };
+    if (modelSelect.value) body.model = modelSelect.value;
+    let answer;
+    try {
+      const response = await fetch("/v1/chat/completions", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      answer = await response.json();
+      if (!response.ok) throw new Error(answer.error ? answer.error.message : "HTTP " + response.status);
+    } catch (error) {
+      if (run === r) finish(r, "error", error.message);
+      return;
+    }
+    if (run !== r) return;
+    r.id = answer.id;
+    app.dataset.id = answer.id;
+    meta.textContent = `${answer.id} · reattach: ${answer.stream_url}`;
+    r.ticker = setInterval(() => showStats(r), 100);
+    follow(r, answer.stream_url);
+  }
+
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    submit();
+  });
+  promptBox.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !sendButton.disabled) {
+      event.preventDefault();
+      submit();
+    }
+  });
+  stopButton.addEventListener("click", () => {
+    if (!run || !run.id) return;
+    stopButton.disabled = true;
+    statusLine.textContent = "stopping…";
+    fetch(`/v1/chat/completions/${encodeURIComponent(run.id)}/cancel`, { method: "POST" });
+  });
+
+  async function loadModels() {
+    try {
+      const response = await fetch("/v1/models");
+      const body = await response.json();
+      for (const model of body.data) modelSelect.add(new Option(model.id, model.id));
+    } catch (_) {
+      modelSelect.add(new Option("(server default)", ""));
+    }
+    app.dataset.models = String(modelSelect.options.length);
+  }
+
+  async function checkHealth() {
+    const pill = $("health");
+    try {
+      const response = await fetch("/health");
+      const body = await response.json();
+      pill.textContent = body.connected ? "dora connected" : "dora disconnected";
+      pill.className = "pill " + (body.connected ? "ok" : "bad");
+    } catch (_) {
+      pill.textContent = "server unreachable";
+      pill.className = "pill bad";
+    }
+  }
+
+  loadModels();
+  checkHealth();
+  setInterval(checkHealth, 15000);
+})();
