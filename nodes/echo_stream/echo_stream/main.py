@@ -1,0 +1,292 @@
+"""echo-stream: answers each chat request with its last user message, streamed token by token.
+
+A stand-in for a streaming model node. Requests arrive on ``v1/chat/completions``
+and are answered on ``chunks`` with the shared wire protocol
+(``openai_stream_server.protocol``); ``cancel`` stops a request. Many requests
+are served at once: each one in flight is a ``Generation`` in a heap ordered by
+when its next chunk is due, so their chunks interleave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from openai_stream_server.protocol import (
+    CANCEL_OUTPUT,
+    REQUEST_OUTPUT,
+    ChunkSender,
+    OutputSender,
+    as_int,
+    cancelled_request_id,
+    last_user_text,
+    parse_request_texts,
+    split_tokens,
+    texts_of,
+)
+
+logger = logging.getLogger(__name__)
+
+CHUNKS_OUTPUT = "chunks"
+# The server's output is `v1/chat/completions`; a node manifest may not put `/`
+# in a port name, so the hub spelling is accepted too.
+REQUEST_INPUTS = frozenset({REQUEST_OUTPUT, "v1_chat_completions"})
+Event = Mapping[str, Any]
+_N = TypeVar("_N", int, float)
+
+# A round emits at most this many chunks before looking for new events, so
+# that at 0 delay a cancel or a new request waits for ~256 sends, not for
+# every active request.
+MAX_CHUNKS_PER_ROUND = 256
+# Chunks due within this margin are sent now: a dora ``next(timeout=...)``
+# that times out costs ~0.1 ms (it builds an error event), more than the wait.
+EARLY_S = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    tokens_per_chunk: int = 1
+    token_delay_s: float = 0.02
+    stamp: bool = False
+    """Add ``sent_at`` (``time.time()``) to every chunk's metadata, for benchmarks."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        tokens = _env_number(environ, "ECHO_TOKENS_PER_CHUNK", "1", int)
+        delay = _env_number(environ, "ECHO_TOKEN_DELAY_S", "0.02", float)
+        if tokens < 1:
+            raise ValueError(f"ECHO_TOKENS_PER_CHUNK must be at least 1, got {tokens}")
+        if not 0 <= delay <= 60:
+            raise ValueError(f"ECHO_TOKEN_DELAY_S must be between 0 and 60 seconds, got {delay}")
+        stamp = environ.get("ECHO_STAMP", "0").strip().lower() in ("1", "true", "yes")
+        return cls(tokens_per_chunk=tokens, token_delay_s=delay, stamp=stamp)
+
+
+def _env_number(environ: Mapping[str, str], name: str, default: str, cast: Callable[[str], _N]) -> _N:
+    raw = environ.get(name, default)
+    try:
+        return cast(raw.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+@runtime_checkable
+class EventSource(Protocol):
+    """The part of ``dora.Node`` the loop reads from."""
+
+    def next(self, timeout: float | None = None) -> Event | None: ...
+
+    def drain(self) -> list[Event]: ...
+
+
+class ListSource:
+    """A plain iterable as an ``EventSource``: every event is already received, then the stream ends."""
+
+    def __init__(self, events: Iterable[Event]) -> None:
+        self._events: Iterator[Event] = iter(events)
+
+    def next(self, timeout: float | None = None) -> Event | None:
+        return next(self._events, None)
+
+    def drain(self) -> list[Event]:
+        return list(self._events)
+
+
+@dataclass(slots=True)
+class Generation:
+    sender: ChunkSender
+    tokens: list[str]
+    limit: int
+    finish_reason: str
+    prompt_tokens: int
+    pos: int = 0
+
+
+def plan(texts: list[str], metadata: Mapping[str, Any]) -> tuple[list[str], int, str, int]:
+    """The tokens to echo, how many to send, the finish reason and the prompt's token count."""
+    parts = parse_request_texts(texts)
+    prompt_tokens = sum(len(split_tokens(part.content)) for part in parts if part.kind == "text")
+    text = _cut_at_stop(last_user_text(parts), metadata.get("stop"))
+    tokens = split_tokens(text)
+    try:
+        max_tokens = as_int(metadata.get("max_tokens"))
+    except ValueError:
+        # dora turns a None metadata value into the string "None": read as unset.
+        max_tokens = None
+    if max_tokens is not None and 0 < max_tokens < len(tokens):
+        return tokens, max_tokens, "length", prompt_tokens
+    return tokens, len(tokens), "stop", prompt_tokens
+
+
+def _cut_at_stop(text: str, stop: Any) -> str:
+    """OpenAI ``stop``: the answer ends before the first stop sequence, which is not sent."""
+    sequences = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    cuts = [text.find(s) for s in sequences if isinstance(s, str) and s]
+    cuts = [cut for cut in cuts if cut >= 0]
+    return text[: min(cuts)] if cuts else text
+
+
+class EchoStream:
+    """The node's logic without dora: ``handle`` events, ``step`` to send what is due, or ``run``."""
+
+    def __init__(
+        self,
+        node: OutputSender,
+        settings: Settings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        output: str = CHUNKS_OUTPUT,
+    ) -> None:
+        self.node = node
+        self.settings = settings or Settings()
+        self.clock = clock
+        self.output = output
+        self.active: dict[str, Generation] = {}
+        # (due time, tie-breaker, generation); entries of cancelled or replaced
+        # generations stay until popped and are skipped then.
+        self._heap: list[tuple[float, int, Generation]] = []
+        self._order = itertools.count()
+        self.stopped = False
+
+    @property
+    def chunk_delay_s(self) -> float:
+        return self.settings.token_delay_s * self.settings.tokens_per_chunk
+
+    def handle(self, event: Event | None) -> bool:
+        """Apply one event; False once the node should exit (``STOP``, or the stream ended with nothing active)."""
+        if event is None:
+            self.stopped = True
+            return bool(self.active)
+        kind = event.get("type")
+        if kind == "INPUT":
+            input_id = event.get("id")
+            metadata = event.get("metadata") or {}
+            if input_id in REQUEST_INPUTS:
+                self.start(texts_of(event["value"]), metadata)
+            elif input_id == CANCEL_OUTPUT:
+                self.cancel(cancelled_request_id(event["value"], metadata))
+            else:
+                logger.debug("ignoring input %r", input_id)
+        elif kind == "STOP":
+            logger.info("stop: dropping %d active requests", len(self.active))
+            self.active.clear()
+            self.stopped = True
+            return False
+        elif kind == "ERROR":
+            # next(timeout=...) reports its timeout as an ERROR event.
+            if "timed out" not in str(event.get("error", "")):
+                logger.warning("dora error event: %s", event.get("error"))
+        else:
+            logger.debug("event %s %s", kind, event.get("id"))
+        return True
+
+    def start(self, texts: list[str], metadata: Mapping[str, Any]) -> None:
+        try:
+            sender = ChunkSender(self.node, metadata, output=self.output)
+        except ValueError:
+            logger.warning("dropping a request without request_id or session_id")
+            return
+        tokens, limit, finish_reason, prompt_tokens = plan(texts, metadata)
+        if sender.request_id in self.active:
+            logger.warning("request %s arrived again: restarting it", sender.request_id)
+        generation = Generation(sender, tokens, limit, finish_reason, prompt_tokens)
+        self.active[sender.request_id] = generation
+        due = self.clock() + self.settings.token_delay_s * min(self.settings.tokens_per_chunk, max(limit, 1))
+        heapq.heappush(self._heap, (due, next(self._order), generation))
+        logger.debug("request %s: %d tokens, finish %s", sender.request_id, limit, finish_reason)
+
+    def cancel(self, request_id: str | None) -> None:
+        # The server has already ended the request: no finish marker either.
+        if request_id is not None and self.active.pop(request_id, None) is not None:
+            logger.debug("request %s cancelled", request_id)
+
+    def step(self, now: float) -> float | None:
+        """Send one chunk of every generation due by ``now`` (up to a round's cap); return when the next is due."""
+        due_now: list[tuple[float, Generation]] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now + EARLY_S and len(due_now) < MAX_CHUNKS_PER_ROUND:
+            due, _, generation = heapq.heappop(heap)
+            if self.active.get(generation.sender.request_id) is generation:
+                due_now.append((due, generation))
+        for due, generation in due_now:
+            if self._send_next(generation):
+                heapq.heappush(heap, (max(due + self.chunk_delay_s, now), next(self._order), generation))
+            else:
+                del self.active[generation.sender.request_id]
+        while heap and self.active.get(heap[0][2].sender.request_id) is not heap[0][2]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def _send_next(self, generation: Generation) -> bool:
+        """Send the generation's next chunk; False once that was the last one."""
+        end = min(generation.pos + self.settings.tokens_per_chunk, generation.limit)
+        text = "".join(generation.tokens[generation.pos : end])
+        generation.pos = end
+        extra = {"sent_at": time.time()} if self.settings.stamp else {}
+        if end < generation.limit:
+            generation.sender.send(text, **extra)
+            return True
+        generation.sender.finish(
+            generation.finish_reason,
+            text,
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=generation.limit,
+            **extra,
+        )
+        return False
+
+    def run(self, source: EventSource | Iterable[Event]) -> None:
+        """Serve until ``STOP``; when the source ends without one, finish what is active first.
+
+        Blocks on ``source.next`` only while nothing is due, so sending never
+        waits for events; everything already received is taken with
+        ``drain()`` (DESIGN.md: one wake-up per batch).
+        """
+        if not isinstance(source, EventSource):
+            source = ListSource(source)
+        while True:
+            next_due = self.step(self.clock())
+            if self.stopped:
+                if next_due is None:
+                    return
+                time.sleep(max(0.0, next_due - self.clock()))
+                continue
+            timeout = None if next_due is None else next_due - self.clock()
+            if timeout is not None and timeout <= EARLY_S:
+                events: list[Event | None] = list(source.drain())
+            else:
+                first = source.next() if timeout is None else source.next(timeout=timeout)
+                events = [first] if first is None else [first, *source.drain()]
+            for event in events:
+                if not self.handle(event):
+                    return
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Streaming echo node for dora-rs")
+    parser.add_argument("--name", help="node id when run as a dynamic node (default: the id given by the dataflow)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("ECHO_LOG_LEVEL", "INFO").upper(), format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env(os.environ)
+
+    from dora import Node  # here, so that the logic above imports and tests without dora
+
+    node = Node(args.name) if args.name else Node()
+    logger.info(
+        "echo-stream: %d token(s) per chunk, %.3f s per token%s",
+        settings.tokens_per_chunk,
+        settings.token_delay_s,
+        ", stamped" if settings.stamp else "",
+    )
+    EchoStream(node, settings).run(node)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from echo_stream.main import EchoStream, ListSource, Settings, main
+
+from openai_stream_server.protocol import USER_TEXT_PREFIX, Chunk, parse_chunk, texts_of
+
+FAST = Settings(token_delay_s=0)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Chunk, dict[str, Any]]] = []
+
+    def send_output(self, output_id: str, data: pa.Array, metadata: dict[str, Any] | None = None) -> None:
+        assert data.type == pa.string()
+        assert "flush" not in (metadata or {})
+        self.sent.append((output_id, parse_chunk(texts_of(data), metadata or {}), metadata or {}))
+
+    def chunks(self, request_id: str) -> list[Chunk]:
+        return [chunk for _, chunk, _ in self.sent if chunk.request_id == request_id]
+
+    def text(self, request_id: str) -> str:
+        return "".join(chunk.text for chunk in self.chunks(request_id))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def request(request_id: str, *texts: str, **metadata: Any) -> dict[str, Any]:
+    meta = {"request_id": request_id, "session_id": request_id, "model": "echo", "stream": True, "max_tokens": 0, **metadata}
+    return {"type": "INPUT", "id": "v1/chat/completions", "value": pa.array(list(texts), type=pa.string()), "metadata": meta}
+
+
+def user(text: str) -> str:
+    return USER_TEXT_PREFIX + text
+
+
+def cancel(request_id: str) -> dict[str, Any]:
+    return {"type": "INPUT", "id": "cancel", "value": pa.array([request_id]), "metadata": {"request_id": request_id}}
+
+
+def run(events: list[dict[str, Any]], settings: Settings = FAST) -> Recorder:
+    recorder = Recorder()
+    EchoStream(recorder, settings).run(events)
+    return recorder
+
+
+TRICKY = ["hello world", "  leading and trailing  ", "tabs\tand\nnew\n\nlines \n", "x", "   ", "ünï cödé 🙂 wörds", "a  b   c"]
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_chunks_join_to_the_exact_text(text: str) -> None:
+    recorder = run([request("r1", "<|system|>\nbe brief", user(text))])
+    chunks = recorder.chunks("r1")
+    assert recorder.text("r1") == text
+    assert [chunk.seq for chunk in chunks] == list(range(len(chunks)))
+    assert [chunk.fin for chunk in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1].finish_reason == "stop"
+    assert {output for output, _, _ in recorder.sent} == {"chunks"}
+
+
+def test_echoes_the_last_user_turn_and_counts_tokens() -> None:
+    texts = ["<|system|>\nbe brief", user("first question"), "<|assistant|>\nan answer", user("second"), user("part two")]
+    recorder = run([request("r1", *texts)])
+    last = recorder.chunks("r1")[-1]
+    assert recorder.text("r1") == "second\npart two"
+    assert last.prompt_tokens == 2 + 2 + 2 + 1 + 2
+    assert last.completion_tokens == 3
+    assert [chunk.text for chunk in recorder.chunks("r1")] == ["second", "\npart", " two"]
+
+
+def test_metadata_carries_both_ids_and_no_prompt_counts_before_the_end() -> None:
+    recorder = run([request("r1", user("a b c"))])
+    metadatas = [metadata for _, _, metadata in recorder.sent]
+    assert all(m["request_id"] == m["session_id"] == "r1" for m in metadatas)
+    assert all("prompt_tokens" not in m and "fin" not in m for m in metadatas[:-1])
+    assert metadatas[-1]["fin"] is True and "sent_at" not in metadatas[-1]
+
+
+def test_empty_echo_is_one_fin_chunk() -> None:
+    recorder = run([request("r1", "<|system|>\nonly a system prompt")])
+    [chunk] = recorder.chunks("r1")
+    assert (chunk.seq, chunk.text, chunk.fin, chunk.finish_reason, chunk.completion_tokens) == (0, "", True, "stop", 0)
+
+
+@pytest.mark.parametrize(
+    "max_tokens, text, reason",
+    [
+        pytest.param(2, "one two", "length", id="cut"),
+        pytest.param(3, "one two three", "stop", id="exactly-the-limit"),
+        pytest.param(4, "one two three", "stop", id="under-the-limit"),
+        pytest.param(0, "one two three", "stop", id="zero-is-unlimited"),
+        pytest.param(-1, "one two three", "stop", id="negative-is-unlimited"),
+        pytest.param("None", "one two three", "stop", id="None-as-dora-sends-it"),
+        pytest.param("2", "one two", "length", id="string-int"),
+    ],
+)
+def test_max_tokens(max_tokens: Any, text: str, reason: str) -> None:
+    recorder = run([request("r1", user("one two three"), max_tokens=max_tokens)])
+    last = recorder.chunks("r1")[-1]
+    assert recorder.text("r1") == text
+    assert (last.finish_reason, last.completion_tokens) == (reason, len(text.split()))
+
+
+def test_missing_max_tokens_is_unlimited() -> None:
+    event = request("r1", user("one two three"))
+    del event["metadata"]["max_tokens"]
+    assert run([event]).text("r1") == "one two three"
+
+
+def test_hub_spelling_of_the_request_input() -> None:
+    event = {**request("r1", user("hi")), "id": "v1_chat_completions"}
+    assert run([event]).text("r1") == "hi"
+
+
+def test_stop_sequences_cut_the_answer() -> None:
+    recorder = run([request("r1", user("keep this STOP not this END"), stop=["END", "STOP"])])
+    assert recorder.text("r1") == "keep this "
+    assert recorder.chunks("r1")[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("per_chunk, expected", [(2, ["a b", " c d", " e"]), (5, ["a b c d e"]), (9, ["a b c d e"])])
+def test_tokens_per_chunk(per_chunk: int, expected: list[str]) -> None:
+    recorder = run([request("r1", user("a b c d e"))], Settings(tokens_per_chunk=per_chunk, token_delay_s=0))
+    assert [chunk.text for chunk in recorder.chunks("r1")] == expected
+    assert recorder.chunks("r1")[-1].completion_tokens == 5
+
+
+def test_two_requests_interleave() -> None:
+    recorder = run([request("a", user("a1 a2 a3 a4")), request("b", user("b1 b2 b3 b4"))])
+    order = [chunk.request_id for _, chunk, _ in recorder.sent]
+    assert order == ["a", "b"] * 4
+    assert recorder.text("a") == "a1 a2 a3 a4" and recorder.text("b") == "b1 b2 b3 b4"
+
+
+def test_token_delay_paces_chunks() -> None:
+    clock, recorder = Clock(), Recorder()
+    echo = EchoStream(recorder, Settings(token_delay_s=0.5), clock=clock)
+    echo.handle(request("r1", user("a b c")))
+    assert echo.step(0.0) == 0.5 and recorder.sent == []
+    clock.now = 0.25
+    echo.handle(request("r2", user("x y")))
+    assert echo.step(0.5) == 0.75
+    assert [chunk.request_id for _, chunk, _ in recorder.sent] == ["r1"]
+    assert echo.step(0.75) == 1.0
+    assert echo.step(1.0) == 1.25
+    assert echo.step(1.25) == 1.5
+    assert echo.step(1.5) is None
+    assert [(chunk.request_id, chunk.text) for _, chunk, _ in recorder.sent] == [
+        ("r1", "a"),
+        ("r2", "x"),
+        ("r1", " b"),
+        ("r2", " y"),
+        ("r1", " c"),
+    ]
+    assert echo.active == {}
+
+
+def test_cancel_stops_without_a_finish() -> None:
+    clock, recorder = Clock(), Recorder()
+    echo = EchoStream(recorder, Settings(token_delay_s=0.1), clock=clock)
+    echo.handle(request("r1", user("a b c d")))
+    echo.handle(request("r2", user("x y")))
+    echo.step(0.1)
+    echo.handle(cancel("r1"))
+    echo.handle(cancel("unknown"))
+    while (due := echo.step(clock.now)) is not None and clock.now < 10:
+        clock.now = due
+    assert [chunk.text for chunk in recorder.chunks("r1")] == ["a"]
+    assert recorder.text("r2") == "x y" and recorder.chunks("r2")[-1].fin
+    assert echo.active == {}
+
+
+def test_cancel_before_any_chunk_sends_nothing() -> None:
+    recorder = run([request("r1", user("a b")), cancel("r1")])
+    assert recorder.sent == []
+
+
+def test_stamp_adds_sent_at() -> None:
+    recorder = run([request("r1", user("a b"))], Settings(token_delay_s=0, stamp=True))
+    assert all(isinstance(metadata["sent_at"], float) for _, _, metadata in recorder.sent)
+
+
+def test_stop_event_ends_the_run_at_once() -> None:
+    recorder = run([request("r1", user("a b c")), {"type": "STOP", "id": "MANUAL"}, request("r2", user("x"))])
+    assert recorder.sent == []
+
+
+def test_ignores_timeouts_other_inputs_and_requests_without_id() -> None:
+    timeout = {"type": "ERROR", "kind": "dora", "error": "Timeout event stream error: Receiver timed out"}
+    other = {"type": "INPUT", "id": "tick", "value": pa.array([1]), "metadata": {}}
+    anonymous = {"type": "INPUT", "id": "v1/chat/completions", "value": pa.array([user("hi")]), "metadata": {}}
+    closed = {"type": "INPUT_CLOSED", "id": "cancel"}
+    recorder = run([timeout, other, anonymous, closed, request("r1", user("ok"))])
+    assert recorder.text("r1") == "ok"
+
+
+def test_many_requests_finish_with_a_round_cap() -> None:
+    recorder = run([request(f"r{i}", user(" ".join(["w"] * 10))) for i in range(600)])
+    order = [chunk.request_id for _, chunk, _ in recorder.sent]
+    assert order[:600] == [f"r{i}" for i in range(600)] and len(order) == 6000
+    assert sum(chunk.fin for _, chunk, _ in recorder.sent) == 600
+
+
+class QueueSource:
+    """A source whose requests arrive one at a time, after chunks have started."""
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.events = events
+        self.calls = 0
+
+    def next(self, timeout: float | None = None) -> dict[str, Any] | None:
+        self.calls += 1
+        return self.events.pop(0) if self.events else None
+
+    def drain(self) -> list[dict[str, Any]]:
+        self.calls += 1
+        return [self.events.pop(0)] if self.events else []
+
+
+def test_new_requests_join_while_others_stream() -> None:
+    recorder = Recorder()
+    source = QueueSource([request("a", user("1 2 3 4 5 6")), request("b", user("x y"))])
+    EchoStream(recorder, FAST).run(source)
+    order = [chunk.request_id for _, chunk, _ in recorder.sent]
+    assert order.index("b") < len(order) - 1 and order[-1] == "a"
+    assert source.calls < 20
+
+
+def test_list_source_drains_everything_received() -> None:
+    source = ListSource([{"type": "STOP"}, {"type": "STOP"}])
+    assert source.next() == {"type": "STOP"} and source.drain() == [{"type": "STOP"}] and source.next() is None
+
+
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"ECHO_TOKENS_PER_CHUNK": "0"}, "ECHO_TOKENS_PER_CHUNK"),
+        ({"ECHO_TOKENS_PER_CHUNK": "two"}, "ECHO_TOKENS_PER_CHUNK"),
+        ({"ECHO_TOKEN_DELAY_S": "-1"}, "ECHO_TOKEN_DELAY_S"),
+        ({"ECHO_TOKEN_DELAY_S": "fast"}, "'fast'"),
+    ],
+)
+def test_bad_settings_name_the_variable(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env(environ)
+
+
+def test_settings_from_env() -> None:
+    assert Settings.from_env({}) == Settings(1, 0.02, False)
+    environ = {"ECHO_TOKENS_PER_CHUNK": "3", "ECHO_TOKEN_DELAY_S": "0", "ECHO_STAMP": "1"}
+    assert Settings.from_env(environ) == Settings(3, 0.0, True)
+
+
+def test_main_outside_a_dataflow_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DORA_NODE_CONFIG", raising=False)
+    with pytest.raises(RuntimeError):
+        main([])
