@@ -1,0 +1,36 @@
+# `make run` and `make test` each work on a fresh machine (DESIGN.md, "Running").
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# dora starts nodes by `path:` (console scripts such as `openai-stream-server`
+# and `echo-stream`) and runs `build:` commands (`pip install ...`) from PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: venv run test lint clean
+
+venv: $(VENV)/.installed
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+# Reinstalls only when a pyproject changes, so `make test` is quick once set up.
+$(VENV)/.installed: $(BIN)/python pyproject.toml nodes/echo_stream/pyproject.toml
+	$(BIN)/python -m pip install -e '.[test]' -e nodes/echo_stream
+	touch $@
+
+# `dora run` also runs each node's `build:` first (dora 1.1.0 does a pre-run build).
+run: venv
+	$(BIN)/dora run dataflow-stream.yml
+
+lint: venv
+	$(BIN)/ruff check .
+
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build dist out .pytest_cache .ruff_cache
+	find . -path ./.git -prune -o \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
