@@ -2,7 +2,8 @@
 
 The YAML is copied into a work directory with the server's port (and any
 node's ``env:``) overridden, because node-level ``env:`` wins over the
-environment of ``dora run``. Only the process group started here is ever
+environment of ``dora run``, and without ``build:`` lines, which ``dora run``
+would otherwise run again relative to the copy. Only the process group started here is ever
 signalled.
 """
 
@@ -62,6 +63,8 @@ class Dataflow:
         spec = yaml.safe_load(self.yml.read_text())
         spec["nodes"].extend(self.extra_nodes)
         for node in spec["nodes"]:
+            # `dora run` runs `build:` first, relative to the YAML; the venv already has everything.
+            node.pop("build", None)
             node_env = node.setdefault("env", {}) or {}
             node["env"] = node_env
             if node["id"] == SERVER_NODE:
