@@ -6,8 +6,11 @@ No other module reads ``os.environ``; tests construct ``Settings(...)`` directly
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,13 +24,15 @@ class Settings:
     host: str = "127.0.0.1"
     """Interface to bind; 127.0.0.1 unless told otherwise."""
     port: int = 8000
+    """TCP port (0 picks a free one)."""
     models: tuple[str, ...] = ()
-    """Model names served. Empty: ``DEFAULT_MODEL`` is listed and any requested name is accepted."""
+    """Model names served. Empty: one default name (dora-stream) is listed and any requested name is accepted and echoed back."""
     api_key: str | None = None
     """When set, every /v1 route needs ``Authorization: Bearer <api_key>``."""
     cors_origins: tuple[str, ...] = ()
     """Origins allowed by CORS (``*`` for any); empty turns CORS off."""
     log_level: str = "info"
+    """Python logging level for the server and uvicorn."""
 
     first_chunk_timeout_s: float = 60.0
     """No first chunk within this time: 504 (or an error event once streaming), and ``cancel`` downstream."""
@@ -74,6 +79,18 @@ class Settings:
         return self.models[0] if self.models else DEFAULT_MODEL
 
 
+def field_docs() -> dict[str, str]:
+    """Each field's attribute docstring (the string below it), for ``--help`` and the README."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(Settings)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
 def _cast(name: str, raw: str, kind: Any) -> Any:
     """Cast one textual value; the error names the variable and the value."""
     try:
@@ -96,12 +113,16 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
         description="Streaming OpenAI-compatible API server node for dora-rs dataflows. "
         f"Every flag can also be set as {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}PORT).",
     )
+    docs = field_docs()
     for f in dataclasses.fields(Settings):
         flag = "--" + f.name.replace("_", "-")
+        default = "" if f.default in (None, ()) else f" Default: {f.default}."
         if f.name == "models":
-            parser.add_argument("--model", dest="models", action="append", help="model name to serve (repeatable)")
+            help_text = f"{docs['models']} Repeatable. (env {ENV_PREFIX}MODEL, comma-separated)"
+            parser.add_argument("--model", dest="models", action="append", help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, default=None, help=f"(env {ENV_PREFIX}{f.name.upper()})")
+            help_text = f"{docs.get(f.name, '')}{default} (env {ENV_PREFIX}{f.name.upper()})"
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text.replace("%", "%%"))
     args = parser.parse_args(argv)
 
     values: dict[str, Any] = {}
