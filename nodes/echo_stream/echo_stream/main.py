@@ -260,13 +260,21 @@ class EchoStream:
                 continue
             timeout = None if next_due is None else next_due - self.clock()
             if timeout is not None and timeout <= EARLY_S:
-                events: list[Event | None] = list(source.drain())
+                events: list[Event | None] = _drain(source)
             else:
                 first = source.next() if timeout is None else source.next(timeout=timeout)
-                events = [first] if first is None else [first, *source.drain()]
+                events = [first] if first is None or first["type"] == "STOP" else [first, *_drain(source)]
             for event in events:
                 if not self.handle(event):
                     return
+
+
+def _drain(source: EventSource) -> list[Event | None]:
+    """Everything already queued; dora raises once the channel closed after STOP, which means nothing is."""
+    try:
+        return list(source.drain())
+    except RuntimeError:
+        return []
 
 
 def main(argv: list[str] | None = None) -> None:
