@@ -113,11 +113,33 @@ class Dataflow:
         except OSError:
             return ""
 
+    def node_pids(self) -> dict[int, str]:
+        """The node processes ``dora run`` spawned (its children: dora puts each in a session of its own)."""
+        if self.process is None:
+            return {}
+        pids = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                if ppid == self.process.pid:
+                    pids[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except (OSError, ValueError, IndexError):
+                continue
+        return pids
+
+    def server_pid(self) -> int | None:
+        """The pid of the openai-stream-server node process."""
+        return next((pid for pid, cmd in self.node_pids().items() if "openai-stream-server" in cmd), None)
+
     def stop(self, timeout_s: float = 20.0) -> int | None:
-        """SIGINT the process group (dora stops the nodes), then SIGKILL whatever is left."""
+        """SIGINT the process group (dora stops the nodes), then SIGKILL whatever is left of what it started."""
         process = self.process
         if process is None:
             return None
+        nodes = self.node_pids()
         if process.poll() is None:
             try:
                 os.killpg(process.pid, signal.SIGINT)
@@ -131,6 +153,12 @@ class Dataflow:
         except ProcessLookupError:
             pass
         process.wait(5)
+        for pid, cmdline in nodes.items():  # orphaned nodes: only those still running the same command
+            try:
+                if (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace") == cmdline:
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
         return process.returncode
 
     def __enter__(self) -> Dataflow:
