@@ -22,11 +22,17 @@ class Metrics:
         self.reordered_chunks = Counter("oss_reordered_chunks", "Chunks that arrived early and were held", registry=r)
         self.cancellations = Counter("oss_cancellations", "Completions cancelled (client gone or asked)", registry=r)
         self.errors = Counter("oss_errors", "Completions that failed, by error code", ["code"], registry=r)
+        self.timeouts = Counter(
+            "oss_timeouts", "Completions ended by a timeout: first_chunk, idle or gap (missing seq)", ["kind"], registry=r
+        )
         self.time_to_first_chunk = Histogram(
             "oss_time_to_first_chunk_seconds", "From request to first chunk", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.inter_chunk = Histogram(
-            "oss_inter_event_seconds", "Gap between SSE events of one stream", buckets=_LATENCY_BUCKETS, registry=r
+            "oss_inter_chunk_seconds",
+            "Gap between in-order chunks of one completion, as received (one dora batch counts as one arrival)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
 
     def render(self) -> bytes:

@@ -59,11 +59,13 @@ class StreamRegistry:
             if state is None:
                 metrics.dropped_chunks.labels("unknown").inc()
                 continue
-            was_first = state.first_chunk_at is None
+            previous = state.last_chunk_at
             outcome = state.accept(chunk, now)
             if outcome is Outcome.DELIVERED:
                 metrics.chunks.inc()
-                if was_first and state.first_chunk_at is not None:
+                if previous is not None:
+                    metrics.inter_chunk.observe(now - previous)
+                elif state.first_chunk_at is not None:
                     metrics.time_to_first_chunk.observe(state.first_chunk_at - state.started_at)
             elif outcome is Outcome.REORDERED:
                 metrics.reordered_chunks.inc()
@@ -109,6 +111,8 @@ class StreamRegistry:
         s = self.settings
         for state in list(self.active.values()):
             if state.check_deadlines(now, s.first_chunk_timeout_s, s.idle_timeout_s, s.gap_timeout_s):
+                if state.timed_out is not None:
+                    self.metrics.timeouts.labels(state.timed_out).inc()
                 self._ended(state)
         while self.retained:
             oldest = next(iter(self.retained.values()))

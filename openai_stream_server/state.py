@@ -62,6 +62,8 @@ class StreamState:
         self.nbytes = 0
         self.finish_reason: str | None = None
         self.error: ChatCompletionError | None = None
+        self.timed_out: str | None = None
+        """Which timeout ended it, if one did: ``first_chunk``, ``idle`` or ``gap`` (the ``oss_timeouts`` label)."""
         self.prompt_tokens = prompt_tokens
         self.completion_tokens: int | None = None
         self.counted_tokens = 0
@@ -194,12 +196,15 @@ class StreamState:
         if self.done:
             return False
         if self._gap_since is not None and now - self._gap_since > gap_timeout_s:
+            self.timed_out = "gap"
             self.fail(
                 UpstreamError(f"chunk seq {len(self.pieces)} never arrived (waited {gap_timeout_s:g} s)", code="missing_chunk")
             )
         elif self.first_chunk_at is None and not self._pending:
             if now - self.started_at > first_chunk_timeout_s:
+                self.timed_out = "first_chunk"
                 self.fail(UpstreamTimeout(f"no answer from the model node within {first_chunk_timeout_s:g} s"))
         elif self.last_chunk_at is not None and now - self.last_chunk_at > idle_timeout_s:
+            self.timed_out = "idle"
             self.fail(UpstreamTimeout(f"the model node went silent for {idle_timeout_s:g} s"))
         return self.done
