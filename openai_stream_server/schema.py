@@ -69,6 +69,11 @@ class Message(_Model):
         ]
 
 
+# Integers travel to the node as dora metadata, which holds i64: dora-rs 1.1.0's send_output raises
+# OverflowError beyond it, which would turn a bad request into a 503 (found by tests/unit/test_fuzz.py).
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
+
 class StreamOptions(_Model):
     include_usage: bool = False
 
@@ -78,13 +83,13 @@ class ChatCompletionRequest(_Model):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=_I64_MAX)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=_I64_MAX)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1, le=1)] | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=_I64_MIN, le=_I64_MAX)] | None = None
     background: bool = False
 
     @property
