@@ -100,7 +100,9 @@ any_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=12
 ints = st.integers() | st.sampled_from([0, -1, 1, I64[1], I64[1] + 1, I64[0], I64[0] - 1, 2**200])
 floats = st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from([0.0, -0.0, 2.0, 2.0000001, 1e308, 5e-324])
 leaf = st.none() | st.booleans() | ints | floats | any_text
-json_value = st.recursive(leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(any_text, inner, max_size=3), max_leaves=8)
+json_value = st.recursive(
+    leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(any_text, inner, max_size=3), max_leaves=8
+)
 
 
 def maybe(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -108,7 +110,9 @@ def maybe(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.one_of(strategy, strategy, json_value)
 
 
-image_url = st.fixed_dictionaries({}, optional={"url": maybe(any_text), "detail": maybe(st.sampled_from(["auto", "low", "high"]))})
+image_url = st.fixed_dictionaries(
+    {}, optional={"url": maybe(any_text), "detail": maybe(st.sampled_from(["auto", "low", "high"]))}
+)
 part = st.fixed_dictionaries(
     {},
     optional={
