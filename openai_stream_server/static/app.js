@@ -76,7 +76,8 @@
         setState("streaming", "streaming…");
       }
       r.text.appendData(content);
-      r.tokens = Math.max(r.tokens, seq + 1); // one chunk per token for echo; usage corrects it at the end
+      // One chunk per token for echo; the finish chunk's usage corrects it at the end.
+      if (typeof seq === "number") r.tokens = Math.max(r.tokens, seq + 1);
       showStats(r);
     }
     if (chunk.usage) r.tokens = chunk.usage.completion_tokens;
