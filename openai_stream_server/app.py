@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
@@ -57,16 +58,30 @@ def _ping() -> bytes:
 
 
 class _ApiKeyMiddleware:
-    """Pure ASGI (never buffers SSE): every /v1 route needs ``Authorization: Bearer <key>``."""
+    """Pure ASGI (never buffers SSE): every /v1 route needs ``Authorization: Bearer <key>``.
+
+    ``EventSource`` cannot send headers, so the reattach stream (a GET ending
+    in ``/stream``) also takes the key as ``?api_key=``.
+    """
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.api_key = api_key.encode()
+        self.expected = b"Bearer " + self.api_key
+
+    def _authorized(self, scope: Scope) -> bool:
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            return True
+        if scope["method"] == "GET" and scope["path"].endswith("/stream"):
+            query = parse_qs(scope.get("query_string", b"").decode(errors="replace"))
+            key = query.get("api_key", [""])[0].encode()
+            return hmac.compare_digest(key, self.api_key)
+        return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            if not self._authorized(scope):
                 error = Unauthorized("Missing or wrong API key: send 'Authorization: Bearer <key>'.")
                 await JSONResponse(error.to_dict(), status_code=401)(scope, receive, send)
                 return
@@ -333,7 +348,7 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
             app.state.stopped.set()
 
         app.state.stopped = asyncio.Event()
-        await backend.start(registry.deliver, on_stop)
+        await backend.start(registry.deliver, on_stop, registry.fail_all)
         sweeper = asyncio.create_task(_sweep(registry, settings.sweep_interval_s))
         try:
             yield

@@ -150,7 +150,8 @@ class StreamState:
             self.first_chunk_at = now
         self.last_chunk_at = now
         self.pieces.append(chunk.text)
-        self.nbytes += len(chunk.text)
+        text = chunk.text
+        self.nbytes += len(text) if text.isascii() else len(text.encode())
         if chunk.text:
             self.counted_tokens += 1
         self._changed.set()

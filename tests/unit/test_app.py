@@ -296,3 +296,26 @@ async def test_health_and_metrics() -> None:
     assert health["status"] == "ok" and health["connected"] is True
     for name in ("oss_requests_total", "oss_active_streams", "oss_chunks_total", "oss_time_to_first_chunk_seconds_bucket"):
         assert name in metrics
+
+
+async def test_reattach_stream_takes_the_api_key_as_a_query_parameter() -> None:
+    """EventSource cannot send an Authorization header; the reattach GET accepts ``?api_key=``."""
+    async with make_client(Settings(api_key="secret")) as (client, _):
+        auth = {"Authorization": "Bearer secret"}
+        created = await client.post("/v1/chat/completions", json={"messages": MSG, "background": True}, headers=auth)
+        url = created.json()["stream_url"]
+        ok = await client.get(url, params={"api_key": "secret"})
+        wrong = await client.get(url, params={"api_key": "nope"})
+        not_here = await client.get(url.removesuffix("/stream"), params={"api_key": "secret"})
+    assert created.status_code == 202
+    assert ok.status_code == 200 and sse_data(ok.text)[-1] == "[DONE]"
+    assert wrong.status_code == 401 and not_here.status_code == 401
+
+
+async def test_byte_limits_count_utf8_bytes() -> None:
+    def emoji(request: DownstreamRequest, chunks: list[Chunk]) -> list[Chunk]:
+        return [Chunk(request.request_id, 0, "🚀" * 10, fin=True, finish_reason="stop")]
+
+    async with make_client(Settings(max_completion_bytes=30), FakeBackend(plan=emoji)) as (client, _):
+        r = await client.post("/v1/chat/completions", json={"messages": MSG})
+    assert r.status_code == 502 and "30 bytes" in r.json()["error"]["message"]  # 40 bytes, only 10 characters
