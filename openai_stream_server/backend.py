@@ -11,10 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .errors import ChatCompletionError
 from .protocol import Chunk
 
 ChunkSink = Callable[[list[Chunk]], None]
 """Receives batches of chunks on the event loop thread (``StreamRegistry.deliver``)."""
+
+OnLost = Callable[[ChatCompletionError], None]
+"""Every node that answers is gone: requests in flight end with the error (``StreamRegistry.fail_all``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +31,9 @@ class DownstreamRequest:
 
 
 class Backend(Protocol):
-    async def start(self, sink: ChunkSink, on_stop: Callable[[], None]) -> None:
-        """Begin delivering chunks to ``sink``; call ``on_stop`` when the dataflow stops."""
+    async def start(self, sink: ChunkSink, on_stop: Callable[[], None], on_lost: OnLost) -> None:
+        """Begin delivering chunks to ``sink``; call ``on_stop`` when the dataflow stops, ``on_lost`` when
+        the model nodes are gone while it runs (a crash), so that no client waits out a timeout."""
 
     def submit(self, request: DownstreamRequest) -> None:
         """Send a request downstream; raises ``BackendUnavailable`` when it cannot."""

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .backend import ChunkSink, DownstreamRequest
+from .backend import ChunkSink, DownstreamRequest, OnLost
 from .errors import BackendUnavailable
 from .protocol import CANCEL_OUTPUT, REQUEST_OUTPUT, Chunk, parse_chunk, string_array, texts_of
 
@@ -34,15 +34,19 @@ class DoraBridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.stopped = False
+        self.lost: str | None = None
+        """Why the model nodes are gone (every answer input closed), else None."""
+        self._answer_inputs: set[str] | None = None
         self.last_event_at: float | None = None
         self.malformed_chunks = 0
 
-    async def start(self, sink: ChunkSink, on_stop: Callable[[], None]) -> None:
+    async def start(self, sink: ChunkSink, on_stop: Callable[[], None], on_lost: OnLost) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._read, args=(sink, on_stop), name="dora-reader", daemon=True)
+        self._answer_inputs = _answer_inputs(self._node)
+        self._thread = threading.Thread(target=self._read, args=(sink, on_stop, on_lost), name="dora-reader", daemon=True)
         self._thread.start()
 
-    def _read(self, sink: ChunkSink, on_stop: Callable[[], None]) -> None:
+    def _read(self, sink: ChunkSink, on_stop: Callable[[], None], on_lost: OnLost) -> None:
         assert self._loop is not None
         node, loop = self._node, self._loop
         try:
@@ -58,7 +62,7 @@ class DoraBridge:
                         pass
                 self.last_event_at = time.monotonic()
                 batch: list[Chunk] = []
-                stop = False
+                stop = lost = False
                 for ev in events:
                     kind = ev["type"]
                     if kind == "INPUT":
@@ -71,10 +75,14 @@ class DoraBridge:
                             logger.warning("dropping a malformed chunk on %s: %s", ev["id"], exc)
                     elif kind == "STOP":
                         stop = True
+                    elif kind == "INPUT_CLOSED":
+                        lost = self._closed(ev["id"]) or lost
                     elif kind == "ERROR":
                         logger.error("dora error event: %s", ev.get("error"))
                 if batch:
                     loop.call_soon_threadsafe(sink, batch)
+                if lost and not stop:
+                    loop.call_soon_threadsafe(on_lost, BackendUnavailable(self.lost or "the model node is gone"))
                 if stop:
                     break
         except Exception:
@@ -84,10 +92,23 @@ class DoraBridge:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(on_stop)
 
+    def _closed(self, input_id: str) -> bool:
+        """An input closed; True when it was the last one that carries answers (the model node exited)."""
+        if self._answer_inputs is None or input_id not in self._answer_inputs:
+            return False
+        self._answer_inputs.discard(input_id)
+        if self._answer_inputs or self.lost is not None:
+            return False
+        self.lost = f"the model node is gone (input '{input_id}' closed)"
+        logger.error("%s: failing requests in flight, refusing new ones", self.lost)
+        return True
+
     def submit(self, request: DownstreamRequest) -> None:
         self._send(REQUEST_OUTPUT, request.texts, request.metadata)
 
     def cancel(self, request_id: str) -> None:
+        if self.lost is not None:
+            return  # nobody left to tell
         try:
             self._send(CANCEL_OUTPUT, [request_id], {"request_id": request_id})
         except BackendUnavailable:
@@ -96,6 +117,8 @@ class DoraBridge:
     def _send(self, output: str, texts: list[str], metadata: dict[str, Any]) -> None:
         if self.stopped:
             raise BackendUnavailable("the dora dataflow has stopped")
+        if self.lost is not None:
+            raise BackendUnavailable(self.lost)
         try:
             self._node.send_output(output, string_array(texts), metadata)
         except Exception as exc:  # dora raises RuntimeError / pyo3 exceptions
@@ -103,7 +126,29 @@ class DoraBridge:
 
     def health(self) -> dict[str, Any]:
         age = None if self.last_event_at is None else round(time.monotonic() - self.last_event_at, 3)
-        return {"connected": not self.stopped, "last_event_age_s": age}
+        status: dict[str, Any] = {"connected": not self.stopped and self.lost is None, "last_event_age_s": age}
+        if self.lost is not None:
+            status["error"] = self.lost
+        return status
 
     async def aclose(self) -> None:
         self.stopped = True
+
+
+def _answer_inputs(node: Any) -> set[str] | None:
+    """The inputs that carry answers (all but timers), from the node's dataflow config; None if unknown.
+
+    When every one of them has closed, the nodes that answer have exited (a crash, say): dora 1.1.0
+    keeps the dataflow running for the server (its timer input stays open), so without this a
+    client would wait out the first-chunk or idle timeout (tests/e2e/test_robustness.py).
+    """
+    try:
+        inputs = node.node_config()["inputs"]
+    except Exception:  # older dora, or a test double
+        return None
+    answers = set()
+    for input_id, source in inputs.items():
+        name = source.get("source", "") if isinstance(source, dict) else str(source)
+        if not _is_tick(input_id) and not name.startswith("dora/"):
+            answers.add(input_id)
+    return answers or None

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from openai_stream_server.backend import ChunkSink, DownstreamRequest
+from openai_stream_server.backend import ChunkSink, DownstreamRequest, OnLost
 from openai_stream_server.errors import BackendUnavailable
 from openai_stream_server.protocol import Chunk, last_user_text, parse_request_texts, split_tokens
 
@@ -32,10 +32,11 @@ class FakeBackend:
     cancelled: list[str] = field(default_factory=list)
     _sink: ChunkSink | None = None
     _on_stop: Callable[[], None] | None = None
+    _on_lost: OnLost | None = None
     _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
-    async def start(self, sink: ChunkSink, on_stop: Callable[[], None]) -> None:
-        self._sink, self._on_stop = sink, on_stop
+    async def start(self, sink: ChunkSink, on_stop: Callable[[], None], on_lost: OnLost) -> None:
+        self._sink, self._on_stop, self._on_lost = sink, on_stop, on_lost
 
     def submit(self, request: DownstreamRequest) -> None:
         if self.fail_submit:
@@ -83,6 +84,12 @@ class FakeBackend:
     def stop(self) -> None:
         assert self._on_stop is not None
         self._on_stop()
+
+    def lose(self, reason: str = "the model node is gone") -> None:
+        """What the bridge does when every answer input closed: fail in flight, refuse new requests."""
+        assert self._on_lost is not None
+        self.fail_submit = True
+        self._on_lost(BackendUnavailable(reason))
 
     def health(self) -> dict[str, Any]:
         return {"connected": True}
