@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import httpx
 import uvicorn
 from starlette.applications import Starlette
 
@@ -74,8 +75,11 @@ class LiveServer:
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout_s)  # type: ignore[no-any-return]
 
 
-def metric(text: str, name: str) -> float:
-    """The value of an unlabelled sample (or the sum over a labelled family) in Prometheus text."""
+def metric(text: str, name: str, default: float | None = None) -> float:
+    """The value of an unlabelled sample (or the sum over a labelled family) in Prometheus text.
+
+    A labelled family with no sample yet is absent from the text: ``default`` then, else ``KeyError``.
+    """
     total, found = 0.0, False
     for line in text.splitlines():
         if line.startswith("#"):
@@ -85,5 +89,35 @@ def metric(text: str, name: str) -> float:
             total += float(value)
             found = True
     if not found:
+        if default is not None:
+            return default
         raise KeyError(name)
     return total
+
+
+async def wait_metric(client: httpx.AsyncClient, name: str, value: float, timeout_s: float = 5.0) -> float:
+    """Poll ``GET /metrics`` (bounded in time) until ``name`` reads ``value``; returns the last reading."""
+    deadline = time.monotonic() + timeout_s
+    current = float("nan")
+    while time.monotonic() < deadline:
+        current = metric((await client.get("/metrics")).text, name)
+        if current == value:
+            return current
+        await asyncio.sleep(0.05)
+    return current
+
+
+class Events:
+    """The ``data:`` payloads of an open SSE response, read a few at a time."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._lines = response.aiter_lines()
+
+    async def take(self, count: int) -> list[str]:
+        events: list[str] = []
+        async for line in self._lines:
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) >= count:
+                    break
+        return events

@@ -22,7 +22,7 @@ from openai_stream_server.backend import DownstreamRequest
 from openai_stream_server.protocol import Chunk
 from openai_stream_server.settings import Settings
 from tests.fakes import FakeBackend
-from tests.live import LiveServer, metric
+from tests.live import Events, LiveServer, metric, wait_metric
 from tests.unit.conftest import make_client
 
 pytestmark = pytest.mark.timeout(60)
@@ -53,34 +53,6 @@ async def live(settings: Settings, backend: FakeBackend) -> AsyncIterator[tuple[
     with LiveServer(create_app(settings, backend)) as server:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=10, limits=httpx.Limits(max_connections=100)) as client:
             yield server, client
-
-
-async def wait_metric(client: httpx.AsyncClient, name: str, value: float, timeout_s: float = 5.0) -> float:
-    """Poll /metrics (bounded) until ``name`` reads ``value``; returns the last reading."""
-    deadline = time.monotonic() + timeout_s
-    current = float("nan")
-    while time.monotonic() < deadline:
-        current = metric((await client.get("/metrics")).text, name)
-        if current == value:
-            return current
-        await asyncio.sleep(0.05)
-    return current
-
-
-class Events:
-    """The ``data:`` payloads of an open SSE response, read a few at a time."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        self._lines = response.aiter_lines()
-
-    async def take(self, count: int) -> list[str]:
-        events: list[str] = []
-        async for line in self._lines:
-            if line.startswith("data: "):
-                events.append(line[6:])
-                if len(events) >= count:
-                    break
-        return events
 
 
 # -- client gone -------------------------------------------------------------
@@ -423,6 +395,21 @@ async def test_dataflow_stop_ends_in_flight_streams_with_an_error_event() -> Non
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["error"]["code"] == "backend_unavailable"
     assert health.json()["active_streams"] == 0
+
+
+async def test_model_node_gone_fails_streams_in_flight_and_refuses_new_requests() -> None:
+    backend = FakeBackend(delay_s=0.05)
+    async with live(fast(idle_timeout_s=30), backend) as (server, client):
+        async with client.stream(
+            "POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": LONG}], "stream": True}
+        ) as r:
+            events = Events(r)
+            await events.take(2)
+            server.call(lambda: backend.lose("the model node is gone (input 'chunks' closed)"))
+            rest = await asyncio.wait_for(events.take(100_000), 5)
+        refused = await client.post("/v1/chat/completions", json={"messages": MSG})
+    assert rest[-1] == "[DONE]" and json.loads(rest[-2])["error"]["code"] == "backend_unavailable"
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "backend_unavailable"
 
 
 async def test_metrics_cover_every_failure_path() -> None:
