@@ -1,0 +1,61 @@
+"""The node's settings, read once from the environment in ``main()``.
+
+No other module reads ``os.environ``; tests construct ``Settings(...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    model_name_or_path: str = DEFAULT_MODEL
+    """A hub id or a local directory with the weights, processor config and chat template."""
+    device: str = "auto"
+    """``auto`` (CUDA, else MPS, else CPU), or a torch device such as ``cuda:1`` or ``cpu``."""
+    default_max_tokens: int = 1024
+    """New tokens when a request names no ``max_tokens``."""
+    max_tokens_limit: int = 8192
+    """Upper bound on any request's ``max_tokens`` (larger values are clamped; the answer then ends with ``length``)."""
+    max_queued_requests: int = 16
+    """Requests waiting while one generates; beyond it a request ends at once with an error chunk."""
+    max_image_bytes: int = 20 * 1024 * 1024
+    """Largest encoded image accepted (URL body or decoded base64)."""
+    max_image_pixels: int = 64 * 1024 * 1024
+    """Largest decoded image (width × height) accepted, against decompression bombs."""
+    image_timeout_s: float = 10.0
+    """Time limit for fetching one http(s) image."""
+    streamer_timeout_s: float = 300.0
+    """Longest wait for the next decoded piece (prefill included) before the request fails."""
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and value <= 0:
+                raise ValueError(f"{_env_name(f.name)} must be > 0, got {value!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Read ``MODEL_NAME_OR_PATH`` and ``QWENVL_*``; a bad value raises ``ValueError`` naming the variable."""
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            name = _env_name(f.name)
+            raw = environ.get(name)
+            if raw is None or not raw.strip():
+                continue
+            cast = {"int": int, "float": float}.get(str(f.type), str)
+            try:
+                values[f.name] = cast(raw.strip())
+            except ValueError:
+                raise ValueError(f"{name}: cannot read {raw!r} as {f.type}") from None
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _env_name(field: str) -> str:
+    return "MODEL_NAME_OR_PATH" if field == "model_name_or_path" else "QWENVL_" + field.upper()

@@ -1,0 +1,215 @@
+"""The node's real model code on a tiny random Qwen2.5-VL, driven through the event loop with a recorder.
+
+The model's text is random: tests check the wire structure (chunks, seq,
+finish reason, token counts), never the words.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from qwenvl_helpers import Recorder, cancel, check_stream, png_data_uri, request
+from qwenvl_stream.engine import HaltCriteria, QwenEngine
+from qwenvl_stream.generation import GenerationParams, Outcome
+from qwenvl_stream.model import ModelLoadError, load_model
+from qwenvl_stream.scheduler import Scheduler
+from qwenvl_stream.settings import Settings
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+pytestmark = pytest.mark.timeout(120)
+
+USER = "<|user|>\n<|im_start|>\n"
+IMAGE = "<|user|>\n<|vision_start|>\n"
+SYSTEM = "<|system|>\n"
+
+
+class SpyEngine(QwenEngine):
+    """The real engine, keeping each outcome."""
+
+    outcomes: dict[str, Outcome]
+
+    def generate(self, texts: list[str], params: GenerationParams, emit: Callable[[str], None], halt: threading.Event) -> Outcome:
+        outcome = super().generate(texts, params, emit, halt)
+        self.outcomes[texts[-1]] = outcome
+        return outcome
+
+
+@pytest.fixture
+def engine(loaded_model: Any) -> SpyEngine:
+    spy = SpyEngine(loaded_model, Settings(model_name_or_path="tiny", image_timeout_s=2))
+    spy.outcomes = {}
+    return spy
+
+
+def serve(engine: QwenEngine, events: Any) -> Recorder:
+    recorder = Recorder()
+    Scheduler(recorder, engine, Settings(model_name_or_path="tiny")).run(events(recorder) if callable(events) else events)
+    return recorder
+
+
+def text_of(chunks: list[tuple[str, dict[str, Any]]]) -> str:
+    return "".join(text for text, _ in chunks)
+
+
+def test_a_request_streams_several_chunks_then_a_finish_reason(engine: SpyEngine) -> None:
+    recorder = serve(engine, [request("r1", [SYSTEM + "Be brief.", USER + "Hello there"], max_tokens=60)])
+    chunks = recorder.chunks("r1")
+    last = check_stream(chunks)
+    assert len(chunks) >= 3, chunks  # at least two pieces and the finish marker
+    assert last["finish_reason"] in ("stop", "length")
+    assert last["prompt_tokens"] > 5 and 0 < last["completion_tokens"] <= 60
+    assert text_of(chunks)
+
+
+def test_a_png_data_uri_goes_through_the_vision_path(engine: SpyEngine, loaded_model: Any) -> None:
+    calls: list[tuple[int, ...]] = []
+    hook = loaded_model.model.model.visual.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
+    try:
+        recorder = serve(
+            engine,
+            [
+                request("img", [IMAGE + png_data_uri((60, 40)), USER + "What is it?"], max_tokens=8),
+                request("txt", [USER + "What is it?"], max_tokens=8),
+            ],
+        )
+    finally:
+        hook.remove()
+    with_image, without = check_stream(recorder.chunks("img")), check_stream(recorder.chunks("txt"))
+    assert with_image["finish_reason"] in ("stop", "length")
+    assert len(calls) == 1  # the vision tower ran once, for the one image
+    # 60x40 resizes to 56x28: 2x4 patches of 14 px, merged 2x2 into 2 image tokens, plus vision start and end.
+    assert with_image["prompt_tokens"] - without["prompt_tokens"] == 2 + 2
+
+
+def test_max_tokens_gives_length(engine: SpyEngine) -> None:
+    last = check_stream(serve(engine, [request("r1", [USER + "Count to ten"], max_tokens=5)]).chunks("r1"))
+    assert last["finish_reason"] == "length" and last["completion_tokens"] == 5
+
+
+def test_a_stop_string_ends_the_answer_before_it(engine: SpyEngine) -> None:
+    full = text_of(serve(engine, [request("a", [USER + "Tell me more"], max_tokens=40)]).chunks("a"))
+    assert len(full) > 6, full
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    chunks = serve(engine, [request("b", [USER + "Tell me more"], max_tokens=40, stop=[stop])]).chunks("b")
+    assert text_of(chunks) == full[: full.find(stop)]
+    assert check_stream(chunks)["finish_reason"] == "stop"
+
+
+def test_a_seed_makes_sampling_repeatable(engine: SpyEngine) -> None:
+    def sample(request_id: str) -> str:
+        event = request(request_id, [USER + "Surprise me"], max_tokens=20, temperature=1.5, top_p=0.95, seed=1234)
+        return text_of(serve(engine, [event]).chunks(request_id))
+
+    assert sample("s1") == sample("s2")
+
+
+def test_cancel_stops_the_generation_within_a_token_or_two(engine: SpyEngine, loaded_model: Any) -> None:
+    forwards: list[int] = []
+    at_cancel: list[int] = []
+    # 10 ms per model step, so that tokens are counted against the moment the cancel arrives.
+    hook = loaded_model.model.register_forward_pre_hook(lambda module, args: forwards.append(time.sleep(0.01) or 1))
+
+    def events(recorder: Recorder) -> Iterator[dict[str, Any]]:
+        yield request("long", [USER + "Go on forever"], max_tokens=1500)
+        deadline = time.monotonic() + 30
+        while len(forwards) < 20 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        at_cancel.append(len(forwards))
+        yield cancel("long")
+        yield request("next", [USER + "Another one"], max_tokens=4)
+
+    try:
+        recorder = serve(engine, events)
+    finally:
+        hook.remove()
+    assert not any(md.get("fin") for _, md in recorder.chunks("long"))
+    assert engine.outcomes[USER + "Go on forever"].completion_tokens <= at_cancel[0] + 2
+    assert check_stream(recorder.chunks("next"))["finish_reason"] == "length"
+
+
+def test_halt_stops_generate_at_the_very_next_token(loaded_model: Any) -> None:
+    """What ``cancel`` relies on: the flag is read at every step, so generation ends within one token."""
+    halt = threading.Event()
+
+    class SetHaltAfterFive(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+            if input_ids.shape[-1] - prompt >= 5:
+                halt.set()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)  # type: ignore[return-value]
+
+    processor = loaded_model.processor
+    text = processor.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], return_tensors="pt")
+    prompt = inputs["input_ids"].shape[-1]
+    criteria = StoppingCriteriaList([SetHaltAfterFive(), HaltCriteria(halt)])
+    out = loaded_model.model.generate(**inputs, max_new_tokens=200, do_sample=False, stopping_criteria=criteria)
+    assert out.shape[-1] - prompt == 5
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        pytest.param("data:image/png;base64,iVBORw0KGgoAAAA", "could not decode image", id="broken-data-uri"),
+        pytest.param("http://127.0.0.1:9/missing.png", "could not fetch image", id="unreachable-url"),
+    ],
+)
+def test_a_broken_image_ends_that_request_with_an_error_and_the_node_keeps_serving(
+    engine: SpyEngine, image: str, message: str
+) -> None:
+    recorder = serve(
+        engine,
+        [
+            request("bad", [IMAGE + image, USER + "What is it?"], max_tokens=5),
+            request("good", [IMAGE + png_data_uri(), USER + "What is it?"], max_tokens=5),
+        ],
+    )
+    bad = check_stream(recorder.chunks("bad"))
+    assert bad["finish_reason"] == "error" and message in bad["error"]
+    assert check_stream(recorder.chunks("good"))["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        pytest.param("/nowhere/qwen", "no such directory", id="missing-directory"),
+        pytest.param("NO_WEIGHTS", "weights or config files are missing", id="no-weights"),
+        pytest.param("Qwen/Qwen2.5-VL-3B-Instruct-not-cached", "no network", id="hub-id-offline"),
+    ],
+)
+def test_a_model_that_cannot_load_says_why(tmp_path: Path, tiny_model_dir: Path, name: str, reason: str) -> None:
+    if name == "NO_WEIGHTS":
+        name = str(tmp_path)
+        for path in tiny_model_dir.iterdir():
+            if not path.name.endswith(".safetensors"):
+                (tmp_path / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(ModelLoadError, match=reason):
+        load_model(Settings(model_name_or_path=name))
+
+
+def run_main(model: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MODEL_NAME_OR_PATH": model, "HF_HUB_OFFLINE": "1"}
+    env.pop("DORA_NODE_CONFIG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "qwenvl_stream.main"], env=env, capture_output=True, text=True, timeout=90, check=False
+    )
+
+
+def test_main_exits_with_the_reason_when_the_model_cannot_load(tmp_path: Path) -> None:
+    result = run_main(str(tmp_path / "nowhere"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("qwenvl-stream: could not load")
+
+
+def test_main_outside_a_dataflow_loads_the_model_then_fails_to_join(tiny_model_dir: Path) -> None:
+    result = run_main(str(tiny_model_dir))
+    assert result.returncode != 0
+    assert "model ready" in result.stderr and "RuntimeError" in result.stderr

@@ -1,0 +1,185 @@
+"""The node's pure parts: settings, request parameters, stop strings, chat building, images."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from qwenvl_helpers import png_data_uri
+from qwenvl_stream.chat import to_chat
+from qwenvl_stream.generation import GenerationParams, RequestError, StopFilter, sampling_kwargs
+from qwenvl_stream.images import ImageError, ImageLimits, load_image
+from qwenvl_stream.settings import Settings
+
+from openai_stream_server.protocol import Part, parse_request_texts
+
+LIMITS = ImageLimits(max_bytes=1_000_000, max_pixels=4_000_000, timeout_s=5.0)
+
+
+def test_settings_from_env_reads_model_and_knobs() -> None:
+    settings = Settings.from_env(
+        {"MODEL_NAME_OR_PATH": "/models/qwen", "QWENVL_MAX_QUEUED_REQUESTS": "3", "QWENVL_IMAGE_TIMEOUT_S": "2.5"}
+    )
+    assert settings.model_name_or_path == "/models/qwen"
+    assert settings.max_queued_requests == 3 and settings.image_timeout_s == 2.5
+    assert Settings.from_env({}).model_name_or_path == "Qwen/Qwen2.5-VL-3B-Instruct"
+
+
+@pytest.mark.parametrize(
+    "environ, name",
+    [
+        pytest.param({"QWENVL_MAX_QUEUED_REQUESTS": "many"}, "QWENVL_MAX_QUEUED_REQUESTS", id="not-a-number"),
+        pytest.param({"QWENVL_DEFAULT_MAX_TOKENS": "0"}, "QWENVL_DEFAULT_MAX_TOKENS", id="zero"),
+    ],
+)
+def test_a_bad_setting_names_its_variable(environ: dict[str, str], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        Settings.from_env(environ)
+
+
+def params(**metadata: Any) -> GenerationParams:
+    return GenerationParams.from_metadata(metadata, default_max_tokens=100, max_tokens_limit=1000)
+
+
+def test_generation_params_from_metadata() -> None:
+    p = params(max_tokens=7, temperature=0.5, top_p=0.9, stop=["\n\n", ""], seed=3)
+    assert p == GenerationParams(max_tokens=7, temperature=0.5, top_p=0.9, stop=("\n\n",), seed=3)
+    # dora turns None metadata values into the string "None"; strings of numbers are read leniently.
+    assert params(max_tokens="None", temperature="None", stop="None") == GenerationParams(max_tokens=100)
+    assert params(max_tokens="12", stop="END").max_tokens == 12 and params(stop="END").stop == ("END",)
+    assert params(max_tokens=0).max_tokens == 100 and params(max_tokens=10**6).max_tokens == 1000
+
+
+@pytest.mark.parametrize(
+    "metadata, key",
+    [
+        pytest.param({"temperature": -1}, "temperature", id="negative-temperature"),
+        pytest.param({"top_p": 0}, "top_p", id="zero-top-p"),
+        pytest.param({"max_tokens": "lots"}, "max_tokens", id="max-tokens-text"),
+        pytest.param({"stop": [1, 2]}, "stop", id="stop-not-strings"),
+        pytest.param({"seed": 1.5}, "seed", id="fractional-seed"),
+    ],
+)
+def test_bad_parameters_are_request_errors(metadata: dict[str, Any], key: str) -> None:
+    with pytest.raises(RequestError, match=key):
+        params(**metadata)
+
+
+def test_sampling_kwargs() -> None:
+    assert sampling_kwargs(GenerationParams(5)) == {}
+    assert sampling_kwargs(GenerationParams(5, temperature=0, top_p=0.5)) == {"do_sample": False}
+    assert sampling_kwargs(GenerationParams(5, temperature=0.7)) == {"do_sample": True, "temperature": 0.7}
+    assert sampling_kwargs(GenerationParams(5, top_p=0.8)) == {"do_sample": True, "top_p": 0.8}
+
+
+@pytest.mark.parametrize(
+    "stops, pieces, sent, hit",
+    [
+        pytest.param([], ["a", "b"], "ab", False, id="no-stops"),
+        pytest.param(["END"], ["hello E", "N", "D more"], "hello ", True, id="split-over-pieces"),
+        pytest.param(["END"], ["hello E", "NX"], "hello ENX", False, id="held-then-released"),
+        pytest.param(["b", "abc"], ["xab"], "xa", True, id="earliest-wins"),
+        pytest.param(["\n\n"], ["one\n", "\ntwo"], "one", True, id="newlines"),
+        pytest.param(["zz"], ["abc", "z"], "abcz", False, id="flushed-at-end"),
+    ],
+)
+def test_stop_filter(stops: list[str], pieces: list[str], sent: str, hit: bool) -> None:
+    stop_filter = StopFilter(stops)
+    out = "".join(stop_filter.feed(piece) for piece in pieces) + stop_filter.flush()
+    assert (out, stop_filter.hit) == (sent, hit)
+
+
+def test_chat_from_request_texts_keeps_turns_and_image_order() -> None:
+    texts = [
+        Part("system", "text", "be brief").encode(),
+        Part("user", "image", "https://example.invalid/a.png").encode(),
+        Part("user", "text", "What is this?").encode(),
+        Part("assistant", "text", "A cat.").encode(),
+        Part("tool", "text", '{"ok": true}').encode(),
+        Part("user", "image", "data:image/png;base64,xx").encode(),
+        Part("user", "text", "And this?").encode(),
+    ]
+    chat = to_chat(parse_request_texts(texts))
+    assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "tool", "user"]
+    assert chat.messages[1]["content"] == [{"type": "image"}, {"type": "text", "text": "What is this?"}]
+    assert chat.image_sources == ["https://example.invalid/a.png", "data:image/png;base64,xx"]
+
+
+def test_image_from_data_uri_and_raw_base64() -> None:
+    uri = png_data_uri((30, 20))
+    assert load_image(uri, LIMITS).size == (30, 20)
+    assert load_image(uri.split(",", 1)[1], LIMITS).mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        pytest.param("data:image/png;base64,AAAA", "not a known image format", id="not-an-image"),
+        pytest.param("data:image/png;base64,@@@", "valid base64", id="bad-base64"),
+        pytest.param("data:text/plain;base64,aGk=", "not an image", id="wrong-media-type"),
+        pytest.param("data:image/png;base64", "no comma", id="no-comma"),
+        pytest.param("file:///etc/passwd", "unsupported image URL scheme", id="file-url"),
+        pytest.param("   ", "empty", id="empty"),
+    ],
+)
+def test_bad_images_raise_image_error(source: str, message: str) -> None:
+    with pytest.raises(ImageError, match=message):
+        load_image(source, LIMITS)
+
+
+def test_image_limits_are_checked_before_decoding() -> None:
+    big = png_data_uri((300, 300))
+    with pytest.raises(ImageError, match="larger than"):
+        load_image(big, ImageLimits(max_bytes=100, max_pixels=10**9, timeout_s=1))
+    with pytest.raises(ImageError, match="pixels"):
+        load_image(big, ImageLimits(max_bytes=10**9, max_pixels=300 * 299, timeout_s=1))
+
+
+@pytest.fixture
+def image_server() -> Iterator[str]:
+    """A local HTTP server on 127.0.0.1: /ok.png is an image, anything else 404."""
+    png = base64.b64decode(png_data_uri((16, 16)).split(",", 1)[1])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/ok.png":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(png)))
+                self.end_headers()
+                self.wfile.write(png)
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_image_over_http(image_server: str) -> None:
+    assert load_image(image_server + "/ok.png", LIMITS).size == (16, 16)
+    with pytest.raises(ImageError, match="HTTP 404"):
+        load_image(image_server + "/missing.png", LIMITS)
+    with pytest.raises(ImageError, match="bytes"):
+        load_image(image_server + "/ok.png", ImageLimits(max_bytes=10, max_pixels=10**6, timeout_s=5))
+
+
+def test_image_from_a_closed_port_fails_fast() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ImageError, match="could not fetch image"):
+        load_image(f"http://127.0.0.1:{port}/cat.png", LIMITS)
