@@ -243,6 +243,59 @@ def test_a_crashed_node_leaves_no_client_hanging(tmp_path: Path, after: int) -> 
         assert "crashing on purpose" in flow.log()
 
 
+# -- access and limits, configured through the dataflow's env --------------------------------
+
+
+def test_api_key_cors_body_and_concurrency_limits_from_the_dataflow_env(tmp_path: Path) -> None:
+    origin = "https://chat.example.com"
+    server = {
+        "OPENAI_STREAM_SERVER_API_KEY": "s3cret",
+        "OPENAI_STREAM_SERVER_CORS_ORIGINS": origin,
+        "OPENAI_STREAM_SERVER_MAX_BODY_BYTES": "2048",
+        "OPENAI_STREAM_SERVER_MAX_ACTIVE_REQUESTS": "3",
+        "OPENAI_STREAM_SERVER_FIRST_CHUNK_TIMEOUT_S": "60",
+    }
+    auth = {"authorization": "Bearer s3cret"}
+    with node_flow("silent", tmp_path, server) as flow, httpx.Client(base_url=flow.base_url, timeout=10) as client:
+        missing = client.get("/v1/models")
+        wrong = client.post("/v1/chat/completions", json=body("x"), headers={"authorization": "Bearer nope"})
+        open_routes = [client.get(path).status_code for path in ("/health", "/", "/metrics")]
+        preflight = client.options(
+            "/v1/chat/completions",
+            headers={
+                "origin": origin,
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "authorization",
+            },
+        )
+        too_large = client.post("/v1/chat/completions", json=body("x" * 4096), headers=auth)
+        held = [client.post("/v1/chat/completions", json={**body("wait"), "background": True}, headers=auth) for _ in range(3)]
+        refused = client.post("/v1/chat/completions", json=body("one more"), headers=auth)
+        client.post(f"/v1/chat/completions/{held[0].json()['id']}/cancel", headers=auth)
+        accepted = client.post("/v1/chat/completions", json={**body("now"), "background": True}, headers=auth)
+        for r in [*held[1:], accepted]:
+            client.post(f"/v1/chat/completions/{r.json()['id']}/cancel", headers=auth)
+        metrics = client.get("/metrics").text
+        sdk_error = None
+        try:
+            sdk(flow).models.list()
+        except openai.AuthenticationError as exc:
+            sdk_error = exc
+    for r in (missing, wrong):
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert open_routes == [200, 200, 200]
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin
+    assert too_large.status_code == 413 and too_large.json()["error"]["code"] == "request_too_large"
+    assert [r.status_code for r in held] == [202, 202, 202]
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert accepted.status_code == 202
+    assert sdk_error is not None and sdk_error.status_code == 401
+    assert metric(metrics, "oss_active_streams") == 0
+    assert metric(metrics, 'oss_requests_total{status="401"}') == 1  # /v1/models is not counted, only chat completions
+    assert wait_for(lambda: len(cancels(flow)) == 4, 5)
+
+
 # -- chaos ordering ----------------------------------------------------------------------
 
 
