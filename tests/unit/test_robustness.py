@@ -196,13 +196,26 @@ async def test_chunks_for_unknown_finished_or_cancelled_requests_are_dropped_and
     backend = FakeBackend()
     async with make_client(fast(), backend) as (client, _):
         done = await client.post("/v1/chat/completions", json={"messages": MSG})
-        request_id = done.headers["x-request-id"]
-        backend.deliver([Chunk("chatcmpl-unknown", 0, "stray"), Chunk(request_id, 7, "late", fin=True)])
-        after = await client.get(f"/v1/chat/completions/{request_id}")
+        finished_id = done.headers["x-request-id"]
+        backend.silent = True
+        held = await client.post("/v1/chat/completions", json={"messages": MSG, "background": True})
+        cancelled_id = held.json()["id"]
+        await client.post(f"/v1/chat/completions/{cancelled_id}/cancel")
+        backend.deliver(
+            [
+                Chunk("chatcmpl-unknown", 0, "stray"),
+                Chunk(finished_id, 7, "late", fin=True),
+                Chunk(cancelled_id, 0, "too late"),
+                Chunk(None, 0, "no id at all"),
+            ]
+        )
+        finished = (await client.get(f"/v1/chat/completions/{finished_id}")).json()
+        cancelled = (await client.get(f"/v1/chat/completions/{cancelled_id}")).json()
         metrics = (await client.get("/metrics")).text
-    assert after.json()["choices"][0]["message"]["content"] == "hi there"
-    assert metric(metrics, 'oss_dropped_chunks_total{reason="unknown"}') == 1
-    assert metric(metrics, 'oss_dropped_chunks_total{reason="late"}') == 1
+    assert finished["choices"][0]["message"]["content"] == "hi there"
+    assert cancelled["status"] == "cancelled" and cancelled["choices"][0]["message"]["content"] == ""
+    assert metric(metrics, 'oss_dropped_chunks_total{reason="unknown"}') == 2
+    assert metric(metrics, 'oss_dropped_chunks_total{reason="late"}') == 2
 
 
 # -- limits ----------------------------------------------------------------------
