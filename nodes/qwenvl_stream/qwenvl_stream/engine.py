@@ -103,7 +103,7 @@ class QwenEngine:
                     )
             except BaseException as exc:  # carried back to the reading thread
                 result["error"] = exc
-                streamer.end()
+                streamer.end()  # type: ignore[no-untyped-call]
 
         thread = threading.Thread(target=run, name="qwenvl-generate", daemon=True)
         thread.start()

@@ -29,7 +29,7 @@ class GenerationParams:
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any], *, default_max_tokens: int, max_tokens_limit: int) -> GenerationParams:
         """Read the request metadata leniently; a value that makes no sense raises ``RequestError`` naming it."""
-        max_tokens = _read(metadata, "max_tokens", _as_int)
+        max_tokens = _read(metadata, "max_tokens", as_int)
         if max_tokens is None or max_tokens <= 0:
             max_tokens = default_max_tokens
         temperature = _read(metadata, "temperature", _as_float)
@@ -43,7 +43,7 @@ class GenerationParams:
             temperature=temperature,
             top_p=top_p,
             stop=_read_stop(metadata.get("stop")),
-            seed=_read(metadata, "seed", _as_int),
+            seed=_read(metadata, "seed", as_int),
         )
 
 
@@ -60,10 +60,6 @@ def _read(metadata: Mapping[str, Any], key: str, cast: Callable[[Any], Any]) -> 
         return cast(value)
     except (TypeError, ValueError):
         raise RequestError(f"{key}: cannot read {value!r}") from None
-
-
-def _as_int(value: Any) -> int | None:
-    return as_int(value)
 
 
 def _as_float(value: Any) -> float:

@@ -64,7 +64,7 @@ def _fetch(url: str, limits: ImageLimits) -> bytes:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > limits.max_bytes:
                 raise ImageError(f"image {name} is {int(length)} bytes, more than the {limits.max_bytes} allowed")
-            data = response.read(limits.max_bytes + 1)
+            data: bytes = response.read(limits.max_bytes + 1)
     except urllib.error.HTTPError as exc:
         raise ImageError(f"could not fetch image {name}: HTTP {exc.code} {exc.reason}") from exc
     except urllib.error.URLError as exc:

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
 
     node = Node(args.name) if args.name else Node()
     logger.info("qwenvl-stream serving %s (queue of %d)", settings.model_name_or_path, settings.max_queued_requests)
-    Scheduler(node, QwenEngine(loaded, settings), settings).run(node)
+    # dora's stub annotates send_output's metadata as `dict = None`, not Optional.
+    Scheduler(node, QwenEngine(loaded, settings), settings).run(node)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -75,16 +75,25 @@ class ImageOnlyProcessor(Qwen2_5_VLProcessor):
         self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
         self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(self.video_token)
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)  # type: ignore[no-untyped-call]
 
 
 def load_processor(name_or_path: str) -> Any:
     try:
-        return AutoProcessor.from_pretrained(name_or_path)
+        return AutoProcessor.from_pretrained(name_or_path)  # type: ignore[no-untyped-call]
     except ImportError as exc:
         reason = _first_line(exc).split(". ")[0]
         logger.warning("full processor unavailable (%s); using the image-only processor: images work, video does not", reason)
     return ImageOnlyProcessor.from_pretrained(name_or_path)
+
+
+def cap_vision_pixels(image_processor: Any, max_pixels: int) -> None:
+    """Scale larger images down to ``max_pixels`` before the vision encoder (fewer visual tokens, less memory)."""
+    size = {**dict(image_processor.size), "longest_edge": max_pixels}
+    try:
+        image_processor.size = type(image_processor.size)(**size)
+    except TypeError:
+        image_processor.size = size
 
 
 def load_model(settings: Settings) -> LoadedModel:
@@ -97,6 +106,8 @@ def load_model(settings: Settings) -> LoadedModel:
         placement = choose_placement(settings.device)
         logger.info("loading processor for %s", name)
         processor = load_processor(name)
+        if settings.vision_max_pixels is not None:
+            cap_vision_pixels(processor.image_processor, settings.vision_max_pixels)
         logger.info(
             "processor ready in %.1f s; loading weights on %s as %s (attention: %s)",
             time.monotonic() - started,
@@ -114,8 +125,8 @@ def load_model(settings: Settings) -> LoadedModel:
             extra["device_map"] = str(placement.device)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=placement.dtype, **extra)
         if not direct:
-            model = model.to(placement.device)
-        model.eval()
+            model = model.to(placement.device)  # type: ignore[arg-type]
+        model.eval()  # type: ignore[no-untyped-call]
     except Exception as exc:  # every failure becomes one message for the operator
         raise ModelLoadError(f"could not load {name!r}: {explain_load_error(exc)}") from exc
     parameters = sum(p.numel() for p in model.parameters())

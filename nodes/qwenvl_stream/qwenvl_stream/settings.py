@@ -28,6 +28,9 @@ class Settings:
     """Largest encoded image accepted (URL body or decoded base64)."""
     max_image_pixels: int = 64 * 1024 * 1024
     """Largest decoded image (width × height) accepted, against decompression bombs."""
+    vision_max_pixels: int | None = None
+    """Qwen's ``max_pixels``: larger images are scaled down to this many pixels before the vision
+    encoder (28 × 28 pixels per visual token). Unset: the checkpoint's own setting."""
     image_timeout_s: float = 10.0
     """Time limit for fetching one http(s) image."""
     streamer_timeout_s: float = 300.0
@@ -37,7 +40,7 @@ class Settings:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, (int, float)) and value <= 0:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
                 raise ValueError(f"{_env_name(f.name)} must be > 0, got {value!r}")
 
     @classmethod
@@ -49,7 +52,7 @@ class Settings:
             raw = environ.get(name)
             if raw is None or not raw.strip():
                 continue
-            cast = {"int": int, "float": float}.get(str(f.type), str)
+            cast = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
             try:
                 values[f.name] = cast(raw.strip())
             except ValueError:

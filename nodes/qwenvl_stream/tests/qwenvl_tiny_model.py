@@ -74,7 +74,12 @@ def _train_tokenizer(path: Path) -> dict[str, int]:
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
-    return {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS} | {"vocab_size": tokenizer.get_vocab_size()}
+    ids: dict[str, int] = {}
+    for token in SPECIAL_TOKENS:
+        token_id = tokenizer.token_to_id(token)
+        assert token_id is not None, token
+        ids[token] = token_id
+    return ids | {"vocab_size": tokenizer.get_vocab_size()}
 
 
 def build_tiny_model(path: Path) -> Path:
@@ -145,7 +150,7 @@ def _prefer_word_tokens(model: Any, path: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     words = torch.tensor(
         [
-            (text := tokenizer.decode([i])).strip() != "" and all(c == " " or c.isascii() and c.isalpha() for c in text)
+            (text := str(tokenizer.decode([i]))).strip() != "" and all(c == " " or c.isascii() and c.isalpha() for c in text)
             for i in range(model.config.text_config.vocab_size)
         ]
     )

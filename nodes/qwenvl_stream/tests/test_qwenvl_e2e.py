@@ -46,7 +46,7 @@ def client(flow: Dataflow) -> openai.OpenAI:
     return openai.OpenAI(base_url=flow.base_url + "/v1", api_key="x", max_retries=0, timeout=60)
 
 
-def stream(flow: Dataflow, messages: list[dict[str, Any]], **kwargs: Any) -> list[Any]:
+def stream(flow: Dataflow, messages: Any, **kwargs: Any) -> list[Any]:
     return list(
         client(flow).chat.completions.create(
             model=MODEL, messages=messages, stream=True, stream_options={"include_usage": True}, **kwargs
@@ -121,7 +121,7 @@ def closed_port() -> int:
 
 
 def test_a_broken_image_url_yields_an_error_and_the_node_keeps_serving(qwen_flow: Dataflow) -> None:
-    image = {"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{closed_port()}/missing.png"}}
+    image: Any = {"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{closed_port()}/missing.png"}}
     with pytest.raises(openai.APIError) as info:
         for _ in client(qwen_flow).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": [image, {"type": "text", "text": "?"}]}], stream=True

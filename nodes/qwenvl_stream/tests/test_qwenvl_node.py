@@ -115,8 +115,13 @@ def test_a_seed_makes_sampling_repeatable(engine: SpyEngine) -> None:
 def test_cancel_stops_the_generation_within_a_token_or_two(engine: SpyEngine, loaded_model: Any) -> None:
     forwards: list[int] = []
     at_cancel: list[int] = []
-    # 10 ms per model step, so that tokens are counted against the moment the cancel arrives.
-    hook = loaded_model.model.register_forward_pre_hook(lambda module, args: forwards.append(time.sleep(0.01) or 1))
+
+    def slow_step(module: Any, args: Any) -> None:
+        # 10 ms per model step, so that tokens are counted against the moment the cancel arrives.
+        time.sleep(0.01)
+        forwards.append(1)
+
+    hook = loaded_model.model.register_forward_pre_hook(slow_step)
 
     def events(recorder: Recorder) -> Iterator[dict[str, Any]]:
         yield request("long", [USER + "Go on forever"], max_tokens=1500)
@@ -175,6 +180,20 @@ def test_a_broken_image_ends_that_request_with_an_error_and_the_node_keeps_servi
     bad = check_stream(recorder.chunks("bad"))
     assert bad["finish_reason"] == "error" and message in bad["error"]
     assert check_stream(recorder.chunks("good"))["finish_reason"] in ("stop", "length")
+
+
+def test_vision_max_pixels_scales_large_images_down(tiny_model_dir: Path) -> None:
+    from PIL import Image
+
+    def image_tokens(settings: Settings) -> int:
+        processor = load_model(settings).processor
+        text = "<|vision_start|><|image_pad|><|vision_end|>"
+        grid = processor(text=[text], images=[Image.new("RGB", (200, 200))], return_tensors="pt")["image_grid_thw"]
+        return int(grid.prod()) // 4
+
+    assert image_tokens(Settings(model_name_or_path=str(tiny_model_dir))) == 16  # the checkpoint's limit: 112x112
+    capped = Settings.from_env({"MODEL_NAME_OR_PATH": str(tiny_model_dir), "QWENVL_VISION_MAX_PIXELS": str(56 * 56)})
+    assert image_tokens(capped) == 4
 
 
 @pytest.mark.parametrize(

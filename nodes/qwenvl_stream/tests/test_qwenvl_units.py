@@ -5,11 +5,15 @@ from __future__ import annotations
 import base64
 import http.server
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from qwenvl_helpers import png_data_uri
 from qwenvl_stream.chat import to_chat
 from qwenvl_stream.generation import GenerationParams, RequestError, StopFilter, sampling_kwargs
@@ -18,6 +22,7 @@ from qwenvl_stream.settings import Settings
 
 from openai_stream_server.protocol import Part, parse_request_texts
 
+ROOT = Path(__file__).resolve().parents[3]
 LIMITS = ImageLimits(max_bytes=1_000_000, max_pixels=4_000_000, timeout_s=5.0)
 
 
@@ -183,3 +188,26 @@ def test_image_from_a_closed_port_fails_fast() -> None:
         port = s.getsockname()[1]
     with pytest.raises(ImageError, match="could not fetch image"):
         load_image(f"http://127.0.0.1:{port}/cat.png", LIMITS)
+
+
+def test_cluster_yaml_is_qwenvl_yaml_plus_a_gpu_label() -> None:
+    single = yaml.safe_load((ROOT / "qwenvl.yml").read_text())
+    cluster = yaml.safe_load((ROOT / "qwenvl-cluster.yml").read_text())
+    model_node = next(node for node in cluster["nodes"] if node["id"] == "qwenvl-stream")
+    assert model_node.pop("deploy") == {"labels": {"gpu": "true"}}
+    assert cluster == single
+    assert all("deploy" not in node for node in single["nodes"])  # `dora run` refuses a `deploy` section
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["qwenvl.yml"], id="qwenvl.yml"),
+        pytest.param(["qwenvl-cluster.yml"], id="qwenvl-cluster.yml"),
+        pytest.param(["--node-manifest", "nodes/qwenvl_stream/dora-node.yml"], id="dora-node.yml"),
+    ],
+)
+def test_dora_validates_the_dataflows_and_the_manifest(args: list[str]) -> None:
+    dora = Path(sys.executable).parent / "dora"
+    result = subprocess.run([str(dora), "validate", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
