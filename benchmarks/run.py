@@ -227,7 +227,7 @@ class Runner:
     def server_flow(self, name: str, echo_env: dict[str, Any], server_env: dict[str, Any] | None = None) -> BenchFlow:
         env = {
             "echo-stream": {"ECHO_TOKENS_PER_CHUNK": self.args.tokens_per_chunk, **echo_env},
-            SERVER: server_env or {},
+            SERVER: {**(server_env or {}), **({"PYTHONPATH": str(self.args.server_src)} if self.args.server_src else {})},
         }
         return BenchFlow(DATAFLOWS / "stream.yml", self._dir(name), env=env)
 
@@ -338,6 +338,9 @@ class Runner:
         steps += [("server", self.burst), ("paced", self.paced)]
         if self.args.seed:
             steps.append(("seed", self.seed))
+        if self.args.only:
+            wanted = set(self.args.only.split(","))
+            steps = [step for step in steps if step[0] in wanted]
         result: dict[str, Any] = {}
         for name, step in steps:
             started = time.perf_counter()
@@ -388,12 +391,16 @@ def main(argv: list[str] | None = None) -> int:
         "--seed", action=argparse.BooleanOptionalAction, default=None, help="run the seed server (default: not in smoke)"
     )
     parser.add_argument("--no-ceilings", action="store_true", help="skip the relay and SSE ceilings")
+    parser.add_argument("--only", help="run only these parts, comma-separated: relay,sse,server,paced,seed")
     parser.add_argument("--profile", type=Path, help="py-spy the server during one extra 64-stream burst; write stacks here")
     parser.add_argument(
         "--json", type=Path, default=RESULTS / "latest.json", help="JSON results (default benchmarks/results/latest.json)"
     )
     parser.add_argument("--markdown", type=Path, help="also write the summary table as Markdown here")
     parser.add_argument("--plot", type=Path, help="also write a PNG plot here (needs matplotlib)")
+    parser.add_argument(
+        "--server-src", type=Path, help="import openai_stream_server from this directory instead (A/B against an older commit)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (dataflow logs)")
     args = parser.parse_args(argv)
     mode = MODES[args.mode]
@@ -420,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     summaries = [report.summarise(r, args.tokens_per_chunk) for r in runs]
     document = {
         "mode": args.mode,
-        "config": {**asdict(mode), "tokens_per_chunk": args.tokens_per_chunk},
+        "config": {**asdict(mode), "tokens_per_chunk": args.tokens_per_chunk, "server_src": str(args.server_src or "")},
         "machine": machine(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "runs": runs,
