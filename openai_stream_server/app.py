@@ -8,7 +8,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -125,6 +125,21 @@ async def _until_disconnected(receive: Receive) -> None:
         pass
 
 
+async def _unless_disconnected(receive: Receive, waiting: Awaitable[None]) -> bool:
+    """Await ``waiting`` unless the client disconnects first; False if it did (``waiting`` is then cancelled).
+
+    Only for before the response starts: the body has been read, so the next message is the disconnect.
+    """
+    watcher = asyncio.ensure_future(_until_disconnected(receive))
+    waiter = asyncio.ensure_future(waiting)
+    try:
+        await asyncio.wait({watcher, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        waiter.cancel()
+    return not (watcher.done() and not watcher.cancelled())
+
+
 class ChatCompletions:
     """The chat completion routes; holds the registry, the backend and the settings."""
 
@@ -172,11 +187,16 @@ class ChatCompletions:
         if not body.stream:
             return await self._gathered(request, state, headers)
         # Hold the headers back until the first chunk or an error is known, so that a failure
-        # still gets a real HTTP status the SDK can retry on (DESIGN.md, HTTP API).
-        await state.wait(0, timeout_s=self.settings.header_grace_s)
+        # still gets a real HTTP status the SDK can retry on (DESIGN.md, HTTP API). A client that
+        # leaves meanwhile is cancelled at once, not when the grace period ends (issue 3).
+        if not await _unless_disconnected(request.receive, state.wait(0, timeout_s=self.settings.header_grace_s)):
+            self._cancel(request_id)
+            raise end_error(state)
         if state.done and not state.nbytes and state.status is not Status.COMPLETED:
             raise end_error(state)
-        encoder = ChunkEncoder(request_id, model, state.created, include_usage=body.include_usage)
+        encoder = ChunkEncoder(
+            request_id, model, state.created, include_usage=body.include_usage, relay_sent_at=self.settings.relay_sent_at
+        )
         events = guarded(chunk_events(state, encoder, self.metrics), lambda: self._cancel(request_id))
         return self._sse(events, headers)
 

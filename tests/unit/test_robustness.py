@@ -86,14 +86,19 @@ async def test_non_streaming_client_gone_is_cancelled() -> None:
     assert len(backend.cancelled) == 1 and backend.cancelled == [r.request_id for r in backend.submitted]
 
 
-async def test_client_gone_while_headers_are_held_is_cancelled() -> None:
-    """The client leaves during the header grace period (no chunk yet): cancelled, within the grace period."""
+async def test_client_gone_while_headers_are_held_is_cancelled_at_once() -> None:
+    """The client leaves during the header grace period (no chunk yet): cancelled then, not when the grace ends."""
     backend = FakeBackend(silent=True)
-    async with live(fast(first_chunk_timeout_s=30, header_grace_s=1.0), backend) as (server, client):
+    grace_s = 10.0
+    async with live(fast(first_chunk_timeout_s=30, header_grace_s=grace_s), backend) as (server, client):
+        started = time.monotonic()
         with pytest.raises(httpx.ReadTimeout):
             await client.post("/v1/chat/completions", json={"messages": MSG, "stream": True}, timeout=0.3)
-        assert await wait_metric(client, "oss_active_streams", 0, timeout_s=1.0 + 3) == 0
+        assert await wait_metric(client, "oss_active_streams", 0, timeout_s=grace_s / 2) == 0
+        assert time.monotonic() - started < grace_s / 2
+        metrics = (await client.get("/metrics")).text
     assert len(backend.cancelled) == 1
+    assert metric(metrics, "oss_cancellations_total") == 1
 
 
 async def test_cancel_endpoint_ends_the_stream_and_tells_the_node() -> None:
