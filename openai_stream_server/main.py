@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import uvicorn
 
@@ -48,13 +49,35 @@ def _uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
     )
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, minus raising SIGINT/SIGTERM again once it has shut down gracefully.
+
+    uvicorn handles these signals while it serves (``serve`` below then gives in-flight streams an
+    error event and [DONE]) and afterwards raises the signal again with the previous handler: the
+    process then dies by SIGTERM or in a KeyboardInterrupt traceback, and dora marks the whole
+    dataflow failed although the shutdown was clean. Forgetting the captured signals makes it exit
+    with status 0 (tests/e2e/test_robustness.py::test_sigterm_to_the_server_ends_streams_...).
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                captured = getattr(self, "_captured_signals", None)  # uvicorn >= 0.29
+                if captured:
+                    logger.info("shut down on signal %s", ", ".join(str(s) for s in captured))
+                    captured.clear()
+
+
 async def serve(settings: Settings, node_name: str | None = None) -> None:
     from dora import Node  # imported here: importing the package must not need a dataflow
 
     node = Node(node_name) if node_name else Node()
     bridge = DoraBridge(node)
     app = create_app(settings, bridge)
-    server = uvicorn.Server(_uvicorn_config(app, settings))
+    server = _Server(_uvicorn_config(app, settings))
     serving = asyncio.create_task(server.serve())
     logger.info("openai-stream-server on http://%s:%d", settings.host, settings.port)
     while not serving.done():

@@ -413,3 +413,42 @@ def test_sigint_ends_in_flight_streams_with_an_error_then_everything_exits(tmp_p
     assert flow.process.returncode == 0, log
     assert group_members(flow.process.pid) == []
     assert wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in nodes), 5), nodes
+
+
+def test_sigterm_to_the_server_ends_streams_with_an_error_and_it_exits_cleanly(tmp_path: Path) -> None:
+    """An operator (or a supervisor) terminates just the server node: same error event + [DONE], exit status 0.
+
+    Exit status 0 matters under dora: a node killed by a signal marks the whole dataflow failed.
+    """
+    env = {"echo-stream": {"ECHO_TOKEN_DELAY_S": "0.05"}}
+    flow = Dataflow(ROOT / "dataflow-stream.yml", tmp_path, env=env)
+    with flow:
+        assert flow.process is not None
+        pid = flow.server_pid()
+        nodes = flow.node_pids()
+        assert pid is not None
+
+        async def in_flight() -> list[list[str]]:
+            async with httpx.AsyncClient(base_url=flow.base_url, timeout=30) as client:
+
+                async def one() -> list[str]:
+                    async with client.stream("POST", "/v1/chat/completions", json=body(LONG)) as r:
+                        events = Events(r)
+                        return await events.take(2) + await events.take(100_000)
+
+                streams = [asyncio.ensure_future(one()) for _ in range(3)]
+                assert await wait_metric(client, "oss_active_streams", 3, timeout_s=10) == 3
+                await asyncio.sleep(0.3)
+                os.kill(pid, signal.SIGTERM)
+                return await asyncio.wait_for(asyncio.gather(*streams), 15)
+
+        results = asyncio.run(in_flight())
+        assert wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10)
+        flow.process.wait(15)  # echo_stream sees its inputs close and stops; the dataflow ends
+        log = flow.log()
+    for events in results:
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "backend_unavailable"
+    assert "exited because of signal" not in log, log
+    assert flow.process.returncode == 0, log
+    assert wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in nodes), 5), nodes
