@@ -146,7 +146,7 @@ def _answer_inputs(node: Any) -> set[str] | None:
         inputs = node.node_config()["inputs"]
     except Exception:  # older dora, or a test double
         return None
-    answers = set()
+    answers: set[str] = set()
     for input_id, source in inputs.items():
         name = source.get("source", "") if isinstance(source, dict) else str(source)
         if not _is_tick(input_id) and not name.startswith("dora/"):
