@@ -74,13 +74,13 @@ def main() -> None:
         if event["type"] != "INPUT":
             continue  # the ERROR event next(timeout=...) returns when it times out
         if event["id"] == REQUEST_OUTPUT:
-            request_id, tokens = request_of(event)
-            if request_id:
-                plan(request_id, tokens)
+            new_id, tokens = request_of(event)
+            if new_id:
+                plan(new_id, tokens)
         elif event["id"] == CANCEL_OUTPUT:
-            request_id = cancels.handle(event)
-            if request_id:
-                cancelled.add(request_id)
+            gone = cancels.handle(event)
+            if gone:
+                cancelled.add(gone)
     log.info("sent %d chunks, dropped %d on purpose, duplicated %d", sent, dropped, duplicated)
 
 
