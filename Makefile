@@ -16,8 +16,11 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --upgrade pip
 
 # Reinstalls only when a pyproject changes, so `make test` is quick once set up.
-$(VENV)/.installed: $(BIN)/python pyproject.toml nodes/echo_stream/pyproject.toml
-	$(BIN)/python -m pip install -e '.[test]' -e nodes/echo_stream
+$(VENV)/.installed: $(BIN)/python pyproject.toml nodes/echo_stream/pyproject.toml nodes/qwenvl_stream/pyproject.toml
+	# CPU torch first (its wheel lies on this machine's disk): qwenvl_stream asks for torch>=2.4, and
+	# with no torch installed pip would take PyPI's newest CUDA build (several GB).
+	$(BIN)/python -m pip install torch==2.13.0
+	$(BIN)/python -m pip install -e '.[test]' -e nodes/echo_stream -e 'nodes/qwenvl_stream[test]'
 	# dora-hub's dora-echo (legacy-compatibility test) pins numpy<2, which current pyarrow
 	# cannot use; it needs only dora and pyarrow (DESIGN.md, measured facts).
 	$(BIN)/python -m pip install --no-deps dora-echo==0.5.0
