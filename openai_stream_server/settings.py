@@ -65,6 +65,8 @@ class Settings:
     """Test-only: close each reattach stream after this many events (0: never), to exercise reconnects."""
     sse_retry_ms: int = 1000
     """Reattach streams open with ``retry: <ms>``: how soon an EventSource reconnects after a drop (browsers default to 3 s)."""
+    relay_sent_at: bool = False
+    """Benchmark-only: streamed chunks carry ``x_sent_at``, the node's ``sent_at`` of the oldest chunk in the event."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -100,6 +102,11 @@ def _cast(name: str, raw: str, kind: Any) -> Any:
             return int(raw)
         if kind == "float":
             return float(raw)
+        if kind == "bool":
+            value = raw.strip().lower()
+            if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(value)
+            return value in ("1", "true", "yes", "on")
         return raw
     except ValueError as exc:
         raise ValueError(f"{name}: cannot read {raw!r} as {kind}") from exc

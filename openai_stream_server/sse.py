@@ -33,16 +33,24 @@ def error_event(error: ChatCompletionError) -> bytes:
 class ChunkEncoder:
     """Renders one completion's chunks; the constant parts of the JSON are built once per stream."""
 
-    __slots__ = ("_head", "_tail", "_resumable", "include_usage")
+    __slots__ = ("_head", "_tail", "_resumable", "include_usage", "relay_sent_at")
 
     def __init__(
-        self, request_id: str, model: str, created: int, *, include_usage: bool = False, resumable: bool = False
+        self,
+        request_id: str,
+        model: str,
+        created: int,
+        *,
+        include_usage: bool = False,
+        resumable: bool = False,
+        relay_sent_at: bool = False,
     ) -> None:
         head = orjson.dumps({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model})[:-1]
         self._head = head + b',"system_fingerprint":null'
         self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
         self._resumable = resumable
         self.include_usage = include_usage
+        self.relay_sent_at = relay_sent_at
 
     def _event(self, seq: int | None, body: bytes) -> bytes:
         if self._resumable and seq is not None:
@@ -57,12 +65,15 @@ class ChunkEncoder:
             + self._tail,
         )
 
-    def content(self, text: str, seq: int | None = None) -> bytes:
+    def content(self, text: str, seq: int | None = None, sent_at: float | None = None) -> bytes:
+        # ``x_sent_at`` (benchmarks only, ``relay_sent_at``): the node's send time of the oldest chunk in this event.
+        stamp = b',"x_sent_at":' + orjson.dumps(sent_at) if sent_at is not None and self.relay_sent_at else b""
         return self._event(
             seq,
             b',"choices":[{"index":0,"delta":{"content":'
             + orjson.dumps(text)
             + b'},"logprobs":null,"finish_reason":null}]'
+            + stamp
             + self._tail,
         )
 

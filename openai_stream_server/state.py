@@ -59,6 +59,8 @@ class StreamState:
         self.limits = limits
         self.status = Status.IN_PROGRESS
         self.pieces: list[str] = []
+        self.sent_at: dict[int, float] = {}
+        """The node's ``sent_at`` per piece, for chunks that carry it (benchmarks: ``relay_sent_at``)."""
         self.nbytes = 0
         self.finish_reason: str | None = None
         self.error: ChatCompletionError | None = None
@@ -149,6 +151,8 @@ class StreamState:
         if self.first_chunk_at is None:
             self.first_chunk_at = now
         self.last_chunk_at = now
+        if chunk.sent_at is not None:
+            self.sent_at[len(self.pieces)] = chunk.sent_at
         self.pieces.append(chunk.text)
         text = chunk.text
         self.nbytes += len(text) if text.isascii() else len(text.encode())

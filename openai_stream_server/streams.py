@@ -49,10 +49,11 @@ async def chunk_events(
         end = len(pieces)
         if cursor < end:
             text = pieces[cursor] if end - cursor == 1 else "".join(pieces[cursor:end])
+            oldest = cursor
             cursor = end
             if text:
                 metrics.events.inc()
-                yield encoder.content(text, end - 1)
+                yield encoder.content(text, end - 1, state.sent_at.get(oldest) if encoder.relay_sent_at else None)
                 sent += 1
                 if max_events and sent >= max_events:
                     return
