@@ -42,6 +42,19 @@ class BenchFlow(Dataflow):
         super().__init__(yml, workdir, **kwargs)
         self.ready_path = ready_path
 
+    def start(self) -> BenchFlow:
+        """Start, trying twice more on a fresh port if the first start fails (another process may take the port)."""
+        for attempt in range(3):
+            try:
+                super().start()
+                return self
+            except RuntimeError:
+                self.stop()
+                if attempt == 2:
+                    raise
+                self.port = free_port()
+        return self
+
     def wait_ready(self) -> None:
         if self.ready_path is None:
             return
@@ -65,6 +78,11 @@ class BenchFlow(Dataflow):
                 return pids[0]
             time.sleep(0.1)
         raise RuntimeError(f"no process matching {needle!r} below dora run (pid {self.process.pid})")
+
+    @property
+    def daemon_pid(self) -> int | None:
+        """``dora run`` itself: the coordinator and the daemon that routes every message."""
+        return None if self.process is None else self.process.pid
 
     def wait_exit(self, timeout_s: float) -> int | None:
         assert self.process is not None

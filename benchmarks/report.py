@@ -67,8 +67,13 @@ def summarise(run: dict[str, Any], tokens_per_chunk: int = 1) -> Summary:
             s[f"floor{c}_cpu_us_per_chunk"] = round(recv + write, 2)
             s[f"burst{c}_cpu_vs_floor"] = _div(level["server_cpu_us_per_unit"], recv + write)
         count(level["integrity"])
-    if "burst1_ttfc_p50_ms" in s and s.get("rtt_p50_ms") is not None:
-        s["ttfc1_above_rtt_ms"] = round(s["burst1_ttfc_p50_ms"] - s["rtt_p50_ms"], 3)
+    ttfc = server.get("ttfc")
+    if ttfc:
+        s["ttfc_p50_ms"] = ttfc["ttfc_p50_ms"]
+        s["ttfc_p99_ms"] = ttfc["ttfc_p99_ms"]
+        if s.get("rtt_p50_ms") is not None and ttfc["ttfc_p50_ms"] is not None:
+            s["ttfc_above_rtt_ms"] = round(ttfc["ttfc_p50_ms"] - s["rtt_p50_ms"], 3)
+        count(ttfc["integrity"])
     rate = server.get("rate")
     if rate:
         s["rate_per_s"] = rate["completions_per_s"]
@@ -79,20 +84,31 @@ def summarise(run: dict[str, Any], tokens_per_chunk: int = 1) -> Summary:
         count(rate["integrity"])
     if "peak_rss_kib" in server:
         s["burst_peak_rss_mib"] = round(server["peak_rss_kib"] / 1024, 1)
-    paced = run.get("paced")
-    if paced:
-        s["paced_offered_tokens_per_s"] = paced["offered_tokens_per_s"]
-        s["paced_delivered_tokens_per_s"] = paced["delivered_tokens_per_s"]
-        s["paced_delivered_ratio"] = _div(paced["delivered_tokens_per_s"], paced["offered_tokens_per_s"])
-        s["paced_added_delay_p50_ms"] = paced["added_delay_p50_ms"]
-        s["paced_added_delay_p99_ms"] = paced["added_delay_p99_ms"]
-        s["paced_gap_p99_ms"] = paced["gap_p99_ms"]
-        s["paced_events_per_chunk"] = paced["events_per_token"]
-        s["paced_server_cpu_us_per_chunk"] = paced["server_cpu_us_per_unit"]
-        s["paced_rss_kib_per_stream"] = paced["rss_kib_per_stream"]
-        s["paced_peak_rss_mib"] = round(paced["peak_rss_kib"] / 1024, 1)
-        s["paced_lost"] = paced["integrity"]["lost"]
+    paced_runs = run.get("paced") or []
+    if isinstance(paced_runs, dict):
+        paced_runs = [paced_runs]
+    for n, paced in enumerate(paced_runs):
+        k = paced.get("chunk_tokens", 1)
+        p = "paced" if n == 0 else f"paced_k{k}"
+        s[f"{p}_chunk_tokens"] = k
+        s[f"{p}_offered_tokens_per_s"] = paced["offered_tokens_per_s"]
+        s[f"{p}_delivered_tokens_per_s"] = paced["delivered_tokens_per_s"]
+        s[f"{p}_delivered_ratio"] = _div(paced["delivered_tokens_per_s"], paced["offered_tokens_per_s"])
+        s[f"{p}_stream_tokens_per_s_p50"] = paced.get("stream_tokens_per_s_p50")
+        s[f"{p}_added_delay_p50_ms"] = paced["added_delay_p50_ms"]
+        s[f"{p}_added_delay_p99_ms"] = paced["added_delay_p99_ms"]
+        s[f"{p}_gap_p99_ms"] = paced["gap_p99_ms"]
+        s[f"{p}_events_per_chunk"] = _div(paced["events"], -(-paced["tokens"] // k), 4)
+        s[f"{p}_server_cpu_us_per_chunk"] = paced["server_cpu_us_per_unit"]
+        s[f"{p}_rss_kib_per_stream"] = paced["rss_kib_per_stream"]
+        s[f"{p}_peak_rss_mib"] = round(paced["peak_rss_kib"] / 1024, 1)
+        s[f"{p}_lost"] = paced["integrity"]["lost"]
         count(paced["integrity"])
+    idle = run.get("idle")
+    if idle:
+        s["idle_streams"] = idle["streams"]
+        s["idle_rss_kib_per_stream"] = idle["rss_kib_per_stream"]
+        count(idle["integrity"])
     seed = run.get("seed")
     if seed:
         r = seed["rate"]
@@ -117,7 +133,7 @@ def medians(summaries: list[Summary]) -> Summary:
             out[key] = None
         elif isinstance(values[0], bool):
             out[key] = all(values)
-        elif key in ("lost", "duplicated", "crossed", "failed_streams", "paced_lost", "seed_crossed_requests"):
+        elif key in ("lost", "duplicated", "crossed", "failed_streams", "seed_crossed_requests") or key.endswith("_lost"):
             out[key] = sum(values)
         else:
             out[key] = round(statistics.median(values), 3)
@@ -149,25 +165,37 @@ def targets(m: Summary) -> list[tuple[str, str, str, bool | None]]:
     rows.append(
         ("burst, 64: server CPU/chunk vs dora receive + SSE write", "<= 1.3x", measured, met(v, v is not None and v <= 1.3))
     )
-    v = m.get("paced_delivered_ratio")
-    measured = f"{_f(m.get('paced_delivered_tokens_per_s'))} of {_f(m.get('paced_offered_tokens_per_s'))} ({_f(v, 3)})"
-    rows.append(("paced 1,000 x 30 tok/s: delivered", "all (>= 0.99)", measured, met(v, v is not None and v >= 0.99)))
-    v = m.get("paced_added_delay_p99_ms")
-    rows.append(("paced: added delay p99", "<= 50 ms", f"{_f(v, 1)} ms", met(v, v is not None and v <= 50)))
-    v = m.get("paced_lost")
-    rows.append(("paced: lost chunks", "0", _f(v), met(v, v == 0)))
-    v = m.get("ttfc1_above_rtt_ms")
-    measured = f"{_f(m.get('burst1_ttfc_p50_ms'), 2)} - {_f(m.get('rtt_p50_ms'), 2)} = {_f(v, 2)} ms"
+    for p in sorted({k.split("_chunk_tokens")[0] for k in m if k.endswith("_chunk_tokens")}):
+        k = m.get(f"{p}_chunk_tokens")
+        name = f"paced 1,000 x 30 tok/s, {_f(k)} token(s)/message"
+        v = m.get(f"{p}_delivered_ratio")
+        measured = f"{_f(m.get(f'{p}_delivered_tokens_per_s'))} of {_f(m.get(f'{p}_offered_tokens_per_s'))} ({_f(v, 3)})"
+        rows.append((f"{name}: delivered", "all (>= 0.99)", measured, met(v, v is not None and v >= 0.99)))
+        v = m.get(f"{p}_added_delay_p99_ms")
+        rows.append((f"{name}: added delay p99", "<= 50 ms", f"{_f(v, 1)} ms", met(v, v is not None and v <= 50)))
+        v = m.get(f"{p}_lost")
+        rows.append((f"{name}: lost chunks", "0", _f(v), met(v, v == 0)))
+    v = m.get("ttfc_above_rtt_ms")
+    measured = f"{_f(m.get('ttfc_p50_ms'), 2)} - {_f(m.get('rtt_p50_ms'), 2)} = {_f(v, 2)} ms (p50)"
     rows.append(("TTFC, 1 client, above raw dora round trip", "<= 1 ms", measured, met(v, v is not None and v <= 1.0)))
     v = m.get("rate_vs_seed")
     measured = f"{_f(m.get('rate_per_s'))}/s vs seed {_f(m.get('seed_rate_per_s'))}/s = {_f(v, 1)}x"
     rows.append(("non-streaming rate, 64 concurrent, vs seed", ">= 10x", measured, met(v, v is not None and v >= 10)))
     v = m.get("crossed")
     rows.append(("cross-talk (ours)", "0", f"{_f(v)} (seed: {_f(m.get('seed_crossed_requests'))} requests)", met(v, v == 0)))
-    v = m.get("paced_rss_kib_per_stream")
-    rows.append(("server RSS per open stream at 1,000", "<= 64 KiB", f"{_f(v, 1)} KiB", met(v, v is not None and v <= 64)))
+    v = m.get("idle_rss_kib_per_stream")
+    measured = f"{_f(v, 1)} KiB idle ({_f(m.get('paced_rss_kib_per_stream'), 1)} KiB while paced)"
+    rows.append(
+        (
+            f"server RSS per open idle stream at {_f(m.get('idle_streams'))}",
+            "<= 64 KiB",
+            measured,
+            met(v, v is not None and v <= 64),
+        )
+    )
     v = m.get("integrity_exact")
-    faults = f"lost {_f(m.get('lost'))}, dup {_f(m.get('duplicated'))}, crossed {_f(m.get('crossed'))}, failed {_f(m.get('failed_streams'))}"
+    faults = f"lost {_f(m.get('lost'))}, dup {_f(m.get('duplicated'))}, crossed {_f(m.get('crossed'))}"
+    faults += f", failed {_f(m.get('failed_streams'))}"
     rows.append(("integrity, every stream of every scenario", "exact", faults, v))
     return rows
 
@@ -228,24 +256,37 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _paced_rows(m: Summary) -> list[list[str]]:
+    rows = []
+    for p in sorted({k.split("_chunk_tokens")[0] for k in m if k.endswith("_chunk_tokens")}):
+        k = _f(m.get(f"{p}_chunk_tokens"))
+        rows += [
+            [
+                f"paced, {k} token(s)/message: delivered / offered tokens/s (per stream p50)",
+                f"{_f(m.get(f'{p}_delivered_tokens_per_s'))} / {_f(m.get(f'{p}_offered_tokens_per_s'))}"
+                f" ({_f(m.get(f'{p}_stream_tokens_per_s_p50'), 1)})",
+            ],
+            [
+                f"paced, {k}: added delay p50 / p99; inter-event gap p99",
+                f"{_f(m.get(f'{p}_added_delay_p50_ms'), 2)} / {_f(m.get(f'{p}_added_delay_p99_ms'), 2)} ms;"
+                f" {_f(m.get(f'{p}_gap_p99_ms'), 1)} ms",
+            ],
+            [
+                f"paced, {k}: SSE events per message (coalescing); server CPU per message",
+                f"{_f(m.get(f'{p}_events_per_chunk'), 3)}; {_f(m.get(f'{p}_server_cpu_us_per_chunk'), 1)} us",
+            ],
+            [
+                f"paced, {k}: server RSS per open stream / peak",
+                f"{_f(m.get(f'{p}_rss_kib_per_stream'), 1)} KiB / {_f(m.get(f'{p}_peak_rss_mib'), 1)} MiB",
+            ],
+        ]
+    return rows
+
+
 def _other_rows(m: Summary) -> list[list[str]]:
-    return [
+    return _paced_rows(m) + [
         ["raw dora round trip p50 / p99", f"{_f(m.get('rtt_p50_ms'), 2)} / {_f(m.get('rtt_p99_ms'), 2)} ms"],
-        [
-            "paced: delivered / offered tokens/s",
-            f"{_f(m.get('paced_delivered_tokens_per_s'))} / {_f(m.get('paced_offered_tokens_per_s'))}",
-        ],
-        [
-            "paced: added delay p50 / p99",
-            f"{_f(m.get('paced_added_delay_p50_ms'), 2)} / {_f(m.get('paced_added_delay_p99_ms'), 2)} ms",
-        ],
-        ["paced: inter-chunk gap p99", f"{_f(m.get('paced_gap_p99_ms'), 1)} ms"],
-        ["paced: events per chunk (coalescing)", _f(m.get("paced_events_per_chunk"), 3)],
-        ["paced: server CPU per chunk", f"{_f(m.get('paced_server_cpu_us_per_chunk'), 1)} us"],
-        [
-            "paced: server RSS per open stream / peak",
-            f"{_f(m.get('paced_rss_kib_per_stream'), 1)} KiB / {_f(m.get('paced_peak_rss_mib'), 1)} MiB",
-        ],
+        ["TTFC, 1 client, short answers, p50 / p99", f"{_f(m.get('ttfc_p50_ms'), 2)} / {_f(m.get('ttfc_p99_ms'), 2)} ms"],
         [
             "non-streaming completions/s (64 concurrent)",
             f"{_f(m.get('rate_per_s'))} (x SSE-only {_f(m.get('rate_vs_sse'), 2)}; p99 {_f(m.get('rate_latency_p99_ms'), 1)} ms)",

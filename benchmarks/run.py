@@ -54,13 +54,20 @@ class Mode:
     rate_tokens: int = 8
     rate_duration_s: float = 5.0
     rtt_n: int = 200
+    """Sequential requests for time to first chunk: one client, short answers (and as many raw round trips)."""
+    ttfc_tokens: int = 8
+    paced_chunk_tokens: tuple[int, ...] = (1, 4)
+    """Paced runs: echo_stream's ECHO_TOKENS_PER_CHUNK (1: one dora message per token; more: the batching lever)."""
+    idle_streams: int = 1000
+    idle_s: float = 4.0
+    """Idle-memory run: the echo holds its first token this long; RSS is read while all streams are open."""
     timeout_s: float = 120.0
     """Per request; every scenario is also bounded by its count of streams or its duration."""
 
 
 MODES = {
     "full": Mode(),
-    "quick": Mode(burst_tokens=256, burst_chunks=16384, paced_tokens=90, rate_duration_s=2.0, rtt_n=100),
+    "quick": Mode(burst_tokens=256, burst_chunks=16384, paced_tokens=150, rate_duration_s=2.0, rtt_n=100, idle_s=3.0),
     "smoke": Mode(
         levels=(1, 8),
         burst_tokens=32,
@@ -70,6 +77,9 @@ MODES = {
         rate_concurrency=8,
         rate_duration_s=0.5,
         rtt_n=10,
+        paced_chunk_tokens=(1,),
+        idle_streams=20,
+        idle_s=1.0,
         timeout_s=30.0,
     ),
 }
@@ -86,8 +96,8 @@ def log(message: str) -> None:
 class Measured:
     """CPU seconds of the server (and the echo node, and this client) over one scenario."""
 
-    def __init__(self, server: int, echo: int | None = None) -> None:
-        self.pids = {"server": server, **({"echo": echo} if echo else {})}
+    def __init__(self, server: int, echo: int | None = None, daemon: int | None = None) -> None:
+        self.pids = {"server": server, **({"echo": echo} if echo else {}), **({"daemon": daemon} if daemon else {})}
 
     def __enter__(self) -> Measured:
         self.before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
@@ -157,8 +167,8 @@ def run_async(coroutine: Awaitable[T]) -> T:
     return uvloop.run(wrapper())
 
 
-def warm_up(port: int, ids: Iterator[int]) -> None:
-    run_async(scenarios.burst(port, 4, 16, 2, ids, 30))
+def warm_up(port: int, ids: Iterator[int], tokens: int = 16, each: int = 2, timeout_s: float = 30) -> None:
+    run_async(scenarios.burst(port, 4, tokens, each, ids, timeout_s))
 
 
 class Runner:
@@ -186,6 +196,7 @@ class Runner:
                 "RAW_TOKENS": mode.burst_tokens,
                 "RAW_LEVELS": levels,
                 "RAW_RTT_N": mode.rtt_n,
+                "RAW_RTT_TOKENS": mode.ttfc_tokens,
                 "RAW_BUDGET_S": mode.timeout_s * 2,
             },
             "echo-stream": {"ECHO_TOKENS_PER_CHUNK": self.args.tokens_per_chunk},
@@ -241,14 +252,16 @@ class Runner:
                 profile = self.args.profile is not None and not self.profiled and c == 64
                 if profile:
                     self.profile(flow.port, server, c)
-                with Measured(server, echo) as m:
+                with Measured(server, echo, flow.daemon_pid) as m:
                     result = run_async(
                         scenarios.burst(flow.port, c, mode.burst_tokens, streams_each(mode, c), self.ids, mode.timeout_s)
                     )
                 result.update(m.per(result["tokens"] // self.args.tokens_per_chunk))
                 levels.append(result)
                 log(f"  server burst c={c}: {result['tokens_per_s']:.0f} tokens/s, exact={result['integrity']['exact']}")
-            with Measured(server, echo) as m:
+            # Time to first chunk: one client, short answers one after another (the raw round trip's shape).
+            ttfc = run_async(scenarios.burst(flow.port, 1, mode.ttfc_tokens, mode.rtt_n, self.ids, mode.timeout_s))
+            with Measured(server, echo, flow.daemon_pid) as m:
                 rate = run_async(
                     scenarios.rate(
                         flow.port, mode.rate_concurrency, mode.rate_tokens, mode.rate_duration_s, self.ids, mode.timeout_s
@@ -256,7 +269,7 @@ class Runner:
                 )
             rate.update(m.per(rate["completed"]))
             rss, hwm = memory_kib(server)
-        return {"levels": levels, "rate": rate, "rss_kib": rss, "peak_rss_kib": hwm}
+        return {"levels": levels, "ttfc": ttfc, "rate": rate, "rss_kib": rss, "peak_rss_kib": hwm}
 
     def profile(self, port: int, server: int, concurrency: int) -> None:
         """Two extra bursts under py-spy: collapsed stacks (summarised in text) and a flame graph."""
@@ -277,11 +290,14 @@ class Runner:
             log(summary)
         self.profiled = True
 
-    def paced(self) -> dict[str, Any]:
+    def paced(self) -> list[dict[str, Any]]:
+        return [self.paced_once(k) for k in self.mode.paced_chunk_tokens]
+
+    def paced_once(self, chunk_tokens: int) -> dict[str, Any]:
         mode = self.mode
-        echo_env = {"ECHO_TOKEN_DELAY_S": 1 / mode.paced_rate, "ECHO_STAMP": 1}
+        echo_env = {"ECHO_TOKEN_DELAY_S": 1 / mode.paced_rate, "ECHO_STAMP": 1, "ECHO_TOKENS_PER_CHUNK": chunk_tokens}
         server_env = {"OPENAI_STREAM_SERVER_RELAY_SENT_AT": 1}
-        with self.server_flow("paced", echo_env, server_env) as flow:
+        with self.server_flow(f"paced-k{chunk_tokens}", echo_env, server_env) as flow:
             server, echo = flow.node_pid(SERVER), flow.node_pid(ECHO)
             warm_up(flow.port, self.ids)
             baseline, _ = memory_kib(server)
@@ -305,11 +321,13 @@ class Runner:
                     stop.set()
                     await sampler
 
-            with Measured(server, echo) as m:
+            with Measured(server, echo, flow.daemon_pid) as m:
                 result = run_async(scenario())
-            result.update(m.per(result["tokens"] // self.args.tokens_per_chunk))
+            result.update(m.per(-(-result["tokens"] // chunk_tokens)))
             _, hwm = memory_kib(server)
+        log(f"  paced k={chunk_tokens}: {result['delivered_tokens_per_s']:.0f} tokens/s, exact={result['integrity']['exact']}")
         result.update(
+            chunk_tokens=chunk_tokens,
             baseline_rss_kib=baseline,
             peak_rss_kib=peak,
             rss_kib_per_stream=round((peak - baseline) / mode.paced_streams, 2),
@@ -317,12 +335,38 @@ class Runner:
         )
         return result
 
+    def idle(self) -> dict[str, Any]:
+        """RSS per open idle stream: every stream waits ``idle_s`` for its only token (headers sent, pings due)."""
+        mode = self.mode
+        with self.server_flow("idle", {"ECHO_TOKEN_DELAY_S": mode.idle_s, "ECHO_STAMP": 0}) as flow:
+            server = flow.node_pid(SERVER)
+            warm_up(flow.port, self.ids, tokens=1, each=1, timeout_s=mode.idle_s + 30)  # one token: idle_s per stream
+            baseline, _ = memory_kib(server)
+
+            async def scenario() -> tuple[dict[str, Any], int]:
+                streams = asyncio.ensure_future(
+                    scenarios.burst(flow.port, mode.idle_streams, 1, 1, self.ids, mode.timeout_s + mode.idle_s)
+                )
+                await asyncio.sleep(mode.idle_s * 0.8)  # all opened (and past the header grace period), none answered
+                rss = memory_kib(server)[0]
+                return await streams, rss
+
+            result, rss = run_async(scenario())
+        result.update(
+            idle_s=mode.idle_s,
+            baseline_rss_kib=baseline,
+            open_rss_kib=rss,
+            rss_kib_per_stream=round((rss - baseline) / mode.idle_streams, 2),
+        )
+        log(f"  idle: {result['rss_kib_per_stream']} KiB per open stream, exact={result['integrity']['exact']}")
+        return result
+
     def seed(self) -> dict[str, Any]:
         mode = self.mode
         flow = BenchFlow(DATAFLOWS / "seed.yml", self._dir("seed"), ready_path="/v1/models")
         with flow:
             server = flow.node_pid("seed_server.py")
-            with Measured(server) as m:
+            with Measured(server, None, flow.daemon_pid) as m:
                 rate = run_async(
                     scenarios.rate(
                         flow.port, mode.rate_concurrency, mode.rate_tokens, mode.rate_duration_s, self.ids, mode.timeout_s
@@ -332,10 +376,10 @@ class Runner:
         return {"rate": rate}
 
     def once(self) -> dict[str, Any]:
-        steps: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+        steps: list[tuple[str, Callable[[], Any]]] = []
         if not self.args.no_ceilings:
             steps += [("relay", self.relay), ("sse", self.sse)]
-        steps += [("server", self.burst), ("paced", self.paced)]
+        steps += [("server", self.burst), ("paced", self.paced), ("idle", self.idle)]
         if self.args.seed:
             steps.append(("seed", self.seed))
         if self.args.only:
@@ -391,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         "--seed", action=argparse.BooleanOptionalAction, default=None, help="run the seed server (default: not in smoke)"
     )
     parser.add_argument("--no-ceilings", action="store_true", help="skip the relay and SSE ceilings")
-    parser.add_argument("--only", help="run only these parts, comma-separated: relay,sse,server,paced,seed")
+    parser.add_argument("--only", help="run only these parts, comma-separated: relay,sse,server,paced,idle,seed")
     parser.add_argument("--profile", type=Path, help="py-spy the server during one extra 64-stream burst; write stacks here")
     parser.add_argument(
         "--json", type=Path, default=RESULTS / "latest.json", help="JSON results (default benchmarks/results/latest.json)"

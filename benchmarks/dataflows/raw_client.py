@@ -111,16 +111,18 @@ def main() -> None:
     out = Path(os.environ["RAW_OUT"])
     rtt_n = int(os.environ.get("RAW_RTT_N", "100"))
     tokens = int(os.environ.get("RAW_TOKENS", "256"))
+    rtt_tokens = int(os.environ.get("RAW_RTT_TOKENS", str(tokens)))
     levels = [tuple(int(x) for x in level.split(":")) for level in os.environ.get("RAW_LEVELS", "64:4").split(",")]
     budget_s = float(os.environ.get("RAW_BUDGET_S", "120"))
     node = Node()
     deadline = time.monotonic() + budget_s
     ids = itertools.count()
 
-    # Round trips: one request at a time, the time to its first chunk (the rest is read before the next).
+    # Round trips: one request at a time, the time to its first chunk (the rest is read before the next),
+    # with the answer length of the server's time-to-first-chunk scenario.
     rtts: list[float] = []
     for i in range(rtt_n + 5):  # the first 5 warm up
-        request_id = request(node, next(ids), tokens)
+        request_id = request(node, next(ids), rtt_tokens)
         started = time.perf_counter()
         first: float | None = None
         finished = False
@@ -141,6 +143,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "tokens": tokens,
         "rtt_n": len(rtts),
+        "rtt_tokens": rtt_tokens,
         "rtt_p50_ms": percentile_ms(rtts, 50),
         "rtt_p99_ms": percentile_ms(rtts, 99),
         "levels": [burst(node, c, r, tokens, ids, deadline) for c, r in levels],

@@ -2,8 +2,9 @@
 
 Never asserts a speed: the figures depend on the machine and on whatever
 else runs on it. ``python -m benchmarks.run --mode smoke`` starts the relay
-ceiling, the SSE ceiling, the server at 0 delay (burst, request rate) and the
-server paced at 30 tokens/s, and stops each of them.
+ceiling, the SSE ceiling, the server at 0 delay (burst, time to first chunk,
+request rate), the server paced at 30 tokens/s and the idle-memory run, and
+stops each of them.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ def test_bench_smoke_runs_and_integrity_is_exact(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     document = json.loads(out.read_text())
     (run,) = document["runs"]
-    assert set(run) == {"relay", "sse", "server", "paced"}
+    assert set(run) == {"relay", "sse", "server", "paced", "idle"}
 
     integrities = [level["integrity"] for level in run["server"]["levels"]]
-    integrities += [run["server"]["rate"]["integrity"], run["paced"]["integrity"]]
+    integrities += [run["server"]["ttfc"]["integrity"], run["server"]["rate"]["integrity"], run["idle"]["integrity"]]
+    integrities += [paced["integrity"] for paced in run["paced"]]
     integrities += [level["integrity"] for level in run["sse"]["levels"]]
     for integrity in integrities:
         assert integrity["streams"] > 0
