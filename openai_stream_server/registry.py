@@ -54,6 +54,7 @@ class StreamRegistry:
         now = time.monotonic()
         self.last_chunk_at = now
         metrics = self.metrics
+        delivered = 0
         for chunk in chunks:
             state = self._route(chunk)
             if state is None:
@@ -62,9 +63,12 @@ class StreamRegistry:
             previous = state.last_chunk_at
             outcome = state.accept(chunk, now)
             if outcome is Outcome.DELIVERED:
-                metrics.chunks.inc()
+                # Per chunk, a Counter.inc costs ~0.5 us and a Histogram.observe ~1.2 us (benchmarks/README.md):
+                # count once per batch, and observe a gap once per stream per batch (one batch is one arrival).
+                delivered += 1
                 if previous is not None:
-                    metrics.inter_chunk.observe(now - previous)
+                    if previous != now:
+                        metrics.inter_chunk.observe(now - previous)
                 elif state.first_chunk_at is not None:
                     metrics.time_to_first_chunk.observe(state.first_chunk_at - state.started_at)
             elif outcome is Outcome.REORDERED:
@@ -73,6 +77,8 @@ class StreamRegistry:
                 metrics.dropped_chunks.labels(outcome.value).inc()
             if state.done and state.request_id in self.active:
                 self._ended(state)
+        if delivered:
+            metrics.chunks.inc(delivered)
 
     def _route(self, chunk: Chunk) -> StreamState | None:
         if chunk.request_id is not None:
