@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -39,7 +38,8 @@ from .protocol import split_tokens
 from .registry import StreamRegistry
 from .schema import ChatCompletionRequest, parse_chat_request
 from .settings import Settings
-from .sse import PING, ChunkEncoder
+from .sse import ChunkEncoder
+from .sse_response import SseResponse
 from .state import Status, StreamState
 from .streams import chunk_events, completion_body, end_error, guarded
 
@@ -50,11 +50,6 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 def new_request_id() -> str:
     return "chatcmpl-" + secrets.token_hex(12)
-
-
-def _ping() -> bytes:
-    # sse-starlette annotates this as returning ServerSentEvent, but passes bytes through (checked on 3.7.0).
-    return PING
 
 
 class _ApiKeyMiddleware:
@@ -245,14 +240,7 @@ class ChatCompletions:
         return JSONResponse(body, headers=headers)
 
     def _sse(self, events: AsyncIterator[bytes], headers: dict[str, str]) -> Response:
-        return EventSourceResponse(
-            events,
-            headers=headers,
-            ping=self.settings.ping_interval_s,
-            ping_message_factory=_ping,  # type: ignore[arg-type]
-            sep="\n",
-            shutdown_grace_period=2.0,
-        )
+        return SseResponse(events, headers=headers, ping_interval_s=self.settings.ping_interval_s)
 
     def _cancel(self, request_id: str) -> None:
         self.registry.cancel(request_id)

@@ -2,8 +2,8 @@
 
 Why not ``ServerSentEvent`` per chunk: sse-starlette cost about 1.6x the CPU
 per event of writing preformatted ``data:`` bytes (DESIGN.md, measured
-facts). ``EventSourceResponse`` still carries these bytes (it passes bytes
-through untouched) and keeps its disconnect watch and pings;
+facts). ``sse_response.SseResponse`` writes these bytes and keeps the
+disconnect watch and pings that ``EventSourceResponse`` used to provide;
 ``tests/unit/test_sse.py`` checks that the bytes parse the same as the
 library's and as the openai SDK's decoder expects.
 

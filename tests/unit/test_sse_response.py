@@ -1,0 +1,118 @@
+"""``SseResponse``: the pure-ASGI event-stream response (sse_response.py) driven with hand-written receive/send."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from openai_stream_server.sse import PING
+from openai_stream_server.sse_response import SseResponse
+
+pytestmark = pytest.mark.timeout(10)
+
+
+class Client:
+    """An ASGI peer: records what is sent; ``leave()`` makes ``receive`` report a disconnect."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self._gone = asyncio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        await self._gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+
+    def leave(self) -> None:
+        self._gone.set()
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")
+
+
+def scope(method: str = "POST") -> dict[str, Any]:
+    return {"type": "http", "method": method}
+
+
+async def test_streams_every_event_then_ends_the_body() -> None:
+    async def events() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        yield b"data: 2\n\n"
+
+    client = Client()
+    await SseResponse(events(), headers={"X-Request-Id": "r"}, ping_interval_s=0)(scope(), client.receive, client.send)
+    start = client.sent[0]
+    headers = dict(start["headers"])
+    assert start["status"] == 200 and headers[b"content-type"].startswith(b"text/event-stream")
+    assert (
+        headers[b"cache-control"] == b"no-store" and headers[b"x-accel-buffering"] == b"no" and headers[b"x-request-id"] == b"r"
+    )
+    assert client.body == b"data: 1\n\ndata: 2\n\n"
+    assert client.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+async def test_client_leaving_a_quiet_stream_closes_the_iterator_at_once() -> None:
+    closed = asyncio.Event()
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            yield b"data: 1\n\n"
+            await asyncio.sleep(60)  # a quiet stream: the model thinks
+            yield b"data: never\n\n"
+        finally:
+            closed.set()  # streams.guarded sends cancel downstream here
+
+    client = Client()
+    response = asyncio.ensure_future(SseResponse(events(), ping_interval_s=0)(scope(), client.receive, client.send))
+    await asyncio.sleep(0.05)
+    client.leave()
+    await asyncio.wait_for(response, 2)  # ends normally, not with CancelledError
+    assert closed.is_set()
+    assert b"never" not in client.body
+
+
+async def test_quiet_stream_gets_one_line_pings() -> None:
+    async def events() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        await asyncio.sleep(0.35)
+        yield b"data: 2\n\n"
+
+    client = Client()
+    await SseResponse(events(), ping_interval_s=0.1)(scope(), client.receive, client.send)
+    body = client.body
+    assert body.startswith(b"data: 1\n\n") and body.endswith(b"data: 2\n\n")
+    assert 2 <= body.count(PING) <= 4
+    assert body.replace(PING, b"") == b"data: 1\n\ndata: 2\n\n"
+
+
+async def test_head_gets_headers_and_no_body() -> None:
+    touched = False
+
+    async def events() -> AsyncIterator[bytes]:
+        nonlocal touched
+        touched = True
+        yield b"data: 1\n\n"
+
+    client = Client()
+    await SseResponse(events())(scope("HEAD"), client.receive, client.send)
+    assert client.sent[0]["type"] == "http.response.start" and client.body == b"" and not touched
+
+
+async def test_cancelled_by_the_server_is_not_swallowed() -> None:
+    async def events() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        await asyncio.sleep(60)
+        yield b"data: 2\n\n"
+
+    client = Client()
+    response = asyncio.ensure_future(SseResponse(events(), ping_interval_s=0)(scope(), client.receive, client.send))
+    await asyncio.sleep(0.05)
+    response.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await response
