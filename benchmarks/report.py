@@ -379,6 +379,9 @@ def plot(document: dict[str, Any], path: Path) -> None:
             ax.plot(xs, ys, style, label=label)
     ax.axhline(25000, color="grey", linestyle=":", label="target at 64: 25k")
     ax.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="chunks/s", title="Burst throughput")
+    thousands = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}k")
+    ax.yaxis.set_major_formatter(thousands)
+    ax.yaxis.set_minor_formatter(thousands)
     ax.legend(fontsize=8)
     ax = axes[1]
     for fmt, label, style in (
@@ -405,8 +408,9 @@ def plot(document: dict[str, Any], path: Path) -> None:
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
     paced = (
-        f"paced 1,000 x 30 tok/s: {_f(m.get('paced_delivered_tokens_per_s'))} tok/s delivered,"
-        f" added delay p99 {_f(m.get('paced_added_delay_p99_ms'), 1)} ms;"
+        f"paced 1,000 x 30 tok/s: {_f(m.get('paced_delivered_tokens_per_s'))} tok/s delivered"
+        f" (added delay p99 {_f(m.get('paced_added_delay_p99_ms'), 1)} ms) at 1 token/message,"
+        f" {_f(m.get('paced_k4_delivered_tokens_per_s'))} ({_f(m.get('paced_k4_added_delay_p99_ms'), 1)} ms) at 4;"
         f" non-streaming {_f(m.get('rate_per_s'))}/s vs seed {_f(m.get('seed_rate_per_s'))}/s"
     )
     machine = document["machine"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -452,6 +453,10 @@ def main(argv: list[str] | None = None) -> int:
         mode = replace(mode, levels=tuple(int(c) for c in args.levels.split(",")))
     if args.seed is None:
         args.seed = args.mode != "smoke"
+    bin_path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    if args.seed and (importlib.util.find_spec("dora_openai_server") is None or shutil.which("dora-echo", path=bin_path) is None):
+        log("the seed comparison needs dora-openai-server 0.5.0, dora-echo 0.5.0 and fastapi (see README): skipped")
+        args.seed = False
 
     workdir = Path(tempfile.mkdtemp(prefix="oss-bench-"))
     log(f"benchmark: mode={args.mode} runs={args.runs} workdir={workdir}")
