@@ -55,6 +55,9 @@ class BenchFlow(Dataflow):
                 self.port = free_port()
         return self
 
+    def __enter__(self) -> BenchFlow:
+        return self.start()
+
     def wait_ready(self) -> None:
         if self.ready_path is None:
             return

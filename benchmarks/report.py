@@ -251,7 +251,7 @@ def _text_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join(" ---: " for _ in head) + "|"]
+    out = ["| " + " | ".join(head) + " |", "| :--- |" + "|".join(" ---: " for _ in head[1:]) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
 

@@ -446,8 +446,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--server-src", type=Path, help="import openai_stream_server from this directory instead (A/B against an older commit)"
     )
+    parser.add_argument("--render", type=Path, help="run nothing: print the table (and --markdown, --plot) of this JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (dataflow logs)")
     args = parser.parse_args(argv)
+    if args.render:
+        document = json.loads(args.render.read_text())
+        print(report.table(document))
+        if args.markdown:
+            args.markdown.write_text(report.markdown(document, document.get("command", "python -m benchmarks.run")))
+        if args.plot:
+            report.plot(document, args.plot)
+        return 0
     mode = MODES[args.mode]
     if args.levels:
         mode = replace(mode, levels=tuple(int(c) for c in args.levels.split(",")))
@@ -479,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {**asdict(mode), "tokens_per_chunk": args.tokens_per_chunk, "server_src": str(args.server_src or "")},
         "machine": machine(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
         "runs": runs,
         "summaries": summaries,
         "median": report.medians(summaries),
@@ -488,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     table = report.table(document)
     print(table)
     if args.markdown:
-        args.markdown.write_text(report.markdown(document, " ".join(["python -m benchmarks.run", *(argv or sys.argv[1:])])))
+        args.markdown.write_text(report.markdown(document, document["command"]))
     if args.plot:
         report.plot(document, args.plot)
     log(f"results: {args.json}")

@@ -23,7 +23,7 @@ def main() -> None:
         kwargs.update(host="127.0.0.1", port=port)
         return uvicorn.Config(app, **kwargs)
 
-    seed.uvicorn = SimpleNamespace(Config=config, Server=uvicorn.Server)  # type: ignore[attr-defined]
+    seed.uvicorn = SimpleNamespace(Config=config, Server=uvicorn.Server)
     seed.main()
 
 
