@@ -24,6 +24,7 @@ from openai_stream_server.protocol import (
     REQUEST_OUTPUT,
     ChunkSender,
     OutputSender,
+    as_bool,
     as_int,
     cancelled_request_id,
     last_user_text,
@@ -106,6 +107,7 @@ class Generation:
     limit: int
     finish_reason: str
     prompt_tokens: int
+    tokens_per_chunk: int
     pos: int = 0
 
 
@@ -155,10 +157,6 @@ class EchoStream:
         self._order = itertools.count()
         self.stopped = False
 
-    @property
-    def chunk_delay_s(self) -> float:
-        return self.settings.token_delay_s * self.settings.tokens_per_chunk
-
     def handle(self, event: Event | None) -> bool:
         """Apply one event; False once the node should exit (``STOP``, or the stream ended with nothing active)."""
         if event is None:
@@ -196,9 +194,12 @@ class EchoStream:
         tokens, limit, finish_reason, prompt_tokens = plan(texts, metadata)
         if sender.request_id in self.active:
             logger.warning("request %s arrived again: restarting it", sender.request_id)
-        generation = Generation(sender, tokens, limit, finish_reason, prompt_tokens)
+        # Nobody watches a non-streaming answer arrive: send it whole, as one message, after the
+        # same delay (a model node would too; it saves a dora message per token).
+        per_chunk = max(limit, 1) if "stream" in metadata and not as_bool(metadata["stream"]) else self.settings.tokens_per_chunk
+        generation = Generation(sender, tokens, limit, finish_reason, prompt_tokens, per_chunk)
         self.active[sender.request_id] = generation
-        due = self.clock() + self.settings.token_delay_s * min(self.settings.tokens_per_chunk, max(limit, 1))
+        due = self.clock() + self.settings.token_delay_s * min(per_chunk, max(limit, 1))
         heapq.heappush(self._heap, (due, next(self._order), generation))
         logger.debug("request %s: %d tokens, finish %s", sender.request_id, limit, finish_reason)
 
@@ -217,7 +218,8 @@ class EchoStream:
                 due_now.append((due, generation))
         for due, generation in due_now:
             if self._send_next(generation):
-                heapq.heappush(heap, (max(due + self.chunk_delay_s, now), next(self._order), generation))
+                delay_s = self.settings.token_delay_s * generation.tokens_per_chunk
+                heapq.heappush(heap, (max(due + delay_s, now), next(self._order), generation))
             else:
                 del self.active[generation.sender.request_id]
         while heap and self.active.get(heap[0][2].sender.request_id) is not heap[0][2]:
@@ -226,7 +228,7 @@ class EchoStream:
 
     def _send_next(self, generation: Generation) -> bool:
         """Send the generation's next chunk; False once that was the last one."""
-        end = min(generation.pos + self.settings.tokens_per_chunk, generation.limit)
+        end = min(generation.pos + generation.tokens_per_chunk, generation.limit)
         text = "".join(generation.tokens[generation.pos : end])
         generation.pos = end
         extra = {"sent_at": time.time()} if self.settings.stamp else {}

@@ -265,3 +265,11 @@ def test_main_outside_a_dataflow_raises(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delenv("DORA_NODE_CONFIG", raising=False)
     with pytest.raises(RuntimeError):
         main([])
+
+
+@pytest.mark.parametrize("stream", [False, "false"])
+def test_a_non_streaming_request_is_answered_in_one_message(stream: Any) -> None:
+    recorder = run([request("r1", user("one two three four"), stream=stream, max_tokens=3)])
+    (chunk,) = recorder.chunks("r1")
+    assert chunk.text == "one two three" and chunk.fin and chunk.finish_reason == "length"
+    assert chunk.completion_tokens == 3
