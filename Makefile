@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # and `echo-stream`) and runs `build:` commands (`pip install ...`) from PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv run test lint clean
+.PHONY: venv run test lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -36,6 +36,13 @@ lint: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The benchmark harness (benchmarks/README.md), with the seed server to compare against:
+# dora-openai-server pins numpy<2 like dora-echo, hence --no-deps.
+bench: venv
+	$(BIN)/python -m pip install --no-deps dora-openai-server==0.5.0
+	$(BIN)/python -m pip install fastapi
+	$(BIN)/python -m benchmarks.run --runs 3 --markdown benchmarks/results.md --plot docs/bench.png
 
 clean:
 	rm -rf $(VENV) build dist out .pytest_cache .ruff_cache
