@@ -182,7 +182,7 @@ def targets(m: Summary) -> list[tuple[str, str, str, bool | None]]:
     measured = f"{_f(m.get('rate_per_s'))}/s vs seed {_f(m.get('seed_rate_per_s'))}/s = {_f(v, 1)}x"
     rows.append(("non-streaming rate, 64 concurrent, vs seed", ">= 10x", measured, met(v, v is not None and v >= 10)))
     v = m.get("crossed")
-    rows.append(("cross-talk (ours)", "0", f"{_f(v)} (seed: {_f(m.get('seed_crossed_requests'))} requests)", met(v, v == 0)))
+    rows.append(("cross-talk (ours)", "0", f"{_f(v)} (seed: {_f(m.get('seed_crossed_requests'))} crossed)", met(v, v == 0)))
     v = m.get("idle_rss_kib_per_stream")
     measured = f"{_f(v, 1)} KiB idle ({_f(m.get('paced_rss_kib_per_stream'), 1)} KiB while paced)"
     rows.append(
