@@ -223,16 +223,8 @@ class ChatCompletions:
 
     async def _gathered(self, request: Request, state: StreamState, headers: dict[str, str]) -> Response:
         """``stream: false``: wait for the end, cancelling if the client goes first."""
-        if not state.done:
-            watcher = asyncio.ensure_future(_until_disconnected(request.receive))
-            done_waiter = asyncio.ensure_future(state.wait_done())
-            try:
-                await asyncio.wait({watcher, done_waiter}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                watcher.cancel()
-                done_waiter.cancel()
-            if not state.done:
-                self._cancel(state.request_id)
+        if not state.done and not await _unless_disconnected(request.receive, state.wait_done()):
+            self._cancel(state.request_id)
         if state.status is not Status.COMPLETED:
             raise end_error(state)
         body = completion_body(state)
