@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+from openai_stream_protocol import split_tokens
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -34,7 +35,6 @@ from .errors import (
     Unauthorized,
 )
 from .metrics import Metrics
-from .protocol import split_tokens
 from .registry import StreamRegistry
 from .schema import ChatCompletionRequest, parse_chat_request
 from .settings import Settings

@@ -11,8 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from openai_stream_protocol import Chunk
+
 from .errors import ChatCompletionError
-from .protocol import Chunk
 
 ChunkSink = Callable[[list[Chunk]], None]
 """Receives batches of chunks on the event loop thread (``StreamRegistry.deliver``)."""

@@ -17,9 +17,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from openai_stream_protocol import CANCEL_OUTPUT, REQUEST_OUTPUT, Chunk, parse_chunk, string_array, texts_of
+
 from .backend import ChunkSink, DownstreamRequest, OnLost
 from .errors import BackendUnavailable
-from .protocol import CANCEL_OUTPUT, REQUEST_OUTPUT, Chunk, parse_chunk, string_array, texts_of
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,10 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
+from openai_stream_protocol import Chunk
+
 from .errors import ChatCompletionError, TooManyRequests
 from .metrics import Metrics
-from .protocol import Chunk
 from .settings import Settings
 from .state import Limits, Outcome, Status, StreamState
 
@@ -152,7 +153,7 @@ class StreamRegistry:
         ttfc = "-" if state.first_chunk_at is None else f"{(state.first_chunk_at - state.started_at) * 1000:.1f}ms"
         duration = (state.ended_at or time.monotonic()) - state.started_at
         logger.info(
-            "completion %s model=%s status=%s finish_reason=%s chunks=%d ttfc=%s duration=%.3fs%s",
+            "completion %s model=%r status=%s finish_reason=%s chunks=%d ttfc=%s duration=%.3fs%s",
             state.request_id,
             state.model,
             state.status.value,

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from openai_stream_protocol import Part
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InvalidRequest
-from .protocol import Part
 
 
 class _Model(BaseModel):
@@ -73,6 +73,9 @@ class Message(_Model):
 # OverflowError beyond it, which would turn a bad request into a 503 (found by tests/unit/test_fuzz.py).
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
+# The model name is echoed in every chunk and logged once per completion: keep it bounded.
+MAX_MODEL_CHARS = 256
+
 
 class StreamOptions(_Model):
     include_usage: bool = False
@@ -80,7 +83,7 @@ class StreamOptions(_Model):
 
 class ChatCompletionRequest(_Model):
     messages: Annotated[list[Message], Field(min_length=1)]
-    model: str | None = None
+    model: Annotated[str, Field(max_length=MAX_MODEL_CHARS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: Annotated[int, Field(ge=1, le=_I64_MAX)] | None = None

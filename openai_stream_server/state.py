@@ -16,8 +16,9 @@ import enum
 import time
 from dataclasses import dataclass
 
+from openai_stream_protocol import Chunk
+
 from .errors import ChatCompletionError, UpstreamError, UpstreamTimeout
-from .protocol import Chunk
 
 
 class Status(enum.Enum):

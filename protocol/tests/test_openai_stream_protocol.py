@@ -8,8 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-
-from openai_stream_server.protocol import (
+from openai_stream_protocol import (
     ChunkSender,
     Part,
     cancelled_request_id,
@@ -29,13 +28,28 @@ class Recorder:
         self.sent.append((output_id, data.to_pylist(), dict(metadata or {})))
 
 
-def test_importing_protocol_pulls_in_no_http_stack_and_no_dora() -> None:
+# Node authors install this package without the server: importing it must not need the HTTP stack or dora.
+FORBIDDEN = ("starlette", "uvicorn", "pydantic", "httpx", "anyio", "openai_stream_server", "dora")
+
+
+def test_importing_the_protocol_pulls_in_pyarrow_only() -> None:
     code = (
-        "import sys, openai_stream_server.protocol; "
-        "print(sorted(m for m in ('starlette', 'uvicorn', 'dora', 'pydantic') if m in sys.modules))"
+        "import sys, openai_stream_protocol; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_the_server_module_still_re_exports_the_protocol() -> None:
+    import openai_stream_protocol
+
+    import openai_stream_server.protocol as deprecated
+
+    assert "deprecated" in (deprecated.__doc__ or "").lower()
+    assert set(deprecated.__all__) <= set(openai_stream_protocol.__all__)
+    for name in deprecated.__all__:
+        assert getattr(deprecated, name) is getattr(openai_stream_protocol, name)
 
 
 def test_request_texts_round_trip() -> None:

@@ -1,0 +1,114 @@
+"""Chunks (node -> server): numbered deltas, the finish marker, and their lenient parsing."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from ._wire import as_bool, as_int, request_id_of, string_array
+
+FINISH_REASONS = frozenset({"stop", "length", "content_filter", "error"})
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One message from a node, parsed leniently.
+
+    ``seq is None`` marks a legacy reply (dora-echo, dora-qwen2-5-vl): one
+    whole answer, matched by ``request_id`` or else to the oldest request
+    still waiting for one.
+    """
+
+    request_id: str | None
+    seq: int | None
+    text: str
+    fin: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    sent_at: float | None = None
+
+
+def parse_chunk(texts: list[str], metadata: Mapping[str, Any]) -> Chunk:
+    """Read a chunk message; raises ``ValueError`` for a malformed ``seq`` or token count."""
+    seq = as_int(metadata.get("seq"))
+    if seq is None:
+        return Chunk(request_id_of(metadata), None, "\n".join(texts), fin=True, finish_reason="stop")
+    finish_reason = metadata.get("finish_reason") or None
+    if finish_reason is not None and finish_reason not in FINISH_REASONS:
+        raise ValueError(f"unknown finish_reason: {finish_reason!r}")
+    fin = as_bool(metadata.get("fin", False)) or finish_reason is not None
+    error = metadata.get("error")
+    sent_at = metadata.get("sent_at")
+    return Chunk(
+        request_id=request_id_of(metadata),
+        seq=seq,
+        text="".join(texts),
+        fin=fin,
+        finish_reason=(finish_reason or ("error" if error else "stop")) if fin else None,
+        error=str(error) if error else None,
+        prompt_tokens=as_int(metadata.get("prompt_tokens")),
+        completion_tokens=as_int(metadata.get("completion_tokens")),
+        sent_at=float(sent_at) if isinstance(sent_at, (int, float)) else None,
+    )
+
+
+class OutputSender(Protocol):
+    """The part of ``dora.Node`` the helpers use (a test can pass a recorder)."""
+
+    def send_output(self, output_id: str, data: pa.Array, metadata: dict[str, Any] | None = None) -> None: ...
+
+
+class ChunkSender:
+    """Sends one request's answer as numbered chunks, then the finish marker.
+
+    Never sets ``flush``: dora empties the whole input queue on it, which
+    would throw away other requests' chunks (docs/architecture.md, "Dora wire protocol").
+    """
+
+    __slots__ = ("node", "output", "request_id", "seq", "finished", "_ids")
+
+    def __init__(self, node: OutputSender, request_metadata: Mapping[str, Any], output: str = "chunks") -> None:
+        request_id = request_id_of(request_metadata)
+        if request_id is None:
+            raise ValueError("request metadata has neither request_id nor session_id")
+        self.node = node
+        self.output = output
+        self.request_id = request_id
+        self.seq = 0
+        self.finished = False
+        self._ids = {"request_id": request_id, "session_id": request_id}
+
+    def send(self, text: str, **extra: Any) -> None:
+        """Send one delta."""
+        if self.finished:
+            raise RuntimeError(f"request {self.request_id} already finished")
+        self.node.send_output(self.output, string_array([text]), {**self._ids, "seq": self.seq, **extra})
+        self.seq += 1
+
+    def finish(
+        self,
+        finish_reason: str = "stop",
+        text: str = "",
+        *,
+        error: str | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        **extra: Any,
+    ) -> None:
+        """Send the last chunk: ``fin: true`` with its finish reason and token counts."""
+        if finish_reason not in FINISH_REASONS:
+            raise ValueError(f"unknown finish_reason: {finish_reason!r}")
+        metadata: dict[str, Any] = {"fin": True, "finish_reason": finish_reason, **extra}
+        if error is not None:
+            metadata["error"] = error
+        if prompt_tokens is not None:
+            metadata["prompt_tokens"] = prompt_tokens
+        if completion_tokens is not None:
+            metadata["completion_tokens"] = completion_tokens
+        self.send(text, **metadata)
+        self.finished = True
