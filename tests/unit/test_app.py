@@ -8,12 +8,14 @@ import random
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from openai_stream_server.backend import DownstreamRequest
 from openai_stream_server.protocol import Chunk, split_tokens
 from openai_stream_server.settings import Settings
 from tests.fakes import FakeBackend
 from tests.unit.conftest import make_client
+from tests.waiting import wait_for
 
 USER = [{"role": "user", "content": "Hello   there,\n general  Kenobi "}]
 TEXT = USER[0]["content"]
@@ -110,26 +112,84 @@ async def test_image_parts_travel_in_the_dora_hub_convention() -> None:
     ]
 
 
-def _chaos(seed: int):  # type: ignore[no-untyped-def]
+def _chaos(seed: int, sent: list[Chunk]):  # type: ignore[no-untyped-def]
+    """Half the chunks again as duplicates, all shuffled, then one straggler copy after the end; recorded in ``sent``."""
+
     def plan(request: DownstreamRequest, chunks: list[Chunk]) -> list[Chunk]:
         rng = random.Random(seed)
         out = chunks + rng.sample(chunks, len(chunks) // 2)
         rng.shuffle(out)
+        out.append(rng.choice(chunks))  # arrives once the stream has ended: late
+        sent.extend(out)
         return out
 
     return plan
 
 
+def _expected_outcomes(sent: list[Chunk]) -> dict[str, int]:
+    """How a reorder buffer must classify ``sent``, one chunk at a time: held early, duplicate, or late (after the end)."""
+    counts = {"reordered": 0, "duplicate": 0, "late": 0}
+    seen: set[int] = set()
+    next_seq, fin_seq = 0, None
+    for chunk in sent:
+        assert chunk.seq is not None
+        if fin_seq is not None and next_seq > fin_seq:
+            counts["late"] += 1
+            continue
+        if chunk.seq in seen:
+            counts["duplicate"] += 1
+            continue
+        seen.add(chunk.seq)
+        if chunk.fin:
+            fin_seq = chunk.seq
+        if chunk.seq > next_seq:
+            counts["reordered"] += 1
+        while next_seq in seen:
+            next_seq += 1
+    return counts
+
+
+def _samples(metrics: str) -> dict[str, float]:
+    """Every sample of a Prometheus text page, keyed ``name{label="value",...}`` as it is written."""
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
 @pytest.mark.parametrize("seed", range(5))
 async def test_out_of_order_and_duplicate_chunks_are_reordered(seed: int) -> None:
     text = " ".join(f"tok{i}" for i in range(60))
-    async with make_client(backend=FakeBackend(plan=_chaos(seed))) as (client, _):
+    sent: list[Chunk] = []
+    async with make_client(backend=FakeBackend(plan=_chaos(seed, sent))) as (client, _):
+        before = _samples((await client.get("/metrics")).text)
         r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": text}], "stream": True})
-        metrics = (await client.get("/metrics")).text
+        extra = len(sent) - 61  # 60 tokens and the finish marker, then the duplicates
+
+        async def every_chunk_counted() -> dict[str, float]:
+            # copies sent after the end may still be on their way when the response is complete
+            now = _samples((await client.get("/metrics")).text)
+            dropped = sum(v for k, v in now.items() if k.startswith("oss_dropped_chunks_total"))
+            return now if dropped - sum(v for k, v in before.items() if k.startswith("oss_dropped_chunks_total")) >= extra else {}
+
+        after = await wait_for(every_chunk_counted, what=f"{extra} dropped copies to be counted")
     chunks = chunks_of(r.text)
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
     assert [c["choices"][0]["finish_reason"] for c in chunks].count("stop") == 1
-    assert 'oss_dropped_chunks_total{reason="duplicate"}' in metrics or "late" in metrics
+    expected = _expected_outcomes(sent)
+    assert extra == 31 and expected["duplicate"] + expected["late"] == extra and expected["late"] >= 1
+
+    def increase(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert {
+        "duplicate": increase('oss_dropped_chunks_total{reason="duplicate"}'),
+        "late": increase('oss_dropped_chunks_total{reason="late"}'),
+        "reordered": increase("oss_reordered_chunks_total"),
+    } == expected
+    assert increase('oss_dropped_chunks_total{reason="unknown"}') == 0
 
 
 async def test_concurrent_streams_do_not_cross() -> None:
@@ -155,10 +215,7 @@ async def test_legacy_replies_match_by_request_id_or_fifo() -> None:
         second = asyncio.ensure_future(
             client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "two"}]})
         )
-        for _ in range(200):
-            if len(backend.submitted) == 2:
-                break
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: len(backend.submitted) == 2, what="both requests to reach the backend")
         one, two = backend.submitted
         backend.deliver([Chunk(two.request_id, None, "answer two", fin=True, finish_reason="stop")])  # dora-echo passes ids back
         backend.deliver([Chunk(None, None, "answer one", fin=True, finish_reason="stop")])  # no id: oldest waiting
