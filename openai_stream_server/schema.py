@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from openai_stream_protocol import Part
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from openai_stream_protocol import Part
 
 from .errors import InvalidRequest
 

@@ -2,7 +2,7 @@
 
 Stands where the server stands in ``stream.yml`` and drives the same
 echo_stream with requests in the server's wire format
-(``openai_stream_server.protocol``): first sequential round trips (request
+(``openai_stream_protocol``): first sequential round trips (request
 out, first chunk back: the floor under time to first chunk), then bursts of
 concurrent long answers received exactly as the server's reader thread does
 (``node.next()`` then ``node.drain()``; ``texts_of`` and the metadata per
@@ -23,7 +23,7 @@ from typing import Any
 
 from dora import Node
 
-from openai_stream_server.protocol import REQUEST_OUTPUT, USER_TEXT_PREFIX, string_array, texts_of
+from openai_stream_protocol import REQUEST_OUTPUT, USER_TEXT_PREFIX, string_array, texts_of
 
 
 def prompt_for(stream_id: int, tokens: int) -> str:  # the same words as benchmarks.client.prompt_for

@@ -8,6 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+
 from openai_stream_protocol import USER_TEXT_PREFIX, dispatch_event
 
 

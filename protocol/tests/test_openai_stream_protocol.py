@@ -8,6 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+
 from openai_stream_protocol import (
     ChunkSender,
     Part,
@@ -43,7 +44,6 @@ def test_importing_the_protocol_pulls_in_pyarrow_only() -> None:
 
 def test_the_server_module_still_re_exports_the_protocol() -> None:
     import openai_stream_protocol
-
     import openai_stream_server.protocol as deprecated
 
     assert "deprecated" in (deprecated.__doc__ or "").lower()

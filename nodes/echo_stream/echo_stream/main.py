@@ -2,7 +2,7 @@
 
 A stand-in for a streaming model node. Requests arrive on ``v1/chat/completions``
 and are answered on ``chunks`` with the shared wire protocol
-(``openai_stream_server.protocol``); ``cancel`` stops a request. Many requests
+(``openai_stream_protocol``); ``cancel`` stops a request. Many requests
 are served at once: each one in flight is a ``Generation`` in a heap ordered by
 when its next chunk is due, so their chunks interleave.
 """
@@ -19,26 +19,20 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from openai_stream_server.protocol import (
-    CANCEL_OUTPUT,
-    REQUEST_OUTPUT,
+from openai_stream_protocol import (
     ChunkSender,
     OutputSender,
     as_bool,
     as_int,
-    cancelled_request_id,
+    dispatch_event,
     last_user_text,
     parse_request_texts,
     split_tokens,
-    texts_of,
 )
 
 logger = logging.getLogger(__name__)
 
 CHUNKS_OUTPUT = "chunks"
-# The server's output is `v1/chat/completions`; a node manifest may not put `/`
-# in a port name, so the hub spelling is accepted too.
-REQUEST_INPUTS = frozenset({REQUEST_OUTPUT, "v1_chat_completions"})
 Event = Mapping[str, Any]
 _N = TypeVar("_N", int, float)
 
@@ -136,7 +130,10 @@ def _cut_at_stop(text: str, stop: Any) -> str:
 
 
 class EchoStream:
-    """The node's logic without dora: ``handle`` events, ``step`` to send what is due, or ``run``."""
+    """The node's logic without dora: ``handle`` events, ``step`` to send what is due, or ``run``.
+
+    ``on_request``, ``on_cancel`` and ``on_stop`` are what ``dispatch_event`` calls.
+    """
 
     def __init__(
         self,
@@ -162,30 +159,14 @@ class EchoStream:
         if event is None:
             self.stopped = True
             return bool(self.active)
-        kind = event.get("type")
-        if kind == "INPUT":
-            input_id = event.get("id")
-            metadata = event.get("metadata") or {}
-            if input_id in REQUEST_INPUTS:
-                self.start(texts_of(event["value"]), metadata)
-            elif input_id == CANCEL_OUTPUT:
-                self.cancel(cancelled_request_id(event["value"], metadata))
-            else:
-                logger.debug("ignoring input %r", input_id)
-        elif kind == "STOP":
-            logger.info("stop: dropping %d active requests", len(self.active))
-            self.active.clear()
-            self.stopped = True
-            return False
-        elif kind == "ERROR":
-            # next(timeout=...) reports its timeout as an ERROR event.
-            if "timed out" not in str(event.get("error", "")):
-                logger.warning("dora error event: %s", event.get("error"))
-        else:
-            logger.debug("event %s %s", kind, event.get("id"))
-        return True
+        return dispatch_event(event, self)
 
-    def start(self, texts: list[str], metadata: Mapping[str, Any]) -> None:
+    def on_stop(self) -> None:
+        logger.info("stop: dropping %d active requests", len(self.active))
+        self.active.clear()
+        self.stopped = True
+
+    def on_request(self, texts: list[str], metadata: Mapping[str, Any]) -> None:
         try:
             sender = ChunkSender(self.node, metadata, output=self.output)
         except ValueError:
@@ -203,9 +184,9 @@ class EchoStream:
         heapq.heappush(self._heap, (due, next(self._order), generation))
         logger.debug("request %s: %d tokens, finish %s", sender.request_id, limit, finish_reason)
 
-    def cancel(self, request_id: str | None) -> None:
+    def on_cancel(self, request_id: str) -> None:
         # The server has already ended the request: no finish marker either.
-        if request_id is not None and self.active.pop(request_id, None) is not None:
+        if self.active.pop(request_id, None) is not None:
             logger.debug("request %s cancelled", request_id)
 
     def step(self, now: float) -> float | None:

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 from echo_stream.main import EchoStream, ListSource, Settings, main
 
-from openai_stream_server.protocol import USER_TEXT_PREFIX, Chunk, parse_chunk, texts_of
+from openai_stream_protocol import USER_TEXT_PREFIX, Chunk, parse_chunk, texts_of
 
 FAST = Settings(token_delay_s=0)
 

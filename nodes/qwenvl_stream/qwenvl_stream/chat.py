@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from openai_stream_server.protocol import Part
+from openai_stream_protocol import Part
 
 Message = dict[str, Any]
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, set_seed
 
-from openai_stream_server.protocol import parse_request_texts
+from openai_stream_protocol import parse_request_texts
 
 from .chat import Chat, to_chat
 from .generation import GenerationParams, Outcome, RequestError, sampling_kwargs

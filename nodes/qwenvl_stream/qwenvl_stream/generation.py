@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from openai_stream_server.protocol import as_int
+from openai_stream_protocol import as_int
 
 
 class RequestError(ValueError):

@@ -27,14 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from openai_stream_server.protocol import (
-    CANCEL_OUTPUT,
-    REQUEST_OUTPUT,
-    ChunkSender,
-    OutputSender,
-    cancelled_request_id,
-    texts_of,
-)
+from openai_stream_protocol import ChunkSender, OutputSender, dispatch_event
 
 from .generation import Engine, GenerationParams, Outcome, RequestError, StopFilter
 from .settings import Settings
@@ -42,8 +35,6 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 CHUNKS_OUTPUT = "chunks"
-# A node manifest may not put `/` in a port name, so the hub spelling is accepted too.
-REQUEST_INPUTS = frozenset({REQUEST_OUTPUT, "v1_chat_completions"})
 # After STOP, how long to wait for the generation in flight to notice its halt flag.
 STOP_GRACE_S = 10.0
 
@@ -121,27 +112,24 @@ class Scheduler:
             self.closed = True
 
     def _on_event(self, event: Event) -> None:
-        kind = event.get("type")
-        if kind == "INPUT":
-            input_id = event.get("id")
-            metadata = event.get("metadata") or {}
-            if input_id in REQUEST_INPUTS:
-                self._submit(texts_of(event["value"]), metadata)
-            elif input_id == CANCEL_OUTPUT:
-                self._cancel(cancelled_request_id(event["value"], metadata))
-            else:
-                logger.debug("ignoring input %r", input_id)
-        elif kind == "STOP":
-            logger.info("stop: dropping %d queued request(s) and the one in flight", len(self.pending))
-            self.stopping = True
-            for job in self.pending:
-                job.cancelled = True
-            self.pending.clear()
-            if self.active is not None:
-                self.active.cancelled = True
-                self.active.halt.set()
-        elif kind == "ERROR":
-            logger.warning("dora error event: %s", event.get("error"))
+        dispatch_event(event, self)
+
+    # What dispatch_event calls (openai_stream_protocol.NodeEventHandler).
+    def on_request(self, texts: list[str], metadata: Mapping[str, Any]) -> None:
+        self._submit(texts, metadata)
+
+    def on_cancel(self, request_id: str) -> None:
+        self._cancel(request_id)
+
+    def on_stop(self) -> None:
+        logger.info("stop: dropping %d queued request(s) and the one in flight", len(self.pending))
+        self.stopping = True
+        for job in self.pending:
+            job.cancelled = True
+        self.pending.clear()
+        if self.active is not None:
+            self.active.cancelled = True
+            self.active.halt.set()
 
     def _submit(self, texts: list[str], metadata: Mapping[str, Any]) -> None:
         try:

@@ -20,7 +20,7 @@ from qwenvl_stream.generation import GenerationParams, RequestError, StopFilter,
 from qwenvl_stream.images import ImageError, ImageLimits, load_image
 from qwenvl_stream.settings import Settings
 
-from openai_stream_server.protocol import Part, parse_request_texts
+from openai_stream_protocol import Part, parse_request_texts
 
 ROOT = Path(__file__).resolve().parents[3]
 LIMITS = ImageLimits(max_bytes=1_000_000, max_pixels=4_000_000, timeout_s=5.0)
