@@ -3,8 +3,10 @@
 The YAML is copied into a work directory with the server's port (and any
 node's ``env:``) overridden, because node-level ``env:`` wins over the
 environment of ``dora run``, and without ``build:`` lines, which ``dora run``
-would otherwise run again relative to the copy. Only the process group started here is ever
-signalled.
+would otherwise run again relative to the copy. With ``port_from_environ`` the
+port travels in the environment of ``dora run`` instead, as a user's
+``OPENAI_STREAM_SERVER_PORT=9000 dora run ...`` would. Only the process group
+started here is ever signalled.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Dataflow:
         extra_nodes: list[dict[str, Any]] | None = None,
         transform: Any = None,
         ready_timeout_s: float = 90.0,
+        port_from_environ: bool = False,
     ) -> None:
         self.yml = yml
         self.workdir = workdir
@@ -52,6 +55,7 @@ class Dataflow:
         self.extra_nodes = extra_nodes or []
         self.transform = transform
         self.ready_timeout_s = ready_timeout_s
+        self.port_from_environ = port_from_environ
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "dora-run.log"
 
@@ -67,7 +71,7 @@ class Dataflow:
             node.pop("build", None)
             node_env = node.setdefault("env", {}) or {}
             node["env"] = node_env
-            if node["id"] == SERVER_NODE:
+            if node["id"] == SERVER_NODE and not self.port_from_environ:
                 node_env["OPENAI_STREAM_SERVER_PORT"] = self.port
             node_env.update(self.env.get(node["id"], {}))
             if isinstance(node.get("path"), str) and node["path"].endswith(".py") and not os.path.isabs(node["path"]):
@@ -81,6 +85,8 @@ class Dataflow:
         path = self.workdir / "dataflow.yml"
         path.write_text(yaml.safe_dump(self.descriptor(), sort_keys=False))
         env = {**os.environ, "PATH": f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+        if self.port_from_environ:
+            env["OPENAI_STREAM_SERVER_PORT"] = str(self.port)
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 [str(BIN_DIR / "dora"), "run", str(path)],
