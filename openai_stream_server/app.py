@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -33,8 +32,8 @@ from .errors import (
     InvalidRequest,
     ModelNotFound,
     NotFound,
-    Unauthorized,
 )
+from .guard import ApiKeyMiddleware, RequestGuard
 from .metrics import Metrics
 from .registry import StreamRegistry
 from .schema import ChatCompletionRequest, parse_chat_request
@@ -53,35 +52,15 @@ def new_request_id() -> str:
     return "chatcmpl-" + secrets.token_hex(12)
 
 
-class _ApiKeyMiddleware:
-    """Pure ASGI (never buffers SSE): every /v1 route needs ``Authorization: Bearer <key>``.
+# What ``new_request_id`` makes. A path id is checked against it before any lookup, header or log
+# line: one with a control or non-ASCII character cannot go into ``X-Request-Id`` (that was a 500).
+_REQUEST_ID = re.compile(r"chatcmpl-[0-9a-f]{1,64}")
 
-    ``EventSource`` cannot send headers, so the reattach stream (a GET ending
-    in ``/stream``) also takes the key as ``?api_key=``.
-    """
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.api_key = api_key.encode()
-        self.expected = b"Bearer " + self.api_key
-
-    def _authorized(self, scope: Scope) -> bool:
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
-            return True
-        if scope["method"] == "GET" and scope["path"].endswith("/stream"):
-            query = parse_qs(scope.get("query_string", b"").decode(errors="replace"))
-            key = query.get("api_key", [""])[0].encode()
-            return hmac.compare_digest(key, self.api_key)
-        return False
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
-            if not self._authorized(scope):
-                error = Unauthorized("Missing or wrong API key: send 'Authorization: Bearer <key>'.")
-                await JSONResponse(error.to_dict(), status_code=401)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+def _path_id(request: Request) -> str | None:
+    """The path's completion id if it is one this server could have made, else None."""
+    request_id: str = request.path_params["request_id"]
+    return request_id if _REQUEST_ID.fullmatch(request_id) else None
 
 
 class _RequestCounter:
@@ -106,7 +85,8 @@ class _RequestCounter:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    # isascii: "\xb2".isdigit() is true and int() refuses it (a 500 the fuzz found)
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
     body = bytearray()
     async for part in request.stream():
@@ -241,10 +221,11 @@ class ChatCompletions:
     # -- by id ---------------------------------------------------------------
 
     def _state(self, request: Request) -> StreamState:
-        request_id = request.path_params["request_id"]
-        state = self.registry.get(request_id)
+        request_id = _path_id(request)
+        state = None if request_id is None else self.registry.get(request_id)
         if state is None:
-            raise NotFound(f"No completion '{request_id}' in flight or retained.", param="id")
+            shown = request.path_params["request_id"][:100]
+            raise NotFound(f"No completion {shown!r} in flight or retained.", param="id")
         return state
 
     async def stream(self, request: Request) -> Response:
@@ -253,7 +234,7 @@ class ChatCompletions:
             state = self._state(request)
             after = _after(request)
         except ChatCompletionError as error:
-            return error_response(error, request.path_params["request_id"])
+            return error_response(error, _path_id(request))
         encoder = ChunkEncoder(state.request_id, state.model, state.created, resumable=True)
         events = chunk_events(
             state,
@@ -269,14 +250,14 @@ class ChatCompletions:
         try:
             state = self._state(request)
         except ChatCompletionError as error:
-            return error_response(error, request.path_params["request_id"])
+            return error_response(error, _path_id(request))
         return JSONResponse(completion_body(state), headers={"X-Request-Id": state.request_id})
 
     async def cancel(self, request: Request) -> Response:
         try:
             state = self._state(request)
         except ChatCompletionError as error:
-            return error_response(error, request.path_params["request_id"])
+            return error_response(error, _path_id(request))
         self._cancel(state.request_id)
         return JSONResponse(completion_body(state), headers={"X-Request-Id": state.request_id})
 
@@ -370,7 +351,7 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
             )
         )
     if settings.api_key:
-        middleware.append(Middleware(_ApiKeyMiddleware, api_key=settings.api_key))
+        middleware.append(Middleware(ApiKeyMiddleware, api_key=settings.api_key, public_metrics=settings.public_metrics))
 
     routes = [
         Route("/", index),
@@ -380,6 +361,15 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
         Route("/v1/models/{model:path}", get_model),
         Route("/v1/chat/completions", chat.create, methods=["POST"]),
         Route("/v1/chat/completions/{request_id}", chat.retrieve),
+    # Inside CORS, so that an allowed origin's page can read the 415/421/401 it gets.
+    middleware.append(
+        Middleware(
+            RequestGuard,
+            bound_host=settings.host,
+            allowed_hosts=settings.allowed_hosts,
+            cors_origins=settings.cors_origins,
+        )
+    )
         Route("/v1/chat/completions/{request_id}/stream", chat.stream),
         Route("/v1/chat/completions/{request_id}/cancel", chat.cancel, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),  # the demo page's app.js and style.css

@@ -73,13 +73,13 @@ class DoraBridge:
                             batch.append(parse_chunk(texts_of(ev["value"]), ev["metadata"]))
                         except (ValueError, TypeError, IndexError) as exc:
                             self.malformed_chunks += 1
-                            logger.warning("dropping a malformed chunk on %s: %s", ev["id"], exc)
+                            logger.warning("dropping a malformed chunk on %s: %r", ev["id"], str(exc))  # %r: one log line
                     elif kind == "STOP":
                         stop = True
                     elif kind == "INPUT_CLOSED":
                         lost = self._closed(ev["id"]) or lost
                     elif kind == "ERROR":
-                        logger.error("dora error event: %s", ev.get("error"))
+                        logger.error("dora error event: %r", ev.get("error"))
                 if batch:
                     loop.call_soon_threadsafe(sink, batch)
                 if lost and not stop:

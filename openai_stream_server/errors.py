@@ -42,6 +42,12 @@ class Unauthorized(ChatCompletionError):
     status, error_type, code = 401, "invalid_request_error", "invalid_api_key"
 
 
+class ForbiddenOrigin(ChatCompletionError):
+    """A browser page from an origin the CORS settings do not allow tried a state-changing request."""
+
+    status, error_type, code = 403, "permission_error", "origin_not_allowed"
+
+
 class NotFound(ChatCompletionError):
     status, error_type, code = 404, "invalid_request_error", "not_found"
 
@@ -52,6 +58,18 @@ class ModelNotFound(NotFound):
 
 class BodyTooLarge(ChatCompletionError):
     status, error_type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class UnsupportedMediaType(ChatCompletionError):
+    """A POST body declared as something other than JSON (a form or ``text/plain`` needs no CORS preflight)."""
+
+    status, error_type, code = 415, "invalid_request_error", "unsupported_media_type"
+
+
+class MisdirectedRequest(ChatCompletionError):
+    """A ``Host`` header outside the allow-list: what a DNS-rebinding page sends."""
+
+    status, error_type, code = 421, "invalid_request_error", "host_not_allowed"
 
 
 class TooManyRequests(ChatCompletionError):

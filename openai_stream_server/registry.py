@@ -163,3 +163,5 @@ class StreamRegistry:
             duration,
             f" error={state.error.message!r}" if state.error else "",
         )
+        # model and error text come from the client or the node: %r keeps a line break in them from
+        # starting a forged log line (docs/architecture.md, "Limits and failure behaviour").

@@ -28,9 +28,18 @@ class Settings:
     models: tuple[str, ...] = ()
     """Model names served. Empty: one default name (dora-stream) is listed and any requested name is accepted and echoed back."""
     api_key: str | None = None
-    """When set, every /v1 route needs ``Authorization: Bearer <api_key>``."""
+    """When set, every /v1 route (and /metrics) needs ``Authorization: Bearer <api_key>``."""
     cors_origins: tuple[str, ...] = ()
-    """Origins allowed by CORS (``*`` for any); empty turns CORS off."""
+    """Origins allowed by CORS (``*`` for any); empty turns CORS off. A POST, PUT, PATCH or DELETE
+    from a browser page of any other origin (``Origin: null`` included) gets 403; the server's own
+    pages and clients that send no ``Origin`` pass."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names accepted in the ``Host`` header besides localhost, loopback addresses and --host
+    (any port); ``.example.com`` or ``*.example.com`` also match every subdomain; ``*`` turns the
+    check off (behind a proxy that checks it). Bound to 0.0.0.0 or ::, any IP address is accepted
+    too (a DNS-rebinding page always sends a name), names only when listed. Other hosts get 421."""
+    public_metrics: bool = False
+    """With --api-key set, /metrics needs the key too unless this is on; /health is always open."""
     log_level: str = "info"
     """Python logging level for the server and uvicorn."""
 
@@ -129,7 +138,9 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
             parser.add_argument("--model", dest="models", action="append", help=help_text)
         else:
             help_text = f"{docs.get(f.name, '')}{default} (env {ENV_PREFIX}{f.name.upper()})"
-            parser.add_argument(flag, dest=f.name, default=None, help=help_text.replace("%", "%%"))
+            # a bare boolean flag (``--public-metrics``) means true; ``--public-metrics false`` still works
+            extra: dict[str, Any] = {"nargs": "?", "const": "true"} if f.type == "bool" else {}
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text.replace("%", "%%"), **extra)
     args = parser.parse_args(argv)
 
     values: dict[str, Any] = {}

@@ -22,7 +22,8 @@ async def make_client(
     app = create_app(settings or Settings(sweep_interval_s=0.02), backend)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=10) as client:
+        # localhost: the server answers only to the hosts it knows (openai_stream_server/guard.py)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=10) as client:
             client.app = app  # type: ignore[attr-defined]
             yield client, backend
 
