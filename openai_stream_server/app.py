@@ -350,6 +350,15 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
                 expose_headers=["X-Request-Id"],
             )
         )
+    # Inside CORS, so that an allowed origin's page can read the 415/421/401 it gets.
+    middleware.append(
+        Middleware(
+            RequestGuard,
+            bound_host=settings.host,
+            allowed_hosts=settings.allowed_hosts,
+            cors_origins=settings.cors_origins,
+        )
+    )
     if settings.api_key:
         middleware.append(Middleware(ApiKeyMiddleware, api_key=settings.api_key, public_metrics=settings.public_metrics))
 
@@ -361,15 +370,6 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
         Route("/v1/models/{model:path}", get_model),
         Route("/v1/chat/completions", chat.create, methods=["POST"]),
         Route("/v1/chat/completions/{request_id}", chat.retrieve),
-    # Inside CORS, so that an allowed origin's page can read the 415/421/401 it gets.
-    middleware.append(
-        Middleware(
-            RequestGuard,
-            bound_host=settings.host,
-            allowed_hosts=settings.allowed_hosts,
-            cors_origins=settings.cors_origins,
-        )
-    )
         Route("/v1/chat/completions/{request_id}/stream", chat.stream),
         Route("/v1/chat/completions/{request_id}/cancel", chat.cancel, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),  # the demo page's app.js and style.css

@@ -152,6 +152,8 @@ class StreamRegistry:
     def _log(self, state: StreamState) -> None:
         ttfc = "-" if state.first_chunk_at is None else f"{(state.first_chunk_at - state.started_at) * 1000:.1f}ms"
         duration = (state.ended_at or time.monotonic()) - state.started_at
+        # model and error text come from the client or the node: %r keeps a line break in them from
+        # starting a forged log line (docs/architecture.md, "Limits and failure behaviour").
         logger.info(
             "completion %s model=%r status=%s finish_reason=%s chunks=%d ttfc=%s duration=%.3fs%s",
             state.request_id,
@@ -163,5 +165,3 @@ class StreamRegistry:
             duration,
             f" error={state.error.message!r}" if state.error else "",
         )
-        # model and error text come from the client or the node: %r keeps a line break in them from
-        # starting a forged log line (docs/architecture.md, "Limits and failure behaviour").
