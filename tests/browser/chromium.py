@@ -11,9 +11,12 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from playwright.sync_api import BrowserContext, Page, sync_playwright
+# Imported where used, so that without playwright the test modules still collect and
+# tests/browser/conftest.py can skip (or, under CI, fail) with a message instead.
+if TYPE_CHECKING:
+    from playwright.sync_api import BrowserContext, Page
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; tests/browser/conftest.py checks it too
 ARGS = [
@@ -30,6 +33,8 @@ ARGS = [
 
 @contextmanager
 def chromium_context(user_data_dir: Path, **options: Any) -> Iterator[BrowserContext]:
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(user_data_dir), executable_path=str(CHROMIUM), headless=True, args=ARGS, **options

@@ -1,7 +1,8 @@
 """Browser tests: the demo page in headless Chromium against the real dataflow.
 
 Skipped (with the reason in the summary) where the ``playwright`` package or
-``/usr/bin/chromium`` is missing; ``.ci/run`` installs both.
+``/usr/bin/chromium`` is missing, and failed instead under ``CI=true``
+(``tests/requirements.py``); ``.ci/run`` installs both.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.dataflow import ROOT, Dataflow
+from tests.requirements import missing
 
 if TYPE_CHECKING:
     from tests.browser.chromium import DemoPage
@@ -23,9 +25,9 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 def require_browser() -> None:
     if importlib.util.find_spec("playwright") is None:
-        pytest.skip("the browser tests need the 'playwright' package (pip install '.[test]')")
+        missing("the browser tests need the 'playwright' package: pip install -e protocol -e '.[test]' (make test does)")
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)")
+        missing(f"the browser tests need {CHROMIUM}: apt-get install chromium (.ci/run does)")
 
 
 @pytest.fixture(scope="module")
