@@ -24,6 +24,7 @@ from openai_stream_server.settings import Settings
 from tests.fakes import FakeBackend
 from tests.live import Events, LiveServer, metric, wait_metric
 from tests.unit.conftest import make_client
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -294,9 +295,9 @@ async def test_retained_completions_are_bounded_by_count_bytes_and_age() -> None
 
     async with make_client(fast(retention_s=0.1)) as (client, _):
         request_id = (await client.post("/v1/chat/completions", json={"messages": MSG})).headers["x-request-id"]
-        await asyncio.sleep(0.4)
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        await wait_for(lambda: len(registry.retained) == 0, what="the sweeper to expire the retained completion")
         gone = await client.get(f"/v1/chat/completions/{request_id}")
-        assert len(client.app.state.registry.retained) == 0  # type: ignore[attr-defined]
     assert gone.status_code == 404
 
 
@@ -396,16 +397,17 @@ async def test_dataflow_stop_ends_in_flight_streams_with_an_error_event() -> Non
     async with live(fast(idle_timeout_s=30), backend) as (server, client):
         body = {"messages": [{"role": "user", "content": LONG}], "stream": True}
 
+        streaming: list[str] = []
+
         async def one() -> list[str]:
             async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-                return await Events(r).take(100_000)
+                events = Events(r)
+                first = await events.take(1)
+                streaming.append(r.headers["x-request-id"])
+                return first + await events.take(100_000)
 
         streams = [asyncio.ensure_future(one()) for _ in range(5)]
-        for _ in range(200):
-            if len(backend.submitted) == 5:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)
+        await wait_for(lambda: len(streaming) == 5, timeout_s=10, what="all 5 streams to have begun")
         server.call(backend.stop)  # what the bridge does on dora STOP
         results = await asyncio.wait_for(asyncio.gather(*streams), 10)
         health = await client.get("/health")
@@ -431,32 +433,50 @@ async def test_model_node_gone_fails_streams_in_flight_and_refuses_new_requests(
 
 
 async def test_metrics_cover_every_failure_path() -> None:
-    def chaos(request: DownstreamRequest, chunks: list[Chunk]) -> list[Chunk]:
-        if "gap" in request.texts[-1]:
-            return [c for c in chunks[::-1] if c.seq != 1]
-        return chunks[:1] + chunks[:1] + chunks[2:] + chunks[1:2]  # a duplicate, then one early chunk
+    """Each failure path is caused once and its counter read exactly: a duplicate, early chunks, a gap, a 400, a cancel."""
 
-    async with make_client(fast(), FakeBackend(plan=chaos)) as (client, _):
-        await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a b c d"}]})
-        await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "gap a b c"}], "stream": True})
-        await client.post("/v1/chat/completions", json={"messages": []})
+    def chaos(request: DownstreamRequest, chunks: list[Chunk]) -> list[Chunk]:
+        if "hold" in request.texts[-1]:
+            return []  # nothing until the client cancels it
+        if "gap" in request.texts[-1]:
+            return [c for c in chunks[::-1] if c.seq != 1]  # seq 4 (fin), 3, 2 held; 0 delivered; 1 never comes
+        return chunks[:1] + chunks[:1] + chunks[2:] + chunks[1:2]  # a duplicate, then 2, 3, 4 (fin) held until 1
+
+    backend = FakeBackend(plan=chaos)
+    async with make_client(fast(), backend) as (client, _):
+        ok = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a b c d"}]})
+        gap = await client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "gap a b c"}], "stream": True}
+        )
+        bad = await client.post("/v1/chat/completions", json={"messages": []})
+        held = await client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hold"}], "background": True}
+        )
+        cancelled = await client.post(f"/v1/chat/completions/{held.json()['id']}/cancel")
         metrics = (await client.get("/metrics")).text
-    for name in (
-        'oss_requests_total{status="200"}',
-        'oss_requests_total{status="400"}',
-        "oss_active_streams",
-        "oss_chunks_total",
-        "oss_sse_events_total",
-        'oss_dropped_chunks_total{reason="duplicate"}',
-        "oss_reordered_chunks_total",
-        "oss_cancellations_total",
-        'oss_timeouts_total{kind="gap"}',
-        'oss_errors_total{code="missing_chunk"}',
-        'oss_completions_total{status="completed"}',
-        'oss_completions_total{status="failed"}',
-        "oss_time_to_first_chunk_seconds_count",
-        "oss_inter_chunk_seconds_count",
-    ):
-        assert metric(metrics, name) >= 0, name
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "a b c d"
+    assert gap.status_code == 200 and json.loads(sse_data(gap.text)[-2])["error"]["code"] == "missing_chunk"
+    assert bad.status_code == 400 and held.status_code == 202
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert backend.cancelled == [gap.headers["x-request-id"], held.json()["id"]]  # the gap's node is told to stop too
+    expected = {
+        'oss_requests_total{status="200"}': 3,  # the two completions and the cancel route
+        'oss_requests_total{status="202"}': 1,
+        'oss_requests_total{status="400"}': 1,
+        "oss_active_streams": 0,
+        "oss_sse_events_total": 1,  # the gap stream's first token; error events are not counted
+        'oss_dropped_chunks_total{reason="duplicate"}': 1,
+        'oss_dropped_chunks_total{reason="late"}': 0,
+        'oss_dropped_chunks_total{reason="unknown"}': 0,
+        "oss_reordered_chunks_total": 6,
+        "oss_cancellations_total": 1,
+        'oss_timeouts_total{kind="gap"}': 1,
+        'oss_errors_total{code="missing_chunk"}': 1,
+        'oss_completions_total{status="completed"}': 1,
+        'oss_completions_total{status="failed"}': 1,
+        'oss_completions_total{status="cancelled"}': 1,
+        "oss_time_to_first_chunk_seconds_count": 2,  # the cancelled one never had a chunk
+    }
+    assert {name: metric(metrics, name, 0) for name in expected} == expected
+    assert metric(metrics, "oss_chunks_total") > 0
     assert metric(metrics, "oss_inter_chunk_seconds_count") > 0
-    assert metric(metrics, "oss_time_to_first_chunk_seconds_count") == 2
