@@ -1,6 +1,7 @@
 """One Qwen2.5-VL generation with transformers, streamed piece by piece.
 
-``generate`` runs in the scheduler's worker thread. It starts
+``generate`` runs in the scheduler's worker thread, with the request's
+images already fetched and decoded (``prefetch.py``). It starts
 ``model.generate`` in a second thread and reads its ``TextIteratorStreamer``
 here, because the streamer is an iterator fed from inside ``generate``.
 Two things in that pairing must be handled (both seen on this machine): the
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +25,6 @@ from openai_stream_protocol import parse_request_texts
 
 from .chat import Chat, to_chat
 from .generation import GenerationParams, Outcome, RequestError, sampling_kwargs
-from .images import ImageError, ImageLimits, load_image
 from .model import LoadedModel
 from .settings import Settings
 
@@ -45,7 +45,6 @@ class QwenEngine:
     def __init__(self, loaded: LoadedModel, settings: Settings) -> None:
         self.loaded = loaded
         self.settings = settings
-        self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.image_timeout_s)
 
     def generate(
         self,
@@ -53,15 +52,15 @@ class QwenEngine:
         params: GenerationParams,
         emit: Callable[[str], None],
         halt: threading.Event,
+        *,
+        images: Sequence[Any] = (),
     ) -> Outcome:
         chat = to_chat(parse_request_texts(texts))
         if not chat.messages:
             raise RequestError("the request has no messages")
-        try:
-            images = [load_image(source, self.limits) for source in chat.image_sources]
-        except ImageError as exc:
-            raise RequestError(str(exc)) from exc
-        inputs = self._prepare(chat, images)
+        if len(images) != len(chat.image_sources):
+            raise RuntimeError(f"{len(chat.image_sources)} image(s) in the prompt but {len(images)} loaded")
+        inputs = self._prepare(chat, list(images))
         prompt_tokens = int(inputs["input_ids"].shape[-1])
         if halt.is_set():
             return Outcome("stop", prompt_tokens, 0)

@@ -145,6 +145,9 @@ class Outcome:
 class Engine(Protocol):
     """Runs one generation, in a worker thread, calling ``emit`` for every decoded piece.
 
+    ``images`` are the request's images, already loaded (RGB PIL images, in
+    prompt order): nothing is fetched while the generation slot is held.
+
     It stops early, within a token or two, once ``halt`` is set (cancel or a
     stop string). A ``RequestError`` is the client's fault and its message
     is sent as is; any other exception is reported as a failed generation.
@@ -156,4 +159,6 @@ class Engine(Protocol):
         params: GenerationParams,
         emit: Callable[[str], None],
         halt: threading.Event,
+        *,
+        images: Sequence[Any] = (),
     ) -> Outcome: ...

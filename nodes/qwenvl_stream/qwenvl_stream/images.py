@@ -2,7 +2,11 @@
 
 Every failure is an ``ImageError`` whose message the client sees (the
 request ends with ``finish_reason: error``); nothing here may take the node
-down. Sizes are checked before decoding: the encoded bytes against
+down. URLs are fetched by ``fetch.UrlFetcher`` (addresses inside the node's
+network refused, redirects re-checked, one deadline for the whole fetch);
+its failures reach the client only as ``URL_NOT_ALLOWED`` or
+``FETCH_FAILED``, never with the remote server's words, and are logged
+here. Sizes are checked before decoding: the encoded bytes against
 ``max_bytes`` and the pixel count against ``max_pixels`` (PIL reads the
 size from the header without decoding, which stops decompression bombs).
 """
@@ -12,14 +16,19 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import urllib.error
+import logging
 import urllib.parse
-import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 
-_USER_AGENT = "qwenvl-stream (dora-rs node)"
+from .fetch import FetchFailed, NotAllowed, TooLarge, UrlFetcher
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+URL_NOT_ALLOWED = "image URL not allowed"
+FETCH_FAILED = "image fetch failed"
 
 
 class ImageError(ValueError):
@@ -31,49 +40,61 @@ class ImageLimits:
     max_bytes: int
     max_pixels: int
     timeout_s: float
+    """Bounds the whole fetch of one URL, redirects included."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLoader:
+    """``load_image`` with the node's limits and URL policy: what the scheduler's prefetch calls."""
+
+    limits: ImageLimits
+    fetcher: UrlFetcher = field(default_factory=UrlFetcher)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImageLoader:
+        limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.image_timeout_s)
+        return cls(limits, UrlFetcher(allow_private=settings.allow_private_urls))
+
+    def __call__(self, source: str) -> Image.Image:
+        return load_image(source, self.limits, self.fetcher)
 
 
 def describe(source: str, limit: int = 60) -> str:
-    """A short, log-safe name for an image source (data URIs can be megabytes)."""
+    """A short name for an image source (data URIs can be megabytes); log it with ``%r``."""
     source = source.strip()
     return source if len(source) <= limit else source[:limit] + "…"
 
 
-def load_image(source: str, limits: ImageLimits) -> Image.Image:
-    """Fetch or decode one image and return it as RGB."""
+def load_image(source: str, limits: ImageLimits, fetcher: UrlFetcher | None = None) -> Image.Image:
+    """Fetch or decode one image and return it as RGB; ``fetcher`` defaults to the strict policy."""
     source = source.strip()
     if not source:
         raise ImageError("empty image reference")
     scheme = source.split(":", 1)[0].lower() if ":" in source[:10] else ""
     if scheme in ("http", "https"):
-        data = _fetch(source, limits)
+        data = _fetch(source, limits, fetcher or UrlFetcher())
     elif scheme == "data":
         data = _decode_data_uri(source, limits.max_bytes)
     elif scheme:
-        raise ImageError(f"unsupported image URL scheme {scheme!r}: use http(s), a data: URI or base64")
+        logger.warning("image URL %r refused: scheme %r", describe(source), scheme)
+        raise ImageError(URL_NOT_ALLOWED)
     else:
         data = _decode_base64(source, limits.max_bytes)
     return _open(data, limits.max_pixels, describe(source))
 
 
-def _fetch(url: str, limits: ImageLimits) -> bytes:
-    name = describe(url)
-    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT, "Accept": "image/*"})
+def _fetch(url: str, limits: ImageLimits, fetcher: UrlFetcher) -> bytes:
     try:
-        with urllib.request.urlopen(request, timeout=limits.timeout_s) as response:
-            length = response.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > limits.max_bytes:
-                raise ImageError(f"image {name} is {int(length)} bytes, more than the {limits.max_bytes} allowed")
-            data: bytes = response.read(limits.max_bytes + 1)
-    except urllib.error.HTTPError as exc:
-        raise ImageError(f"could not fetch image {name}: HTTP {exc.code} {exc.reason}") from exc
-    except urllib.error.URLError as exc:
-        raise ImageError(f"could not fetch image {name}: {exc.reason}") from exc
-    except (TimeoutError, OSError, ValueError) as exc:
-        raise ImageError(f"could not fetch image {name}: {exc}") from exc
-    if len(data) > limits.max_bytes:
-        raise ImageError(f"image {name} is larger than the {limits.max_bytes} bytes allowed")
-    return data
+        return fetcher.get(url, max_bytes=limits.max_bytes, timeout_s=limits.timeout_s)
+    except NotAllowed as exc:
+        logger.warning("image URL %r refused: %r", describe(url, 200), str(exc))
+        raise ImageError(URL_NOT_ALLOWED) from None
+    except TooLarge as exc:
+        logger.warning("image URL %r too large: %r", describe(url, 200), str(exc))
+        raise ImageError(f"image is larger than the {limits.max_bytes} bytes allowed") from None
+    except FetchFailed as exc:
+        logger.warning("image URL %r could not be fetched: %r", describe(url, 200), str(exc))
+        raise ImageError(FETCH_FAILED) from None
 
 
 def _decode_data_uri(uri: str, max_bytes: int) -> bytes:

@@ -1,10 +1,13 @@
 """The node's event loop: one generation at a time, a bounded queue, cancel, chunks out.
 
-Threads (DESIGN.md, "Dora bridge": never call into one ``Node`` from two
-threads other than a blocking reader):
+Threads (docs/architecture.md, "Dora bridge": never call into one ``Node``
+from two threads other than a blocking reader):
 
 - a reader thread iterates the events (``node.next()`` releases the GIL)
   and puts each one on the inbox;
+- a few fetch threads (``prefetch.py``) load the images of queued
+  requests and put them on the same inbox, so a slow image server never
+  holds the generation slot: a request starts only once its images are in;
 - a worker thread per request runs the engine and puts its decoded
   pieces and its outcome on the same inbox;
 - the thread that calls ``run`` owns the node's ``send_output``: it takes
@@ -23,13 +26,15 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from openai_stream_protocol import ChunkSender, OutputSender, dispatch_event
 
 from .generation import Engine, GenerationParams, Outcome, RequestError, StopFilter
+from .images import ImageLoader
+from .prefetch import ImagePrefetcher, image_sources
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -46,6 +51,9 @@ class Job:
     sender: ChunkSender
     texts: list[str]
     params: GenerationParams
+    image_sources: list[str] = field(default_factory=list)
+    images: list[Any] | None = None
+    """Loaded by the prefetch, in ``image_sources`` order; ``None`` while they are being fetched."""
     received_at: float = field(default_factory=time.monotonic)
     halt: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
@@ -58,12 +66,24 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, node: OutputSender, engine: Engine, settings: Settings, *, output: str = CHUNKS_OUTPUT) -> None:
+    def __init__(
+        self,
+        node: OutputSender,
+        engine: Engine,
+        settings: Settings,
+        *,
+        output: str = CHUNKS_OUTPUT,
+        load_image: Callable[[str], Any] | None = None,
+    ) -> None:
         self.node = node
         self.engine = engine
         self.settings = settings
         self.output = output
         self.inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.prefetcher = ImagePrefetcher(
+            load_image or ImageLoader.from_settings(settings),
+            lambda job, images, error: self.inbox.put(("images", job, images, error)),
+        )
         self.pending: deque[Job] = deque()
         self.active: Job | None = None
         self.closed = False
@@ -108,6 +128,8 @@ class Scheduler:
             self._on_piece(message[1], message[2])
         elif kind == "done":
             self._on_done(message[1], message[2], message[3])
+        elif kind == "images":
+            self._on_images(message[1], message[2], message[3])
         elif kind == "closed":
             self.closed = True
 
@@ -148,15 +170,23 @@ class Scheduler:
             return
         if self.stopping:
             return
-        busy = self.active is not None
-        if busy and len(self.pending) >= self.settings.max_queued_requests:
+        try:
+            sources = image_sources(texts)
+        except ValueError as exc:
+            self._fail(sender, f"malformed request: {exc}")
+            return
+        # Requests whose images are still being fetched count as waiting, whether or not one generates.
+        if len(self.pending) >= self.settings.max_queued_requests:
             self._fail(
                 sender,
                 f"the model is busy: {len(self.pending)} requests are already waiting "
                 f"(QWENVL_MAX_QUEUED_REQUESTS={self.settings.max_queued_requests}); retry later",
             )
             return
-        self.pending.append(Job(sender, texts, params))
+        job = Job(sender, texts, params, image_sources=sources, images=None if sources else [])
+        self.pending.append(job)
+        if sources:
+            self.prefetcher.submit(job)
         logger.debug("request %s queued (%d waiting)", sender.request_id, len(self.pending))
 
     def _cancel(self, request_id: str | None) -> None:
@@ -171,15 +201,20 @@ class Scheduler:
         for job in self.pending:
             if job.request_id == request_id:
                 job.cancelled = True
+                job.halt.set()  # a fetch of its images stops or never starts
                 self.pending.remove(job)
                 logger.info("request %s cancelled while queued", request_id)
                 return
 
     def _start_next(self) -> None:
-        while self.pending:
-            job = self.pending.popleft()
+        """The oldest job whose images are loaded takes the slot; one still fetching keeps its place."""
+        for job in list(self.pending):
             if job.cancelled:
+                self.pending.remove(job)
                 continue
+            if job.images is None:
+                continue
+            self.pending.remove(job)
             self.active = job
             threading.Thread(target=self._work, args=(job,), name=f"qwenvl-job-{job.request_id}", daemon=True).start()
             return
@@ -198,7 +233,7 @@ class Scheduler:
         outcome: Outcome | None = None
         error: str | None = None
         try:
-            outcome = self.engine.generate(job.texts, job.params, emit, job.halt)
+            outcome = self.engine.generate(job.texts, job.params, emit, job.halt, images=job.images or [])
             tail = stops.flush()
             if tail:
                 self.inbox.put(("piece", job, tail))
@@ -210,6 +245,17 @@ class Scheduler:
             logger.exception("request %s: generation failed", job.request_id)
             error = f"generation failed: {exc}"
         self.inbox.put(("done", job, outcome, error))
+
+    def _on_images(self, job: Job, images: list[Any] | None, error: str | None) -> None:
+        self.prefetcher.release()
+        if job.cancelled or job not in self.pending:
+            return
+        if images is None:
+            self.pending.remove(job)
+            self.completed += 1
+            self._fail(job.sender, error or "image fetch failed", job)
+            return
+        job.images = images
 
     def _on_piece(self, job: Job, text: str) -> None:
         if job.cancelled or job.sender.finished:

@@ -32,7 +32,10 @@ class Settings:
     """Qwen's ``max_pixels``: larger images are scaled down to this many pixels before the vision
     encoder (28 × 28 pixels per visual token). Unset: the checkpoint's own setting."""
     image_timeout_s: float = 10.0
-    """Time limit for fetching one http(s) image."""
+    """Time limit for fetching one http(s) image: the whole fetch, redirects included."""
+    allow_private_urls: bool = False
+    """Fetch image URLs whose host resolves to a loopback, private, link-local or other non-public
+    address (refused by default: a client must not reach the node's own network)."""
     streamer_timeout_s: float = 300.0
     """Longest wait for the next decoded piece (prefill included) before the request fails."""
     log_level: str = "INFO"
@@ -52,12 +55,21 @@ class Settings:
             raw = environ.get(name)
             if raw is None or not raw.strip():
                 continue
-            cast = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
+            cast = {"int": int, "int | None": int, "float": float, "bool": _as_bool}.get(str(f.type), str)
             try:
                 values[f.name] = cast(raw.strip())
             except ValueError:
                 raise ValueError(f"{name}: cannot read {raw!r} as {f.type}") from None
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _as_bool(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
 
 
 def _env_name(field: str) -> str:

@@ -1,9 +1,12 @@
-"""Helpers shared by this folder's tests: a recorder node, events as the server sends them, a PNG."""
+"""Helpers shared by this folder's tests: a recorder node, events as the server sends them, a PNG, a local HTTP server."""
 
 from __future__ import annotations
 
 import base64
+import http.server
 import io
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -56,3 +59,67 @@ def check_stream(chunks: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     assert [bool(md.get("fin")) for _, md in chunks] == [False] * (len(chunks) - 1) + [True]
     assert all("flush" not in md for _, md in chunks)
     return chunks[-1][1]
+
+
+def png_bytes(size: tuple[int, int] = (16, 16)) -> bytes:
+    return base64.b64decode(png_data_uri(size).split(",", 1)[1])
+
+
+Route = Callable[[http.server.BaseHTTPRequestHandler], None]
+
+
+class LocalServer:
+    """A real HTTP server on 127.0.0.1 (port 0) in a thread; ``routes`` maps a path to what answers it.
+
+    ``hits`` records each request's path and ``Host`` header. ``stop`` is set
+    when the test ends, so that slow routes finish at once.
+    """
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.hits: list[tuple[str, str]] = []
+        self.stop = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.hits.append((self.path, self.headers.get("Host", "")))
+                route = server.routes.get(self.path)
+                if route is None:
+                    self.send_error(404)
+                else:
+                    route(self)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = int(self.httpd.server_address[1])
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), name="test-http", daemon=True)
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.hits]
+
+    def __enter__(self) -> LocalServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def serve_bytes(body: bytes, content_type: str = "image/png") -> Route:
+    def route(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    return route

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,16 @@ class SpyEngine(QwenEngine):
 
     outcomes: dict[str, Outcome]
 
-    def generate(self, texts: list[str], params: GenerationParams, emit: Callable[[str], None], halt: threading.Event) -> Outcome:
-        outcome = super().generate(texts, params, emit, halt)
+    def generate(
+        self,
+        texts: list[str],
+        params: GenerationParams,
+        emit: Callable[[str], None],
+        halt: threading.Event,
+        *,
+        images: Sequence[Any] = (),
+    ) -> Outcome:
+        outcome = super().generate(texts, params, emit, halt, images=images)
         self.outcomes[texts[-1]] = outcome
         return outcome
 
@@ -164,7 +172,7 @@ def test_halt_stops_generate_at_the_very_next_token(loaded_model: Any) -> None:
     "image, message",
     [
         pytest.param("data:image/png;base64,iVBORw0KGgoAAAA", "could not decode image", id="broken-data-uri"),
-        pytest.param("http://127.0.0.1:9/missing.png", "could not fetch image", id="unreachable-url"),
+        pytest.param("http://127.0.0.1:9/missing.png", "image URL not allowed", id="loopback-url"),
     ],
 )
 def test_a_broken_image_ends_that_request_with_an_error_and_the_node_keeps_serving(

@@ -1,14 +1,14 @@
-"""The event loop with a fake engine: queueing, cancel, STOP, errors, stop strings (no torch needed)."""
+"""The event loop with a fake engine: queueing, cancel, STOP, errors, stop strings, image prefetch (no torch needed)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
-from qwenvl_helpers import Recorder, cancel, check_stream, request
+from qwenvl_helpers import LocalServer, Recorder, cancel, check_stream, png_bytes, request, serve_bytes
 from qwenvl_stream.generation import GenerationParams, Outcome, RequestError
 from qwenvl_stream.scheduler import Scheduler
 from qwenvl_stream.settings import Settings
@@ -27,9 +27,19 @@ class FakeEngine:
         self.error = error
         self.calls: list[list[str]] = []
         self.emitted: dict[str, int] = {}
+        self.images: dict[str, list[Any]] = {}
 
-    def generate(self, texts: list[str], params: GenerationParams, emit: Callable[[str], None], halt: threading.Event) -> Outcome:
+    def generate(
+        self,
+        texts: list[str],
+        params: GenerationParams,
+        emit: Callable[[str], None],
+        halt: threading.Event,
+        *,
+        images: Sequence[Any] = (),
+    ) -> Outcome:
         self.calls.append(texts)
+        self.images[texts[0]] = list(images)
         if self.error is not None:
             raise self.error
         count = 0
@@ -173,3 +183,116 @@ def test_when_events_end_queued_requests_are_still_answered() -> None:
     recorder = run(FakeEngine(["a", "b"]), [request(f"r{i}", [USER + "hi"]) for i in range(3)])
     for i in range(3):
         assert check_stream(recorder.chunks(f"r{i}"))["finish_reason"] == "stop"
+
+
+IMAGE = "<|user|>\n<|vision_start|>\n"
+
+
+class BlockedImage:
+    """A route that answers a PNG only once ``release`` is set (bounded: it gives up after 30 s)."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, handler: Any) -> None:
+        self.started.set()
+        if self.release.wait(30):
+            serve_bytes(png_bytes((16, 16)))(handler)
+
+
+def finished(recorder: Recorder, request_id: str) -> bool:
+    return any(md.get("fin") for _, md in recorder.chunks(request_id))
+
+
+def reached(event: threading.Event, seen: list[str], what: str) -> bool:
+    """Waits (bounded) and notes what did not happen: the reader thread would swallow an assert."""
+    if not event.wait(10):
+        seen.append(f"{what}: timed out")
+        return False
+    return True
+
+
+def test_a_slow_image_server_does_not_stall_a_text_request_queued_behind_it() -> None:
+    engine = FakeEngine(["a", "b"])
+    slow = BlockedImage()
+    seen: list[str] = []
+    with LocalServer() as server:
+        server.routes["/slow.png"] = slow
+
+        def events(recorder: Recorder) -> Iterator[dict[str, Any]]:
+            yield request("img", [IMAGE + server.url("/slow.png"), USER + "what is it?"])
+            if reached(slow.started, seen, "image fetch started"):
+                yield request("txt", [USER + "hi"])
+                wait_for(lambda: finished(recorder, "txt"))
+                # The text request is answered while the image's server still holds the fetch.
+                seen.append(f"txt done; image released={slow.release.is_set()} image chunks={len(recorder.chunks('img'))}")
+            slow.release.set()
+
+        try:
+            recorder = run(engine, events, allow_private_urls=True, image_timeout_s=30)
+        finally:
+            slow.release.set()
+    assert seen == ["txt done; image released=False image chunks=0"]
+    assert check_stream(recorder.chunks("txt"))["finish_reason"] == "stop"
+    assert check_stream(recorder.chunks("img"))["finish_reason"] == "stop"
+    assert [call[0] for call in engine.calls] == [USER + "hi", IMAGE + server.url("/slow.png")]
+    assert [image.size for image in engine.images[IMAGE + server.url("/slow.png")]] == [(16, 16)]
+
+
+def test_a_refused_image_ends_its_request_without_taking_the_generation_slot() -> None:
+    engine = FakeEngine(["ok"])
+    bad = IMAGE + "http://127.0.0.1:9/secret.png"
+    recorder = run(engine, [request("bad", [bad, USER + "?"]), request("good", [USER + "hi"])])
+    last = check_stream(recorder.chunks("bad"))
+    assert last["finish_reason"] == "error" and last["error"] == "image URL not allowed"
+    assert check_stream(recorder.chunks("good"))["finish_reason"] == "stop"
+    assert [call[0] for call in engine.calls] == [USER + "hi"]  # the refused request never reached the engine
+
+
+def test_cancel_while_its_images_are_fetched_drops_the_request() -> None:
+    engine = FakeEngine(["a"])
+    slow = BlockedImage()
+    seen: list[str] = []
+    with LocalServer() as server:
+        server.routes["/slow.png"] = slow
+
+        def events(recorder: Recorder) -> Iterator[dict[str, Any]]:
+            yield request("img", [IMAGE + server.url("/slow.png"), USER + "what is it?"])
+            reached(slow.started, seen, "image fetch started")
+            yield cancel("img")
+            yield request("txt", [USER + "hi"])
+            wait_for(lambda: finished(recorder, "txt"))
+            slow.release.set()
+
+        try:
+            recorder = run(engine, events, allow_private_urls=True, image_timeout_s=30)
+        finally:
+            slow.release.set()
+    assert seen == []
+    assert recorder.chunks("img") == []
+    assert [call[0] for call in engine.calls] == [USER + "hi"]
+
+
+def test_requests_still_fetching_count_against_the_queue_bound() -> None:
+    engine = FakeEngine(["a"])
+    slow = BlockedImage()
+    with LocalServer() as server:
+        server.routes["/slow.png"] = slow
+        image = IMAGE + server.url("/slow.png")
+
+        def events(recorder: Recorder) -> Iterator[dict[str, Any]]:
+            yield request("i1", [image])
+            yield request("i2", [image])
+            yield request("i3", [image])
+            wait_for(lambda: finished(recorder, "i3"))
+            slow.release.set()
+
+        try:
+            recorder = run(engine, events, allow_private_urls=True, image_timeout_s=30, max_queued_requests=2)
+        finally:
+            slow.release.set()
+    refused = check_stream(recorder.chunks("i3"))
+    assert refused["finish_reason"] == "error" and "busy" in refused["error"]
+    assert check_stream(recorder.chunks("i1"))["finish_reason"] == "stop"
+    assert check_stream(recorder.chunks("i2"))["finish_reason"] == "stop"

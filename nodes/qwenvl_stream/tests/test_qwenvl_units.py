@@ -16,6 +16,7 @@ import pytest
 import yaml
 from qwenvl_helpers import png_data_uri
 from qwenvl_stream.chat import to_chat
+from qwenvl_stream.fetch import UrlFetcher
 from qwenvl_stream.generation import GenerationParams, RequestError, StopFilter, sampling_kwargs
 from qwenvl_stream.images import ImageError, ImageLimits, load_image
 from qwenvl_stream.settings import Settings
@@ -128,7 +129,7 @@ def test_image_from_data_uri_and_raw_base64() -> None:
         pytest.param("data:image/png;base64,@@@", "valid base64", id="bad-base64"),
         pytest.param("data:text/plain;base64,aGk=", "not an image", id="wrong-media-type"),
         pytest.param("data:image/png;base64", "no comma", id="no-comma"),
-        pytest.param("file:///etc/passwd", "unsupported image URL scheme", id="file-url"),
+        pytest.param("file:///etc/passwd", "image URL not allowed", id="file-url"),
         pytest.param("   ", "empty", id="empty"),
     ],
 )
@@ -174,20 +175,24 @@ def image_server() -> Iterator[str]:
         server.server_close()
 
 
+# The server is on 127.0.0.1: only a fetcher that allows private addresses reaches it.
+LOCAL = UrlFetcher(allow_private=True)
+
+
 def test_image_over_http(image_server: str) -> None:
-    assert load_image(image_server + "/ok.png", LIMITS).size == (16, 16)
-    with pytest.raises(ImageError, match="HTTP 404"):
-        load_image(image_server + "/missing.png", LIMITS)
+    assert load_image(image_server + "/ok.png", LIMITS, LOCAL).size == (16, 16)
+    with pytest.raises(ImageError, match="^image fetch failed$"):
+        load_image(image_server + "/missing.png", LIMITS, LOCAL)
     with pytest.raises(ImageError, match="bytes"):
-        load_image(image_server + "/ok.png", ImageLimits(max_bytes=10, max_pixels=10**6, timeout_s=5))
+        load_image(image_server + "/ok.png", ImageLimits(max_bytes=10, max_pixels=10**6, timeout_s=5), LOCAL)
 
 
 def test_image_from_a_closed_port_fails_fast() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(ImageError, match="could not fetch image"):
-        load_image(f"http://127.0.0.1:{port}/cat.png", LIMITS)
+    with pytest.raises(ImageError, match="^image fetch failed$"):
+        load_image(f"http://127.0.0.1:{port}/cat.png", LIMITS, LOCAL)
 
 
 def test_cluster_yaml_is_qwenvl_yaml_plus_a_gpu_label() -> None:
