@@ -58,11 +58,12 @@ async def test_streams_every_event_then_ends_the_body() -> None:
 
 
 async def test_client_leaving_a_quiet_stream_closes_the_iterator_at_once() -> None:
-    closed = asyncio.Event()
+    quiet, closed = asyncio.Event(), asyncio.Event()
 
     async def events() -> AsyncIterator[bytes]:
         try:
             yield b"data: 1\n\n"
+            quiet.set()
             await asyncio.sleep(60)  # a quiet stream: the model thinks
             yield b"data: never\n\n"
         finally:
@@ -70,9 +71,15 @@ async def test_client_leaving_a_quiet_stream_closes_the_iterator_at_once() -> No
 
     client = Client()
     response = asyncio.ensure_future(SseResponse(events(), ping_interval_s=0)(scope(), client.receive, client.send))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(quiet.wait(), 2)  # the first event is sent and the stream has gone quiet
+    assert client.body == b"data: 1\n\n" and not closed.is_set()
     client.leave()
-    await asyncio.wait_for(response, 2)  # ends normally, not with CancelledError
+    # Not asyncio.wait_for: on its timeout it cancels the response, which a disconnected stream then ends normally.
+    done, _ = await asyncio.wait({response}, timeout=2)
+    if not done:
+        response.cancel()
+    assert done, "the response went on after the client left"
+    assert response.result() is None  # ends normally, not with CancelledError
     assert closed.is_set()
     assert b"never" not in client.body
 
@@ -105,14 +112,17 @@ async def test_head_gets_headers_and_no_body() -> None:
 
 
 async def test_cancelled_by_the_server_is_not_swallowed() -> None:
+    quiet = asyncio.Event()
+
     async def events() -> AsyncIterator[bytes]:
         yield b"data: 1\n\n"
+        quiet.set()
         await asyncio.sleep(60)
         yield b"data: 2\n\n"
 
     client = Client()
     response = asyncio.ensure_future(SseResponse(events(), ping_interval_s=0)(scope(), client.receive, client.send))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(quiet.wait(), 2)  # streaming, and waiting inside the iterator
     response.cancel()
     with pytest.raises(asyncio.CancelledError):
         await response
