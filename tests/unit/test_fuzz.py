@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -59,17 +62,18 @@ class DoraLikeBackend(FakeBackend):
 class AppThread:
     """The app with its lifespan on an event loop in a thread; ``post`` is synchronous for hypothesis."""
 
-    def __init__(self) -> None:
+    def __init__(self, **settings: Any) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-app", daemon=True)
         self.backend = DoraLikeBackend()
-        self.app = create_app(Settings(sweep_interval_s=0.02, first_chunk_timeout_s=2, header_grace_s=0.5), self.backend)
+        values = {"sweep_interval_s": 0.02, "first_chunk_timeout_s": 2, "header_grace_s": 0.5, **settings}
+        self.app = create_app(Settings(**values), self.backend)
 
     def __enter__(self) -> AppThread:
         self.thread.start()
         self._lifespan = self.app.router.lifespan_context(self.app)
         self._run(self._lifespan.__aenter__())
-        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://fuzz", timeout=10)
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://localhost", timeout=10)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -84,6 +88,11 @@ class AppThread:
 
     def post(self, content: bytes, content_type: str = "application/json") -> httpx.Response:
         return self._run(self.client.post("/v1/chat/completions", content=content, headers={"content-type": content_type}))  # type: ignore[no-any-return]
+
+    def request(self, method: str, path: str, headers: list[tuple[bytes, bytes]], content: bytes | None) -> httpx.Response:
+        # a raw URL: httpx would otherwise re-quote the path; headers as bytes, so any byte gets through
+        url = httpx.URL("http://localhost").copy_with(raw_path=path.encode("ascii"))
+        return self._run(self.client.request(method, url, headers=headers, content=content))  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +166,15 @@ chat_body = st.fixed_dictionaries(
 )
 
 
+GUARD_STATUSES = {403, 415, 421}
+"""openai_stream_server/guard.py's refusals: foreign Origin, non-JSON POST, foreign Host."""
+
+
 def check(app: AppThread, content: bytes, content_type: str = "application/json") -> httpx.Response:
     r = app.post(content, content_type)
     assert r.status_code < 500, f"{r.status_code} {r.text[:500]} for {content[:500]!r}"
-    assert r.headers["x-request-id"].startswith("chatcmpl-")
+    if r.status_code not in GUARD_STATUSES:  # the guard answers before a completion id exists
+        assert r.headers["x-request-id"].startswith("chatcmpl-")
     if r.status_code >= 400:
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
@@ -212,3 +226,127 @@ async def _active(app: AppThread) -> int:
             break
         await asyncio.sleep(0.05)
     return len(app.app.state.registry.active)
+
+
+# -- whole requests: paths, methods, headers and bodies (issue 9) ----------------------
+
+
+@pytest.fixture(scope="module")
+def keyed_app_thread() -> Iterator[AppThread]:
+    """The same with an API key and a CORS origin, so that the key and origin paths are fuzzed too."""
+    with AppThread(api_key="k", cors_origins=("http://ok.example",)) as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
+def tally() -> Iterator[Counter[str]]:
+    """Statuses seen by the request fuzz; printed at the end for the record (run with ``-s`` to see it)."""
+    counts: Counter[str] = Counter()
+    yield counts
+    statuses = sorted((k for k in counts if k.isdigit()), key=int)
+    print(
+        f"\nrequest fuzz over ASGI: {counts['requests']} requests, {len(statuses)} distinct statuses: "
+        + ", ".join(f"{k}x{counts[k]}" for k in statuses)
+    )
+
+
+def _percent(raw: bytes) -> str:
+    return "".join(f"%{b:02X}" for b in raw)
+
+
+any_bytes = st.binary(max_size=24)
+id_segment = st.one_of(
+    st.text("0123456789abcdef", min_size=1, max_size=30).map(lambda h: "chatcmpl-" + h),
+    st.binary(min_size=1, max_size=12).map(_percent),
+    st.text(max_size=12).map(lambda t: quote(t, safe="")),
+    st.sampled_from(
+        ["%0d%0a", "%E2%9C%93", "chatcmpl-%E2%9C%93", "%00", "..", "%2e%2e%2f", "%ff%fe", "chatcmpl-nope", "a" * 3000]
+    ),
+)
+fuzz_path = st.one_of(
+    st.just("/v1/chat/completions"),
+    st.sampled_from(
+        ["/", "/health", "/metrics", "/v1", "/v1/models", "/v1/models/", "/v1/chat/completions", "/v1/chat/completions/"]
+        + ["/static/app.js", "/static/", "/static/..%2f..%2fsettings.py", "/nope", "//", "/v1/chat/completions//stream"]
+    ),
+    st.builds(
+        lambda i, suffix: f"/v1/chat/completions/{i}{suffix}",
+        id_segment,
+        st.sampled_from(["", "/stream", "/cancel", "/x", "/stream/"]),
+    ),
+    st.builds(lambda i: f"/v1/models/{i}", id_segment),
+)
+fuzz_query = st.one_of(
+    st.just(""),
+    st.builds(lambda k, v: f"?{k}={v}", st.sampled_from(["api_key", "starting_after", "x", ""]), id_segment),
+)
+
+
+def mostly(good: list[bytes], odd: list[bytes]) -> st.SearchStrategy[bytes]:
+    """Usually a value that gets past the guard (so that the routes behind it are fuzzed too), else an odd one."""
+    return st.one_of(st.sampled_from(good), st.sampled_from(good), st.sampled_from(good), st.sampled_from(odd), any_bytes)
+
+
+fuzz_headers = st.fixed_dictionaries(
+    {},
+    optional={
+        b"host": mostly(
+            [b"localhost", b"127.0.0.1:1", b"[::1]:8000", b"LOCALHOST."],
+            [b"evil.example", b"", b"[", b"[::1", b"a:b:c", b"localhost:", b"localhost:99999999999999999999"]
+            + [b"\xff\xfe", "ünïcode.example".encode(), b"0.0.0.0"],
+        ),
+        b"origin": mostly(
+            [b"http://localhost", b"http://ok.example"],
+            [b"null", b"https://evil.example", b"http://localhost:8000", b"file://", b"http://[::1", b"\xff"]
+            + [b"http://localhost/path", b"HTTP://LOCALHOST"],
+        ),
+        b"content-type": mostly(
+            [b"application/json", b"application/json; charset=utf-8", b"APPLICATION/JSON;"],
+            [b"text/plain", b"", b"multipart/form-data; boundary=--x", b"\xe9", b"application/json\xff"],
+        ),
+        b"content-length": mostly([b"0", b"5"], [b"-1", b"1e3", b"9" * 30, b"\xb2", b"\xd9\xa3", b" 5", b"5, 5"]),
+        b"authorization": mostly([b"Bearer k"], [b"Bearer wrong", b"Bearer ", b"Basic a2V5", b"\xff", b"Bearer k\x00"]),
+        b"last-event-id": mostly([b"0", b"3"], [b"-1", b"-2", b"x", b"\xb2", b"9" * 30]),
+        b"x-anything": any_bytes,
+    },
+)
+
+fuzz_body = st.one_of(
+    st.none(),
+    chat_body.map(lambda b: json.dumps(b).encode()),
+    json_value.map(lambda b: json.dumps(b).encode()),
+    st.binary(max_size=200),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(
+    keyed=st.booleans(),
+    method=st.sampled_from(["GET", "POST"]) | st.sampled_from(["PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE", "BREW"]),
+    path=fuzz_path,
+    query=fuzz_query,
+    headers=fuzz_headers,
+    body=fuzz_body,
+)
+def test_any_request_never_gets_a_5xx(
+    app_thread: AppThread,
+    keyed_app_thread: AppThread,
+    tally: Counter[str],
+    keyed: bool,
+    method: str,
+    path: str,
+    query: str,
+    headers: dict[bytes, bytes],
+    body: bytes | None,
+) -> None:
+    """No answer is a 5xx other than 503/504 (the dataflow's own), whatever the request; errors are error objects."""
+    app = keyed_app_thread if keyed else app_thread
+    r = app.request(method, path + query, list(headers.items()), body)
+    tally["requests"] += 1
+    tally[str(r.status_code)] += 1
+    assert r.status_code < 500 or r.status_code in (503, 504), f"{r.status_code} {r.text[:300]} for {method} {path}{query}"
+    request_id = r.headers.get("x-request-id")
+    assert request_id is None or re.fullmatch(r"chatcmpl-[0-9a-f]+", request_id), request_id
+    if r.status_code >= 400 and method != "HEAD" and r.headers.get("content-type", "").startswith("application/json"):
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
