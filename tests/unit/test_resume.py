@@ -14,6 +14,7 @@ from openai_stream_server.settings import Settings
 from tests.fakes import FakeBackend
 from tests.sse_events import Parsed, parse
 from tests.unit.conftest import make_client
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -199,12 +200,7 @@ async def test_three_subscribers_receive_the_identical_sequence() -> None:
     async with make_client(backend=FakeBackend(silent=True)) as (client, backend):
         request_id = await start_background(client)
         readers = [asyncio.ensure_future(client.get(f"/v1/chat/completions/{request_id}/stream")) for _ in range(3)]
-        await settle()
-        # Deliver one chunk per loop turn-around (no timers), so each subscriber sees each chunk on its own.
-        for seq, token in enumerate(TOKENS):
-            backend.deliver([Chunk(request_id, seq, token)])
-            await settle()
-        backend.deliver([Chunk(request_id, FIN_SEQ, "", fin=True, finish_reason="stop")])
+        await deliver_one_by_one(client, backend, request_id, subscribers=3)
         bodies = [r.text for r in await asyncio.wait_for(asyncio.gather(*readers), 30)]
     assert bodies[0] == bodies[1] == bodies[2]
     parsed = parse(bodies[0])
@@ -215,28 +211,39 @@ async def test_three_subscribers_receive_the_identical_sequence() -> None:
 async def test_a_foreground_stream_and_two_reattached_subscribers_agree() -> None:
     async with make_client(backend=FakeBackend(silent=True)) as (client, backend):
         post = asyncio.ensure_future(client.post("/v1/chat/completions", json={"messages": MESSAGES, "stream": True}))
-        for _ in range(1000):
-            if backend.submitted:
-                break
-            await asyncio.sleep(0.005)
+        await wait_for(lambda: backend.submitted, what="the POST to reach the backend")
         request_id = backend.submitted[0].request_id
         readers = [asyncio.ensure_future(client.get(f"/v1/chat/completions/{request_id}/stream")) for _ in range(2)]
-        await settle()
-        for seq, token in enumerate(TOKENS):
-            backend.deliver([Chunk(request_id, seq, token)])
-            await settle()
-        backend.deliver([Chunk(request_id, FIN_SEQ, "", fin=True, finish_reason="stop")])
+        await deliver_one_by_one(client, backend, request_id, subscribers=3)
         foreground, *reattached = await asyncio.wait_for(asyncio.gather(post, *readers), 30)
     assert foreground.headers["x-request-id"] == request_id
     assert "id:" not in foreground.text  # the POST stream never carries ids (DESIGN.md, HTTP API)
     texts = [parse(r.text).text for r in (foreground, *reattached)]
     assert texts == [TEXT, TEXT, TEXT]
     assert reattached[0].text == reattached[1].text
+    for r in (foreground, *reattached):
+        assert [e.content for e in parse(r.text).events if e.content] == TOKENS  # every chunk its own event
 
 
-async def settle(turns: int = 30) -> None:
-    for _ in range(turns):
-        await asyncio.sleep(0)
+def sse_events_written(client: httpx.AsyncClient) -> float:
+    """``oss_sse_events_total``: content events written so far by every stream of the app."""
+    registry = client.app.state.metrics.registry  # type: ignore[attr-defined]
+    return registry.get_sample_value("oss_sse_events_total") or 0.0  # type: ignore[no-any-return]
+
+
+async def deliver_one_by_one(client: httpx.AsyncClient, backend: FakeBackend, request_id: str, *, subscribers: int) -> None:
+    """Deliver each token only once every subscriber has written the one before as its own event, then the finish.
+
+    So no subscriber gets two tokens coalesced into one event, whatever the machine's speed.
+    """
+    for seq, token in enumerate(TOKENS):
+        backend.deliver([Chunk(request_id, seq, token)])
+        written = subscribers * (seq + 1)
+        await wait_for(
+            lambda written=written: sse_events_written(client) == written,  # type: ignore[misc]
+            what=f"{subscribers} subscribers to write seq {seq} as an event each",
+        )
+    backend.deliver([Chunk(request_id, FIN_SEQ, "", fin=True, finish_reason="stop")])
 
 
 # -- GET by id, cancel, unknown ids --------------------------------------------------------
