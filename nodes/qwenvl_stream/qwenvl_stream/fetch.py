@@ -190,8 +190,9 @@ class UrlFetcher:
     def _get_once(self, target: _Target, addresses: list[str], max_bytes: int, deadline: float) -> bytes | str:
         """The body of a ``200``, or the ``Location`` of a redirect (a str)."""
         tls = (self.tls or _default_tls()) if target.scheme == "https" else None
-        connection = _PinnedConnection(target, addresses, self.dial, deadline, tls)
+        connection: _PinnedConnection | None = None
         try:
+            connection = _PinnedConnection(target, addresses, self.dial, deadline, tls)
             connection.request("GET", target.path, headers={"User-Agent": _USER_AGENT, "Accept": "image/*"})
             response = connection.getresponse()
             if response.status in _REDIRECT_STATUSES:
@@ -218,7 +219,8 @@ class UrlFetcher:
         except (OSError, http.client.HTTPException, ValueError) as exc:
             raise FetchFailed(repr(exc)) from None
         finally:
-            connection.close_all()
+            if connection is not None:
+                connection.close_all()
 
 
 class _PinnedConnection(http.client.HTTPConnection):

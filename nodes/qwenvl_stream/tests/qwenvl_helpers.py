@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.server
 import io
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -75,7 +76,8 @@ class LocalServer:
     when the test ends, so that slow routes finish at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.scheme = "https" if tls is not None else "http"
         self.routes: dict[str, Route] = {}
         self.hits: list[tuple[str, str]] = []
         self.stop = threading.Event()
@@ -95,11 +97,13 @@ class LocalServer:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.port = int(self.httpd.server_address[1])
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), name="test-http", daemon=True)
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     def paths(self) -> list[str]:
         return [path for path, _ in self.hits]

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import http.server
 import logging
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 from qwenvl_helpers import LocalServer, Route, png_bytes, serve_bytes
@@ -135,6 +139,41 @@ def test_redirects_are_bounded(server: LocalServer) -> None:
     server.routes["/loop"] = redirect_to("/loop")
     assert message_of(public_url(server, "/loop"), fetcher=network.fetcher()) == FAILED
     assert server.paths() == ["/loop"] * (MAX_REDIRECTS + 1)
+
+
+def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        + ["-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
+@pytest.mark.parametrize(
+    "cert_name, ok",
+    [pytest.param(PUBLIC_HOST, True, id="right-name"), pytest.param("other.example", False, id="wrong-name")],
+)
+def test_https_connects_to_the_checked_address_but_verifies_the_url_host(tmp_path: Path, cert_name: str, ok: bool) -> None:
+    cert, key = self_signed(tmp_path, cert_name)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    with LocalServer(tls=server_tls) as server:
+        server.routes["/ok.png"] = serve_bytes(png_bytes((16, 16)))
+        network = FakeNetwork(server.port)
+        fetcher = UrlFetcher(resolve=network.resolve, dial=network.dial, tls=ssl.create_default_context(cafile=str(cert)))
+        url = public_url(server, "/ok.png")
+        if ok:
+            assert url.startswith("https://") and load_image(url, LIMITS, fetcher).size == (16, 16)
+            assert server.hits == [("/ok.png", f"{PUBLIC_HOST}:{server.port}")]
+        else:
+            assert message_of(url, fetcher=fetcher) == FAILED  # the certificate is checked against the URL's name
+            assert server.hits == []
+        assert network.dialed == [PUBLIC_IP]
 
 
 def test_dns_rebinding_cannot_reach_a_refused_address(server: LocalServer) -> None:
