@@ -7,6 +7,9 @@ PIP := $(BIN)/python -m pip
 # dora starts nodes by `path:` (console scripts such as `openai-stream-server`
 # and `echo-stream`) and runs `build:` commands (`pip install ...`) from PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
+# With uv on PATH (dora-rs-cli installs it), dora resolves each node's `path:` with `uv run which`,
+# which would first lock and sync the project into .venv: the venv is already what make installed.
+export UV_NO_SYNC := 1
 
 # Where torch comes from for `make qwenvl` (and `make test`): empty is PyPI's default build (CUDA
 # on Linux, several GB); https://download.pytorch.org/whl/cpu on a CPU-only host;
