@@ -144,8 +144,9 @@ class ChatCompletions:
                 DownstreamRequest(request_id, [p.encode() for p in parts], self._metadata(body, model, request_id))
             )
         except ChatCompletionError as error:
-            self.registry.fail(state, error)
+            self.registry.fail(state, error)  # never submitted: no cancel goes downstream
             raise
+        state.submitted = True
         headers = {"X-Request-Id": request_id}
         if body.background:
             return JSONResponse(
@@ -295,6 +296,11 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
     """The ASGI app. The backend is started in the lifespan; the registry lives on ``app.state``."""
     metrics = Metrics()
     registry = StreamRegistry(settings, metrics, on_cancel=backend.cancel)
+    metrics.count_from(
+        "oss_malformed_chunks",
+        "Chunks the backend could not read (a bad seq or metadata), dropped",
+        lambda: getattr(backend, "malformed_chunks", 0),
+    )
     chat = ChatCompletions(settings, backend, registry, metrics)
     started_at = time.time()
 
@@ -314,7 +320,12 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
     async def health(request: Request) -> Response:
         status = backend.health()
         ok = bool(status.get("connected"))
-        body = {"status": "ok" if ok else "degraded", "active_streams": len(registry.active), **status}
+        body = {
+            "status": "ok" if ok else "degraded",
+            "active_streams": len(registry.active),
+            "held_bytes": registry.held_bytes,
+            **status,
+        }
         return JSONResponse(body, status_code=200 if ok else 503)
 
     async def metrics_route(request: Request) -> Response:

@@ -6,6 +6,11 @@ hand-over per event, DESIGN.md) and hands the batch to the event loop with
 ``loop.call_soon_threadsafe``. ``send_output`` is called from the loop thread
 only. Dora and pyarrow errors become ``BackendUnavailable`` here, so the HTTP
 layer never names a dora type.
+
+The hand-over is bounded: at most ``MAX_BATCHES_IN_FLIGHT`` batches wait in
+the loop's callback queue. Past that the reader waits for the loop to catch
+up, and the chunks it has not read wait in dora's own input queue (whose
+``queue_size`` and ``queue_policy`` the dataflow sets), not in our memory.
 """
 
 from __future__ import annotations
@@ -25,6 +30,18 @@ from .errors import BackendUnavailable
 logger = logging.getLogger(__name__)
 
 
+MAX_BATCHES_IN_FLIGHT = 64
+"""Batches handed to the event loop and not yet delivered, at most; then the reader thread waits.
+
+Each batch is everything dora had queued at one wake-up, so a loop that keeps up holds one or two;
+64 only comes into play when the loop falls behind (a burst of slow clients, a long GC pause), and
+then waiting costs nothing: the next ``drain()`` takes more at once, which is cheaper per chunk.
+"""
+
+SLOT_WAIT_S = 0.1
+"""How long one wait for a free slot lasts before the reader checks whether the bridge stopped."""
+
+
 def _is_tick(input_id: str) -> bool:
     return input_id == "tick" or input_id.startswith("dora/timer")
 
@@ -40,6 +57,8 @@ class DoraBridge:
         self._answer_inputs: set[str] | None = None
         self.last_event_at: float | None = None
         self.malformed_chunks = 0
+        self._slots = threading.Semaphore(MAX_BATCHES_IN_FLIGHT)
+        """One per batch handed to the loop and not yet delivered (``MAX_BATCHES_IN_FLIGHT``)."""
 
     async def start(self, sink: ChunkSink, on_stop: Callable[[], None], on_lost: OnLost) -> None:
         self._loop = asyncio.get_running_loop()
@@ -49,7 +68,14 @@ class DoraBridge:
 
     def _read(self, sink: ChunkSink, on_stop: Callable[[], None], on_lost: OnLost) -> None:
         assert self._loop is not None
-        node, loop = self._node, self._loop
+        node, loop, slots = self._node, self._loop, self._slots
+
+        def deliver(batch: list[Chunk]) -> None:  # on the loop thread
+            try:
+                sink(batch)
+            finally:
+                slots.release()
+
         try:
             while True:
                 event = node.next()
@@ -81,7 +107,9 @@ class DoraBridge:
                     elif kind == "ERROR":
                         logger.error("dora error event: %r", ev.get("error"))
                 if batch:
-                    loop.call_soon_threadsafe(sink, batch)
+                    if not slots.acquire(blocking=False) and not self._wait_for_slot(loop):
+                        break  # stopped, or the loop is gone: nobody left to deliver to
+                    loop.call_soon_threadsafe(deliver, batch)
                 if lost and not stop:
                     loop.call_soon_threadsafe(on_lost, BackendUnavailable(self.lost or "the model node is gone"))
                 if stop:
@@ -92,6 +120,13 @@ class DoraBridge:
             self.stopped = True
             if not loop.is_closed():
                 loop.call_soon_threadsafe(on_stop)
+
+    def _wait_for_slot(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """The loop is ``MAX_BATCHES_IN_FLIGHT`` batches behind: wait until it delivers one; False if it never will."""
+        while not self.stopped and not loop.is_closed():
+            if self._slots.acquire(timeout=SLOT_WAIT_S):
+                return True
+        return False
 
     def _closed(self, input_id: str) -> bool:
         """An input closed; True when it was the last one that carries answers (the model node exited)."""

@@ -83,6 +83,15 @@ class BackendUnavailable(ChatCompletionError):
     status, error_type, code = 503, "server_error", "backend_unavailable"
 
 
+class Overloaded(ChatCompletionError):
+    """Completions hold too many bytes over all (``max_total_bytes``): retry shortly."""
+
+    status, error_type, code = 503, "server_error", "server_overloaded"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
 class UpstreamTimeout(ChatCompletionError):
     status, error_type, code = 504, "timeout", "upstream_timeout"
 

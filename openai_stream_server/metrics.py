@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -14,6 +17,11 @@ class Metrics:
         self.requests = Counter("oss_requests", "HTTP requests to /v1/chat/completions by status", ["status"], registry=r)
         self.completions = Counter("oss_completions", "Completions ended, by final status", ["status"], registry=r)
         self.active_streams = Gauge("oss_active_streams", "Completions in flight", registry=r)
+        self.held_bytes = Gauge(
+            "oss_held_bytes",
+            "Bytes held by completions in flight and retained: text plus a per-chunk overhead (max_total_bytes bounds it)",
+            registry=r,
+        )
         self.chunks = Counter("oss_chunks", "Chunks delivered in order to completions", registry=r)
         self.events = Counter("oss_sse_events", "SSE events written (coalesced chunks count once)", registry=r)
         self.dropped_chunks = Counter(
@@ -35,5 +43,19 @@ class Metrics:
             registry=r,
         )
 
+    def count_from(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        """Export a counter that another object keeps (an int another thread increments), read at render time."""
+        self.registry.register(_ReadCounter(name, documentation, read))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ReadCounter:
+    """A custom collector: one counter whose value ``read()`` returns when /metrics renders."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())

@@ -3,23 +3,40 @@
 The backend delivers chunks here; the HTTP layer opens, reads and cancels
 completions here. Chunks for an unknown, finished or cancelled request are
 dropped and counted, never delivered to another request.
+
+Memory is bounded per completion (``max_completion_bytes``, in ``state.py``)
+and over all of them (``max_total_bytes``): every ``StreamState`` adds what it
+holds to one shared ``ByteLedger``, so the total is known without a scan. Over
+the bound, retained completions go first, oldest first; new requests are
+refused (503, ``Overloaded``) while completions in flight hold more than
+``ADMIT_FRACTION`` of it; and if those still grow past the bound, the largest
+in flight fails (docs/architecture.md, "Limits and failure behaviour").
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from openai_stream_protocol import Chunk
 
-from .errors import ChatCompletionError, TooManyRequests
+from .errors import ChatCompletionError, Overloaded, TooManyRequests
 from .metrics import Metrics
 from .settings import Settings
-from .state import Limits, Outcome, Status, StreamState
+from .state import ByteLedger, Limits, Outcome, Status, StreamState
 
 logger = logging.getLogger(__name__)
+
+ADMIT_FRACTION = 0.75
+"""New requests are refused while completions hold more than this share of ``max_total_bytes``.
+
+The rest is headroom for the requests already admitted to grow into: refusing a new request (503,
+the SDK retries it) is cheaper for everyone than failing one that is half streamed, which happens
+only when those in flight outgrow the whole bound.
+"""
 
 
 class StreamRegistry:
@@ -31,13 +48,24 @@ class StreamRegistry:
         self.active: dict[str, StreamState] = {}
         self.retained: OrderedDict[str, StreamState] = OrderedDict()
         self._retained_bytes = 0
+        self._ledger = ByteLedger()
+        self._max_total_bytes = settings.max_total_bytes or sys.maxsize  # 0: no bound
+        self._admit_bytes = int(self._max_total_bytes * ADMIT_FRACTION)
+        metrics.held_bytes.set_function(lambda: self._ledger.nbytes)  # read when /metrics renders, not per chunk
         self._legacy_waiting: deque[str] = deque()
         self.last_chunk_at: float | None = None
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes held by every completion in flight and retained (``StreamState.held_bytes`` summed)."""
+        return self._ledger.nbytes
 
     def open(self, request_id: str, model: str, prompt_tokens: int) -> StreamState:
         if len(self.active) >= self.settings.max_active_requests:
             raise TooManyRequests(f"{len(self.active)} requests in flight (limit {self.settings.max_active_requests})")
-        state = StreamState(request_id, model, prompt_tokens=prompt_tokens, limits=self._limits)
+        if self._ledger.nbytes >= self._admit_bytes:
+            self._make_room()
+        state = StreamState(request_id, model, prompt_tokens=prompt_tokens, limits=self._limits, ledger=self._ledger)
         self.active[request_id] = state
         self._legacy_waiting.append(request_id)
         if len(self._legacy_waiting) > 2 * len(self.active) + 64:  # forget ids that ended: amortised O(1)
@@ -80,6 +108,8 @@ class StreamRegistry:
                 self._ended(state)
         if delivered:
             metrics.chunks.inc(delivered)
+        if self._ledger.nbytes > self._max_total_bytes:
+            self._reclaim()
 
     def _route(self, chunk: Chunk) -> StreamState | None:
         if chunk.request_id is not None:
@@ -133,7 +163,9 @@ class StreamRegistry:
         del self.active[state.request_id]
         self.metrics.active_streams.dec()
         self.metrics.completions.labels(state.status.value).inc()
-        if state.status is Status.CANCELLED or (state.status is Status.FAILED and state.finish_reason != "error"):
+        if state.submitted and (
+            state.status is Status.CANCELLED or (state.status is Status.FAILED and state.finish_reason != "error")
+        ):
             # The node may still be working on it: stop it (DESIGN.md, Limits and failure behaviour).
             self._on_cancel(state.request_id)
         if state.status is Status.FAILED and state.error is not None:
@@ -148,6 +180,41 @@ class StreamRegistry:
     def _evict_oldest(self) -> None:
         _, state = self.retained.popitem(last=False)
         self._retained_bytes -= state.nbytes
+        self._ledger.nbytes -= state.held_bytes
+
+    def _make_room(self) -> None:
+        """Before a new request, over ``ADMIT_FRACTION`` of the bound: evict retained, oldest first, else refuse."""
+        ledger, admit = self._ledger, self._admit_bytes
+        while self.retained and ledger.nbytes >= admit:
+            self._evict_oldest()
+        if ledger.nbytes >= admit:
+            raise Overloaded(
+                f"completions in flight hold {ledger.nbytes} bytes, near the limit of {self._max_total_bytes}; try again shortly"
+            )
+
+    def _reclaim(self) -> None:
+        """Over ``max_total_bytes``: evict retained completions oldest first, then fail the largest in flight.
+
+        Scans the requests in flight, but only when the bound is crossed (an overload), never per chunk.
+        The one failed gets an error event (or 503 before its headers) and its node a ``cancel``; it is
+        not retained.
+        """
+        ledger, limit = self._ledger, self._max_total_bytes
+        while self.retained and ledger.nbytes > limit:
+            self._evict_oldest()
+        for _ in range(len(self.active)):
+            if ledger.nbytes <= limit or not self.active:
+                break
+            largest = max(self.active.values(), key=_held_bytes)
+            self.fail(
+                largest,
+                Overloaded(
+                    f"the server holds more than {limit} bytes over all completions; "
+                    f"this one, the largest in flight ({largest.held_bytes} bytes), was ended"
+                ),
+            )
+            while self.retained and ledger.nbytes > limit:
+                self._evict_oldest()
 
     def _log(self, state: StreamState) -> None:
         ttfc = "-" if state.first_chunk_at is None else f"{(state.first_chunk_at - state.started_at) * 1000:.1f}ms"
@@ -165,3 +232,7 @@ class StreamRegistry:
             duration,
             f" error={state.error.message!r}" if state.error else "",
         )
+
+
+def _held_bytes(state: StreamState) -> int:
+    return state.held_bytes

@@ -63,7 +63,11 @@ class Settings:
     max_buffered_chunks: int = 4096
     """Out-of-order chunks held per request while waiting for a gap to fill; beyond it the stream fails."""
     max_completion_bytes: int = 16 * 1024 * 1024
-    """Answer text kept per request; beyond it the stream fails."""
+    """Bytes held per request: its text plus 64 per chunk (320 per chunk held for reordering); beyond it the stream fails."""
+    max_total_bytes: int = 1024 * 1024 * 1024
+    """Bytes held over all completions, in flight and retained (counted as for max_completion_bytes).
+    Over it retained ones are evicted oldest first; above three quarters of it new requests get 503
+    with Retry-After; past it the largest in flight fails. 0: no bound."""
     retention_s: float = 300.0
     """How long a finished completion stays available for GET and reattach."""
     max_retained: int = 1024

@@ -13,7 +13,13 @@ What it keeps from sse-starlette, because the server relies on it:
   and ends the stream: the iterator is closed, so ``streams.guarded`` sends
   ``cancel`` downstream;
 - a comment ping on a quiet stream every ``ping_interval_s`` (one line,
-  ``sse.PING``, DESIGN.md: no blank line after it);
+  ``sse.PING``, docs/architecture.md: no blank line after it);
+- one ``send`` at a time: ASGI does not promise that concurrent ``send``
+  calls are safe, and the ping comes from a second task. sse-starlette takes
+  a lock around every send; here the stream task marks when it is sending
+  (a plain bool, cheaper per event than an ``asyncio.Lock``): the ping task
+  starts no ping while it is, and the stream task, once marked, waits for
+  the one ping that may be in progress;
 - ``Cache-Control: no-store``, ``Connection: keep-alive`` and
   ``X-Accel-Buffering: no``; HEAD gets the headers and no body.
 
@@ -60,6 +66,8 @@ class SseResponse(Response):
         streaming = asyncio.current_task()
         disconnected = False
         last_write = loop.time()
+        sending = False  # the stream task is inside send(): no ping now
+        pinging: asyncio.Future[None] | None = None  # a ping is inside send(): the stream task waits for it
 
         async def watch_disconnect() -> None:
             nonlocal disconnected
@@ -70,12 +78,19 @@ class SseResponse(Response):
                 streaming.cancel()  # wakes the stream wherever it waits; caught below
 
         async def ping_when_quiet(interval: float) -> None:
-            nonlocal last_write
+            nonlocal last_write, pinging
             while True:
                 await asyncio.sleep(max(0.0, last_write + interval - loop.time()))
-                if loop.time() - last_write >= interval:
-                    last_write = loop.time()
-                    await send({"type": "http.response.body", "body": self.ping, "more_body": True})
+                if sending:  # an event is on its way (a slow client): not quiet; look again in one interval
+                    await asyncio.sleep(interval)
+                elif loop.time() - last_write >= interval:
+                    pinging = loop.create_future()
+                    try:
+                        await send({"type": "http.response.body", "body": self.ping, "more_body": True})
+                    finally:
+                        last_write = loop.time()
+                        pinging.set_result(None)
+                        pinging = None
 
         helpers = [asyncio.ensure_future(watch_disconnect())]
         if self.ping_interval_s > 0:
@@ -83,12 +98,20 @@ class SseResponse(Response):
         try:
             try:
                 async for event in self.events:
-                    await send({"type": "http.response.body", "body": event, "more_body": True})
+                    sending = True  # first: from here on no ping starts
+                    try:
+                        if pinging is not None:
+                            await asyncio.shield(pinging)  # shielded: leaving must not cancel the ping's own future
+                        await send({"type": "http.response.body", "body": event, "more_body": True})
+                    finally:
+                        sending = False
                     last_write = loop.time()
             finally:
                 for helper in helpers:
                     helper.cancel()
                 await self._close_events()
+            if pinging is not None:  # a cancelled ping may still be inside send()
+                await asyncio.shield(pinging)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not disconnected:

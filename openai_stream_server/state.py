@@ -36,6 +36,42 @@ class Outcome(enum.Enum):
     OVERFLOW = "overflow"  # the request's buffer was full; it failed
 
 
+LOGGED_CHUNK_OVERHEAD_BYTES = 64
+"""What one chunk in ``pieces`` costs beyond its text's UTF-8 bytes, for the byte limits.
+
+Measured on CPython 3.11 (tracemalloc): a short text is a str of 49 bytes plus its length, and the
+list slot holding it is 8; an empty text is the shared ``""`` and costs only the slot. Counting every
+chunk as at least 64 bytes makes a node that floods empty (or one-byte) chunks reach
+``max_completion_bytes`` rather than grow ``pieces`` without bound (docs/architecture.md, "Limits and
+failure behaviour").
+"""
+
+HELD_CHUNK_OVERHEAD_BYTES = 320
+"""What one chunk held back for reordering (``_pending``) costs beyond its text's UTF-8 bytes.
+
+Measured as above: about 270 bytes for an empty chunk (the ``Chunk`` object, its request id string,
+the int key and the dict entry), rounded up. Held chunks count towards ``max_completion_bytes`` too,
+so a node that sends ``seq`` far ahead (never ``seq`` 0) ends its request instead of filling memory.
+"""
+
+
+class ByteLedger:
+    """Bytes held over many completions (in flight and retained), kept up to date by each ``StreamState``.
+
+    One shared mutable count: adding to it costs one attribute update per chunk, so the registry
+    knows the total without scanning its completions on the hot path.
+    """
+
+    __slots__ = ("nbytes",)
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_buffered_chunks: int = 4096
@@ -53,6 +89,7 @@ class StreamState:
         prompt_tokens: int = 0,
         limits: Limits = Limits(),
         created: int | None = None,
+        ledger: ByteLedger | None = None,
     ) -> None:
         self.request_id = request_id
         self.model = model
@@ -63,6 +100,14 @@ class StreamState:
         self.sent_at: dict[int, float] = {}
         """The node's ``sent_at`` per piece, for chunks that carry it (benchmarks: ``relay_sent_at``)."""
         self.nbytes = 0
+        """UTF-8 bytes of the answer text in ``pieces``."""
+        self.held_bytes = 0
+        """What this completion holds for the byte limits: text bytes plus a per-chunk overhead, for
+        chunks in ``pieces`` and chunks held back (``LOGGED_CHUNK_OVERHEAD_BYTES``, ``HELD_CHUNK_OVERHEAD_BYTES``)."""
+        self.submitted = False
+        """Set once the request went downstream: only those are sent a ``cancel`` when they end early."""
+        self._ledger = ByteLedger() if ledger is None else ledger
+        self._pending_bytes = 0
         self.finish_reason: str | None = None
         self.error: ChatCompletionError | None = None
         self.timed_out: str | None = None
@@ -135,7 +180,14 @@ class StreamState:
             if len(self._pending) >= self.limits.max_buffered_chunks:
                 self.fail(UpstreamError(f"more than {self.limits.max_buffered_chunks} chunks waiting for seq {next_seq}"))
                 return Outcome.OVERFLOW
+            cost = _utf8_len(chunk.text) + HELD_CHUNK_OVERHEAD_BYTES
+            if self.held_bytes + cost > self.limits.max_completion_bytes:
+                self.fail(self._too_large())
+                return Outcome.OVERFLOW
             self._pending[seq] = chunk
+            self._pending_bytes += cost
+            self.held_bytes += cost
+            self._ledger.nbytes += cost
             if self._gap_since is None:
                 self._gap_since = now
             return Outcome.REORDERED
@@ -144,6 +196,10 @@ class StreamState:
             following = self._pending.pop(len(self.pieces), None)
             if following is None:
                 break
+            cost = _utf8_len(following.text) + HELD_CHUNK_OVERHEAD_BYTES
+            self._pending_bytes -= cost
+            self.held_bytes -= cost
+            self._ledger.nbytes -= cost
             self._append(following, now)
         self._gap_since = now if self._pending else None
         return Outcome.DELIVERED
@@ -154,14 +210,18 @@ class StreamState:
         self.last_chunk_at = now
         if chunk.sent_at is not None:
             self.sent_at[len(self.pieces)] = chunk.sent_at
-        self.pieces.append(chunk.text)
         text = chunk.text
-        self.nbytes += len(text) if text.isascii() else len(text.encode())
-        if chunk.text:
+        self.pieces.append(text)
+        size = len(text) if text.isascii() else len(text.encode())
+        self.nbytes += size
+        size += LOGGED_CHUNK_OVERHEAD_BYTES
+        self.held_bytes += size
+        self._ledger.nbytes += size
+        if text:
             self.counted_tokens += 1
         self._changed.set()
-        if self.nbytes > self.limits.max_completion_bytes:
-            self.fail(UpstreamError(f"the answer exceeded {self.limits.max_completion_bytes} bytes"))
+        if self.held_bytes > self.limits.max_completion_bytes:
+            self.fail(self._too_large())
             return
         if chunk.prompt_tokens is not None:
             self.prompt_tokens = chunk.prompt_tokens
@@ -173,6 +233,13 @@ class StreamState:
                 self.fail(UpstreamError(chunk.error or "the model node reported an error"))
             else:
                 self._finish(chunk.finish_reason or "stop")
+
+    def _too_large(self) -> ChatCompletionError:
+        return UpstreamError(
+            f"the answer exceeded {self.limits.max_completion_bytes} bytes "
+            f"(its text plus {LOGGED_CHUNK_OVERHEAD_BYTES} per chunk, {HELD_CHUNK_OVERHEAD_BYTES} per chunk held for reordering)",
+            code="completion_too_large",
+        )
 
     def _finish(self, finish_reason: str) -> None:
         self.finish_reason = finish_reason
@@ -195,6 +262,10 @@ class StreamState:
         self.status = status
         self.ended_at = time.monotonic()
         self._pending.clear()
+        if self._pending_bytes:
+            self.held_bytes -= self._pending_bytes
+            self._ledger.nbytes -= self._pending_bytes
+            self._pending_bytes = 0
         self._changed.set()
 
     def check_deadlines(self, now: float, first_chunk_timeout_s: float, idle_timeout_s: float, gap_timeout_s: float) -> bool:
