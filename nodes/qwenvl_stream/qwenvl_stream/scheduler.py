@@ -170,11 +170,6 @@ class Scheduler:
             return
         if self.stopping:
             return
-        try:
-            sources = image_sources(texts)
-        except ValueError as exc:
-            self._fail(sender, f"malformed request: {exc}")
-            return
         # Requests whose images are still being fetched count as waiting, whether or not one generates.
         if len(self.pending) >= self.settings.max_queued_requests:
             self._fail(
@@ -183,6 +178,7 @@ class Scheduler:
                 f"(QWENVL_MAX_QUEUED_REQUESTS={self.settings.max_queued_requests}); retry later",
             )
             return
+        sources = image_sources(texts)
         job = Job(sender, texts, params, image_sources=sources, images=None if sources else [])
         self.pending.append(job)
         if sources:
