@@ -4,6 +4,10 @@
 // reattach stream carries id: <seq>), so the server resumes right after the last event we got.
 // We still skip any event whose sequence_number is not above the last one applied, so a replay
 // can never duplicate text. No framework, no build step, no CDN.
+//
+// A server started with --api-key needs the key on every /v1 request: the page keeps it in this
+// tab's sessionStorage (gone when the tab closes, never sent to another origin), sends it as
+// Authorization: Bearer on fetch, and as ?api_key= on the EventSource, which cannot send headers.
 "use strict";
 
 (() => {
@@ -18,6 +22,24 @@
   const answerBox = $("answer");
   const meta = $("meta");
   const stats = { ttft: $("ttft"), tokens: $("tokens"), tps: $("tps"), reconnects: $("reconnects") };
+  const keyBox = $("api-key");
+  const KEY_ITEM = "openai-stream-server.api-key";
+
+  function apiKey() {
+    return keyBox.value.trim();
+  }
+
+  // fetch with the key, when there is one
+  function api(path, options = {}) {
+    const headers = new Headers(options.headers || {});
+    if (apiKey()) headers.set("Authorization", "Bearer " + apiKey());
+    return fetch(path, { ...options, headers });
+  }
+
+  function withKey(url) {
+    if (!apiKey()) return url;
+    return url + (url.includes("?") ? "&" : "?") + "api_key=" + encodeURIComponent(apiKey());
+  }
 
   let run = null; // the completion being shown: {id, source, ...}
 
@@ -91,7 +113,7 @@
     // EventSource gives no detail when it gives up (e.g. 404 once the completion has expired).
     let message = "the connection was lost";
     try {
-      const response = await fetch("/v1/chat/completions/" + encodeURIComponent(r.id));
+      const response = await api("/v1/chat/completions/" + encodeURIComponent(r.id));
       const body = await response.json();
       if (body.error) message = body.error.message;
     } catch (_) {
@@ -101,7 +123,7 @@
   }
 
   function follow(r, streamUrl) {
-    const source = new EventSource(streamUrl);
+    const source = new EventSource(withKey(streamUrl));
     r.source = source;
     source.addEventListener("open", () => {
       r.opens += 1;
@@ -142,7 +164,7 @@
     if (run) {
       if (run.source) run.source.close();
       clearInterval(run.ticker);
-      if (app.dataset.state !== "done") fetch(`/v1/chat/completions/${encodeURIComponent(run.id)}/cancel`, { method: "POST" });
+      if (app.dataset.state !== "done") api(`/v1/chat/completions/${encodeURIComponent(run.id)}/cancel`, { method: "POST" });
     }
     answerBox.textContent = "";
     const r = {
@@ -161,7 +183,7 @@
     if (modelSelect.value) body.model = modelSelect.value;
     let answer;
     try {
-      const response = await fetch("/v1/chat/completions", {
+      const response = await api("/v1/chat/completions", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify(body),
@@ -194,15 +216,19 @@
     if (!run || !run.id) return;
     stopButton.disabled = true;
     statusLine.textContent = "stopping…";
-    fetch(`/v1/chat/completions/${encodeURIComponent(run.id)}/cancel`, { method: "POST" });
+    api(`/v1/chat/completions/${encodeURIComponent(run.id)}/cancel`, { method: "POST" });
   });
 
   async function loadModels() {
+    const chosen = modelSelect.value;
+    modelSelect.replaceChildren();
     try {
-      const response = await fetch("/v1/models");
+      const response = await api("/v1/models");
       const body = await response.json();
       for (const model of body.data) modelSelect.add(new Option(model.id, model.id));
+      if (chosen) modelSelect.value = chosen;
     } catch (_) {
+      // e.g. 401 until the key is typed in: the server then picks its default model
       modelSelect.add(new Option("(server default)", ""));
     }
     app.dataset.models = String(modelSelect.options.length);
@@ -220,6 +246,21 @@
       pill.className = "pill bad";
     }
   }
+
+  try {
+    keyBox.value = sessionStorage.getItem(KEY_ITEM) || "";
+  } catch (_) {
+    // storage refused (privacy settings): the field still works for this page load
+  }
+  keyBox.addEventListener("change", () => {
+    try {
+      if (apiKey()) sessionStorage.setItem(KEY_ITEM, apiKey());
+      else sessionStorage.removeItem(KEY_ITEM);
+    } catch (_) {
+      // as above
+    }
+    loadModels();
+  });
 
   loadModels();
   checkHealth();
