@@ -15,11 +15,16 @@ import pytest
 from openai_stream_server.protocol import split_tokens
 from tests.dataflow import Dataflow
 from tests.sse_events import Event, Parsed, parse
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 PROMPT = " ".join(f"word{i}" for i in range(60)) + ",\n  and  the end. "
 TOKENS = split_tokens(PROMPT)
+# For the cuts: 200 tokens at the echo's 0.02 s is 4 s of answer, so even the last cut (40 events,
+# under a second in) leaves most of it still to come and the first connection cannot see the end.
+CUT_PROMPT = " ".join(f"part{i}" for i in range(200)) + " the end."
+CUT_TOKENS = split_tokens(CUT_PROMPT)
 READ_TIMEOUT_S = 30.0
 
 
@@ -75,25 +80,29 @@ async def read_events(
 @pytest.mark.parametrize("how", ["last-event-id", "starting_after"])
 async def test_drop_a_live_stream_and_resume(echo_flow: Dataflow, cut: int, how: str) -> None:
     async with httpx.AsyncClient(timeout=READ_TIMEOUT_S) as client:
-        body = await start_background(client, echo_flow)
+        body = await start_background(client, echo_flow, CUT_PROMPT)
         url = echo_flow.base_url + body["stream_url"]
         before = await read_events(client, url, stop_after_content=cut)
-        # Normally cut mid-answer; on a starved machine events coalesce and the stream may end first.
-        assert not before.done or before.text == PROMPT
+        # The first connection was really dropped mid-answer: `cut` content events, no finish, no [DONE].
+        assert not before.done and sum(1 for e in before.events if e.content) == cut
+        assert all(e.json()["choices"][0]["finish_reason"] is None for e in before.events)
         last = before.last_id
-        assert last is not None
+        assert last is not None and 0 <= int(last) < len(CUT_TOKENS) - 1
         # The id is the seq of the last chunk the event holds: the text so far is exactly the tokens up to it.
-        assert before.text == "".join(TOKENS[: int(last) + 1])
+        assert before.text == "".join(CUT_TOKENS[: int(last) + 1]) and len(before.text) < len(CUT_PROMPT)
         status = (await client.get(f"{echo_flow.base_url}/v1/chat/completions/{body['id']}")).json()["status"]
         assert status in ("in_progress", "completed")  # dropping a reattach stream never cancels
         if how == "last-event-id":
             after = await read_events(client, url, headers={"Last-Event-ID": last})
         else:
             after = await read_events(client, f"{url}?starting_after={last}")
-        assert after.done
-        assert all(int(e.id) > int(last) for e in after.events if e.id is not None)
+        assert after.done and after.text
+        ids = [int(e.id) for e in after.events if e.id is not None]
+        assert ids and ids[0] > int(last) and ids == sorted(set(ids))  # only what came after the cut, each once
         assert all("role" not in e.json()["choices"][0]["delta"] for e in after.events if not e.done)
-        assert before.text + after.text == PROMPT
+        # The rest exactly once: every token is distinct, so a repeat or a gap would change the text.
+        assert after.text == "".join(CUT_TOKENS[int(last) + 1 :])
+        assert before.text + after.text == CUT_PROMPT
         reasons = [e.json()["choices"][0]["finish_reason"] for e in before.events + after.events if not e.done]
         assert reasons.count("stop") == 1 and reasons[-1] == "stop"
 
@@ -104,11 +113,13 @@ async def test_background_then_reattach_after_it_finished(echo_flow: Dataflow) -
         assert body["object"] == "chat.completion" and body["status"] == "in_progress"
         assert body["stream_url"] == f"/v1/chat/completions/{body['id']}/stream"
         by_id = f"{echo_flow.base_url}/v1/chat/completions/{body['id']}"
-        for _ in range(300):  # bounded: the echo takes about 1.3 s for this prompt
-            got = (await client.get(by_id)).json()
-            if got["status"] != "in_progress":
-                break
-            await asyncio.sleep(0.05)
+
+        async def ended() -> dict[str, Any] | None:
+            got: dict[str, Any] = (await client.get(by_id)).json()
+            return None if got["status"] == "in_progress" else got
+
+        # the echo takes about 1.3 s for this prompt
+        got = await wait_for(ended, timeout_s=15, interval_s=0.05, what=f"{body['id']} to end")
         assert got["status"] == "completed" and got["choices"][0]["message"]["content"] == PROMPT
         url = stream_url(echo_flow, body["id"])
         whole = await read_events(client, url)
