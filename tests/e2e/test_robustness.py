@@ -101,6 +101,7 @@ def echo_cancelled(flow: Dataflow) -> set[str]:
 async def test_20_streams_closed_early_are_cancelled_downstream(slow_echo_flow: Dataflow) -> None:
     flow = slow_echo_flow
     async with httpx.AsyncClient(base_url=flow.base_url, timeout=30, limits=httpx.Limits(max_connections=50)) as client:
+        start = (await client.get("/metrics")).text  # the flow is shared with the module's other tests
 
         async def one() -> str:
             async with client.stream("POST", "/v1/chat/completions", json=body(LONG)) as r:
@@ -117,7 +118,13 @@ async def test_20_streams_closed_early_are_cancelled_downstream(slow_echo_flow: 
         metrics = (await client.get("/metrics")).text
     assert len(set(ids)) == 20
     assert metric(metrics, "oss_dropped_chunks_total", 0) == late  # 400 tokens at 0.05 s would still be flowing
-    assert metric(metrics, "oss_cancellations_total") >= 20
+
+    def increase(name: str) -> float:
+        return metric(metrics, name, 0) - metric(start, name, 0)
+
+    assert increase("oss_cancellations_total") == 20  # exactly the streams closed early
+    assert increase('oss_completions_total{status="cancelled"}') == 20
+    assert increase('oss_completions_total{status="completed"}') == 0
     logged = completion_lines(flow)
     assert all(len(logged[i]) == 1 and "status=cancelled" in logged[i][0] for i in ids)
 
