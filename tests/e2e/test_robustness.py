@@ -24,6 +24,7 @@ import httpx
 import openai
 import pytest
 
+from tests import waiting
 from tests.dataflow import ROOT, SERVER_NODE, Dataflow
 from tests.live import Events, metric, wait_metric
 
@@ -434,15 +435,18 @@ def test_sigterm_to_the_server_ends_streams_with_an_error_and_it_exits_cleanly(t
 
         async def in_flight() -> list[list[str]]:
             async with httpx.AsyncClient(base_url=flow.base_url, timeout=30) as client:
+                streaming: list[str] = []
 
                 async def one() -> list[str]:
                     async with client.stream("POST", "/v1/chat/completions", json=body(LONG)) as r:
                         events = Events(r)
-                        return await events.take(2) + await events.take(100_000)
+                        first = await events.take(2)
+                        streaming.append(r.headers["x-request-id"])
+                        return first + await events.take(100_000)
 
                 streams = [asyncio.ensure_future(one()) for _ in range(3)]
+                await waiting.wait_for(lambda: len(streaming) == 3, timeout_s=20, what="3 streams to be streaming")
                 assert await wait_metric(client, "oss_active_streams", 3, timeout_s=10) == 3
-                await asyncio.sleep(0.3)
                 os.kill(pid, signal.SIGTERM)
                 return await asyncio.wait_for(asyncio.gather(*streams), 15)
 
