@@ -14,11 +14,12 @@ import logging
 from typing import Any
 
 import pytest
-from starlette.types import Message
+from starlette.types import Message, Receive, Scope, Send
 
 from openai_stream_protocol import Chunk
 from openai_stream_server.app import create_app
-from openai_stream_server.settings import Settings
+from openai_stream_server.guard import RequestGuard
+from openai_stream_server.settings import Settings, load_settings
 from tests.fakes import FakeBackend
 from tests.unit.conftest import make_client
 
@@ -342,3 +343,45 @@ async def test_odd_content_length_is_not_a_500(content_length: bytes) -> None:
             headers={"content-type": "application/json", "content-length": content_length},
         )
     assert r.status_code == 200
+
+
+# -- the middleware itself and its settings ------------------------------------------
+
+
+async def test_the_guard_hands_the_app_the_servers_own_send() -> None:
+    """Pure ASGI: nothing wraps ``receive`` or ``send``, so an SSE stream cannot be buffered on the way."""
+    seen: list[tuple[object, object]] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append((receive, send))
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        pass
+
+    guard = RequestGuard(inner, bound_host="127.0.0.1", allowed_hosts=(), cors_origins=())
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [(b"host", b"localhost")]}
+    await guard(scope, receive, send)
+    assert seen == [(receive, send)]
+
+
+@pytest.mark.parametrize(
+    "argv, environ, allowed_hosts, public_metrics",
+    [
+        pytest.param([], {}, (), False, id="defaults"),
+        pytest.param(["--allowed-hosts", "*"], {}, ("*",), False, id="star"),
+        pytest.param(
+            [], {"OPENAI_STREAM_SERVER_ALLOWED_HOSTS": "a.example, .b.example"}, ("a.example", ".b.example"), False, id="env"
+        ),
+        pytest.param(["--public-metrics"], {}, (), True, id="bare-bool-flag"),
+        pytest.param(["--public-metrics", "false"], {}, (), False, id="bool-flag-false"),
+        pytest.param([], {"OPENAI_STREAM_SERVER_PUBLIC_METRICS": "yes"}, (), True, id="bool-env"),
+    ],
+)
+def test_guard_settings_from_flags_and_environment(
+    argv: list[str], environ: dict[str, str], allowed_hosts: tuple[str, ...], public_metrics: bool
+) -> None:
+    settings = load_settings(argv, environ)
+    assert (settings.allowed_hosts, settings.public_metrics) == (allowed_hosts, public_metrics)
