@@ -55,7 +55,7 @@ $(TEST_STAMP): $(BIN)/python $(RUN_DEPS) nodes/qwenvl_stream/pyproject.toml
 $(QWENVL_STAMP): $(RUN_STAMP) nodes/qwenvl_stream/pyproject.toml
 	$(PIP) install $(TORCH_INDEX) '$(TORCH)' torchvision
 	$(PIP) install -e protocol -e 'nodes/qwenvl_stream[gpu]'
-	$(BIN)/python -c 'import torch; print("torch", torch.__version__, "| CUDA build:", torch.version.cuda or "none (CPU)", "| GPU visible:", torch.cuda.is_available())'
+	$(BIN)/python scripts/torch_info.py
 	touch $@
 
 venv: $(TEST_STAMP)
