@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import uvicorn
 
-from openai_stream_server.protocol import split_tokens
+from openai_stream_protocol import split_tokens
 from openai_stream_server.sse import DONE, ChunkEncoder
 
 Scope = dict[str, Any]
