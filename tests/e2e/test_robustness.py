@@ -268,6 +268,7 @@ def test_api_key_cors_body_and_concurrency_limits_from_the_dataflow_env(tmp_path
         missing = client.get("/v1/models")
         wrong = client.post("/v1/chat/completions", json=body("x"), headers={"authorization": "Bearer nope"})
         open_routes = [client.get(path).status_code for path in ("/health", "/", "/metrics")]
+        metrics_with_key = client.get("/metrics", headers=auth).status_code
         preflight = client.options(
             "/v1/chat/completions",
             headers={
@@ -283,7 +284,7 @@ def test_api_key_cors_body_and_concurrency_limits_from_the_dataflow_env(tmp_path
         accepted = client.post("/v1/chat/completions", json={**body("now"), "background": True}, headers=auth)
         for r in [*held[1:], accepted]:
             client.post(f"/v1/chat/completions/{r.json()['id']}/cancel", headers=auth)
-        metrics = client.get("/metrics").text
+        metrics = client.get("/metrics", headers=auth).text
         sdk_error = None
         try:
             sdk(flow).models.list()
@@ -291,7 +292,7 @@ def test_api_key_cors_body_and_concurrency_limits_from_the_dataflow_env(tmp_path
             sdk_error = exc
     for r in (missing, wrong):
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    assert open_routes == [200, 200, 200]
+    assert open_routes == [200, 200, 401] and metrics_with_key == 200  # /metrics needs the key unless --public-metrics
     assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin
     assert too_large.status_code == 413 and too_large.json()["error"]["code"] == "request_too_large"
     assert [r.status_code for r in held] == [202, 202, 202]

@@ -333,15 +333,15 @@ async def test_v1_routes_need_the_api_key(method: str, path: str, header: str | 
     assert backend.submitted == []
 
 
-async def test_the_right_key_passes_and_health_page_and_metrics_stay_open() -> None:
+async def test_the_right_key_passes_health_and_page_stay_open_and_metrics_need_the_key() -> None:
     async with make_client(fast(api_key="secret")) as (client, _):
         ok = await client.post("/v1/chat/completions", json={"messages": MSG}, headers={"authorization": "Bearer secret"})
         models = await client.get("/v1/models", headers={"Authorization": "Bearer secret"})
         open_routes = [(await client.get(p)).status_code for p in ("/health", "/", "/metrics")]
-        metrics = (await client.get("/metrics")).text
+        metrics = (await client.get("/metrics", headers={"Authorization": "Bearer secret"})).text
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "hi there"
     assert models.status_code == 200
-    assert open_routes == [200, 200, 200]
+    assert open_routes == [200, 200, 401]
     assert metric(metrics, 'oss_requests_total{status="200"}') == 1
 
 
