@@ -166,7 +166,8 @@ class StreamRegistry:
         if state.submitted and (
             state.status is Status.CANCELLED or (state.status is Status.FAILED and state.finish_reason != "error")
         ):
-            # The node may still be working on it: stop it (DESIGN.md, Limits and failure behaviour).
+            # The node may still be working on it: stop it (docs/architecture.md, "Limits and failure behaviour").
+            # One never submitted (submit raised) is unknown to the nodes: nothing to stop.
             self._on_cancel(state.request_id)
         if state.status is Status.FAILED and state.error is not None:
             self.metrics.errors.labels(state.error.code or state.error.error_type).inc()
@@ -196,8 +197,8 @@ class StreamRegistry:
         """Over ``max_total_bytes``: evict retained completions oldest first, then fail the largest in flight.
 
         Scans the requests in flight, but only when the bound is crossed (an overload), never per chunk.
-        The one failed gets an error event (or 503 before its headers) and its node a ``cancel``; it is
-        not retained.
+        The one failed gets an error event (or 503 before its headers) and its node a ``cancel``; its
+        text is then evicted like any retained completion while the total is still over the bound.
         """
         ledger, limit = self._ledger, self._max_total_bytes
         while self.retained and ledger.nbytes > limit:
