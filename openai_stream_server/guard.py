@@ -153,7 +153,10 @@ class RequestGuard:
         origin = origin.strip().lower()
         if origin in self.origins:  # ``null`` only when listed
             return True
-        parts = urlsplit(origin)
+        try:
+            parts = urlsplit(origin)
+        except ValueError:  # ``http://[::1`` and other authorities urllib refuses
+            return False
         if parts.scheme not in _DEFAULT_PORTS or not parts.netloc or parts.path not in ("", "/"):
             return False
         if self.any_origin:
