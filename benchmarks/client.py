@@ -1,7 +1,7 @@
 """A lean HTTP/1.1 + SSE load client on raw asyncio protocols.
 
 Why not httpx: it spends 6-7 ms of client CPU per request at 64 concurrent
-(DESIGN.md, measured facts), so on a 2-core machine it, not the server,
+(docs/architecture.md, Facts measured), so on a 2-core machine it, not the server,
 would be measured. This client writes the request bytes by hand, parses the
 status line, headers, ``Content-Length`` or chunked framing and the SSE
 ``data:`` lines itself in ``data_received``, and takes one wall-clock stamp

@@ -1,4 +1,4 @@
-"""The HTTP layer: routes, validation, JSON and SSE responses (DESIGN.md, Architecture, room 1)."""
+"""The HTTP layer: routes, validation, JSON and SSE responses (docs/architecture.md, Architecture, room 1)."""
 
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ class ChatCompletions:
         if not body.stream:
             return await self._gathered(request, state, headers)
         # Hold the headers back until the first chunk or an error is known, so that a failure
-        # still gets a real HTTP status the SDK can retry on (DESIGN.md, HTTP API). A client that
+        # still gets a real HTTP status the SDK can retry on (docs/architecture.md, HTTP API). A client that
         # leaves meanwhile is cancelled at once, not when the grace period ends (issue 3).
         if not await _unless_disconnected(request.receive, state.wait(0, timeout_s=self.settings.header_grace_s)):
             self._cancel(request_id)

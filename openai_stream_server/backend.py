@@ -24,7 +24,7 @@ OnLost = Callable[[ChatCompletionError], None]
 
 @dataclass(frozen=True, slots=True)
 class DownstreamRequest:
-    """One request as it travels to the model node (DESIGN.md, Dora wire protocol)."""
+    """One request as it travels to the model node (docs/architecture.md, Dora wire protocol)."""
 
     request_id: str
     texts: list[str]

@@ -1,8 +1,8 @@
-"""The dora bridge: owns the ``dora.Node`` (DESIGN.md, Architecture, room 3).
+"""The dora bridge: owns the ``dora.Node`` (docs/architecture.md, Architecture, room 3).
 
 One thread blocks on ``node.next()`` (it releases the GIL), takes whatever
 else is queued with ``node.drain()`` (up to 25 % more throughput than one
-hand-over per event, DESIGN.md) and hands the batch to the event loop with
+hand-over per event, docs/architecture.md) and hands the batch to the event loop with
 ``loop.call_soon_threadsafe``. ``send_output`` is called from the loop thread
 only. Dora and pyarrow errors become ``BackendUnavailable`` here, so the HTTP
 layer never names a dora type.

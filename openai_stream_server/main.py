@@ -34,7 +34,7 @@ def _uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
     try:
         import uvloop  # noqa: F401
 
-        loop = "uvloop"  # 1.2-2x the events of asyncio + h11 (DESIGN.md, measured facts)
+        loop = "uvloop"  # 1.2-2x the events of asyncio + h11 (docs/architecture.md, Facts measured)
     except ImportError:
         loop = "asyncio"
     return uvicorn.Config(

@@ -1,7 +1,7 @@
 """The bytes of the ``chat.completion.chunk`` stream, preformatted.
 
 Why not ``ServerSentEvent`` per chunk: sse-starlette cost about 1.6x the CPU
-per event of writing preformatted ``data:`` bytes (DESIGN.md, measured
+per event of writing preformatted ``data:`` bytes (docs/architecture.md, measured
 facts). ``sse_response.SseResponse`` writes these bytes and keeps the
 disconnect watch and pings that ``EventSourceResponse`` used to provide;
 ``tests/unit/test_sse.py`` checks that the bytes parse the same as the
@@ -9,7 +9,7 @@ library's and as the openai SDK's decoder expects.
 
 POST streams carry no ``id:`` lines: the SDK's decoder keeps the last ``id:``
 and turns a later comment ping into an empty event that fails to parse
-(DESIGN.md, HTTP API). Reattach streams (``resumable=True``) carry
+(docs/architecture.md, HTTP API). Reattach streams (``resumable=True``) carry
 ``id: <seq>`` and ``sequence_number`` so that ``EventSource`` resumes.
 """
 
@@ -23,7 +23,7 @@ from .errors import ChatCompletionError
 
 DONE = b"data: [DONE]\n\n"
 PING = b": ping\n"
-"""A single comment line, no blank line after: every parser tested ignores it (DESIGN.md)."""
+"""A single comment line, no blank line after: every parser tested ignores it (docs/architecture.md)."""
 
 
 def error_event(error: ChatCompletionError) -> bytes:

@@ -1,7 +1,8 @@
 """A real uvicorn server in a thread on 127.0.0.1, port 0, for timing and disconnect tests.
 
-``httpx.ASGITransport`` buffers whole bodies and never reports a disconnect
-(STYLE.md, Tests), so what depends on the wire runs here. The server has its
+``httpx.ASGITransport`` buffers whole bodies (a 0.9 s SSE stream arrives as one
+piece when the app finishes) and the app sees ``http.disconnect`` only after the
+response is complete, so what depends on the wire runs here. The server has its
 own event loop in its own thread; ``call`` runs a coroutine function there,
 which is how a test reads the registry without racing the loop.
 """

@@ -179,7 +179,7 @@ async def test_a_request_without_host_passes() -> None:
         pytest.param({}, "POST", "/v1/chat/completions", {"origin": "https://evil.example"}, 403, id="foreign"),
         pytest.param({}, "POST", "/v1/chat/completions", {"origin": "null"}, 403, id="null"),
         pytest.param({}, "POST", "/v1/chat/completions", {"origin": "file://"}, 403, id="file"),
-        pytest.param({}, "POST", "/v1/chat/completions", {"origin": "http://[::1"}, 403, id="unclosed-ipv6-bracket-found-by-fuzz"),
+        pytest.param({}, "POST", "/v1/chat/completions", {"origin": "http://[::1"}, 403, id="unclosed-ipv6-bracket"),
         pytest.param({}, "POST", "/v1/chat/completions/chatcmpl-0/cancel", {"origin": "https://evil.example"}, 403, id="cancel"),
         pytest.param({}, "DELETE", "/v1/chat/completions/chatcmpl-0", {"origin": "https://evil.example"}, 403, id="delete"),
         pytest.param({}, "PUT", "/v1/models", {"origin": "https://evil.example"}, 403, id="put"),

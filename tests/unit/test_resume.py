@@ -1,4 +1,4 @@
-"""Background mode, reattach (``Last-Event-ID`` / ``starting_after``), fan-out and GET by id (DESIGN.md, HTTP API)."""
+"""Background mode, reattach (``Last-Event-ID`` / ``starting_after``), fan-out and GET by id (docs/architecture.md, HTTP API)."""
 
 from __future__ import annotations
 
@@ -217,7 +217,7 @@ async def test_a_foreground_stream_and_two_reattached_subscribers_agree() -> Non
         await deliver_one_by_one(client, backend, request_id, subscribers=3)
         foreground, *reattached = await asyncio.wait_for(asyncio.gather(post, *readers), 30)
     assert foreground.headers["x-request-id"] == request_id
-    assert "id:" not in foreground.text  # the POST stream never carries ids (DESIGN.md, HTTP API)
+    assert "id:" not in foreground.text  # the POST stream never carries ids (docs/architecture.md, HTTP API)
     texts = [parse(r.text).text for r in (foreground, *reattached)]
     assert texts == [TEXT, TEXT, TEXT]
     assert reattached[0].text == reattached[1].text

@@ -1,5 +1,5 @@
 """Finished completions stay for ``retention_s``, at most ``max_retained`` of them and ``max_retained_bytes`` of text,
-oldest evicted first; after eviction GET and reattach answer 404 (DESIGN.md, Limits and failure behaviour)."""
+oldest evicted first; after eviction GET and reattach answer 404 (docs/architecture.md, Limits and failure behaviour)."""
 
 from __future__ import annotations
 

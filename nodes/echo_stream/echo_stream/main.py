@@ -230,7 +230,7 @@ class EchoStream:
 
         Blocks on ``source.next`` only while nothing is due, so sending never
         waits for events; everything already received is taken with
-        ``drain()`` (DESIGN.md: one wake-up per batch).
+        ``drain()`` (docs/architecture.md: one wake-up per batch).
         """
         if not isinstance(source, EventSource):
             source = ListSource(source)
