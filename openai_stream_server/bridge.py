@@ -22,7 +22,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from openai_stream_protocol import CANCEL_OUTPUT, REQUEST_OUTPUT, Chunk, parse_chunk, string_array, texts_of
+from openai_stream_protocol import (
+    CANCEL_OUTPUT,
+    REQUEST_OUTPUT,
+    Chunk,
+    is_batch,
+    parse_batch,
+    parse_chunk,
+    string_array,
+    texts_of,
+)
 
 from .backend import ChunkSink, DownstreamRequest, OnLost
 from .errors import BackendUnavailable
@@ -95,8 +104,17 @@ class DoraBridge:
                     if kind == "INPUT":
                         if _is_tick(ev["id"]):
                             continue
+                        value = ev["value"]
+                        if is_batch(value):
+                            # One message, one chunk per row of many requests (docs/architecture.md, "Batch form").
+                            try:
+                                batch.extend(parse_batch(value))
+                            except (ValueError, TypeError, KeyError) as exc:
+                                self.malformed_chunks += max(1, len(value))  # every row is a chunk dropped
+                                logger.warning("dropping a malformed batch of %d on %s: %r", len(value), ev["id"], str(exc))
+                            continue
                         try:
-                            batch.append(parse_chunk(texts_of(ev["value"]), ev["metadata"]))
+                            batch.append(parse_chunk(texts_of(value), ev["metadata"]))
                         except (ValueError, TypeError, IndexError) as exc:
                             self.malformed_chunks += 1
                             logger.warning("dropping a malformed chunk on %s: %r", ev["id"], str(exc))  # %r: one log line

@@ -16,10 +16,17 @@ delta text; metadata ``request_id``/``session_id``, ``seq`` (0, 1, 2, ...),
 ``fin: true`` on the last chunk, optional ``finish_reason``, ``error``,
 ``prompt_tokens`` and ``completion_tokens``.
 
+Batch (node -> server): one message, data a struct array with one row per
+chunk of many requests (``request_id``, ``seq``, ``text``, ``fin`` and the
+optional ``finish_reason``, ``error``, ``prompt_tokens``,
+``completion_tokens``, ``sent_at``); told apart by its type. ``BatchSender``
+builds it, ``parse_batch`` reads it.
+
 Cancel (server -> node), output ``cancel``: ``pa.array([request_id])`` with
 metadata ``request_id``.
 """
 
+from ._batch import BatchSender, is_batch, parse_batch
 from ._chunk import FINISH_REASONS, Chunk, ChunkSender, OutputSender, parse_chunk
 from ._events import REQUEST_INPUTS, NodeEventHandler, dispatch_event
 from ._request import Kind, Part, Role, last_user_text, parse_request_texts, split_tokens
@@ -51,6 +58,7 @@ __all__ = [
     "TOOL_PREFIX",
     "USER_IMAGE_PREFIX",
     "USER_TEXT_PREFIX",
+    "BatchSender",
     "Chunk",
     "ChunkSender",
     "Kind",
@@ -62,7 +70,9 @@ __all__ = [
     "as_int",
     "cancelled_request_id",
     "dispatch_event",
+    "is_batch",
     "last_user_text",
+    "parse_batch",
     "parse_chunk",
     "parse_request_texts",
     "request_id_of",

@@ -321,3 +321,67 @@ def test_a_closed_loop_releases_a_waiting_reader() -> None:
         reader.join(5)
         assert not reader.is_alive() and rec.stops == 0
         assert node.next_calls == MAX_BATCHES_IN_FLIGHT + 1
+
+
+# -- the batch form (docs/architecture.md, "Batch form") ---------------------------------
+
+
+def batch_event(request_ids: list[str], seqs: list[int], texts: list[str], fins: list[bool]) -> dict[str, Any]:
+    value = pa.StructArray.from_arrays(
+        [
+            pa.array(request_ids, type=pa.string()),
+            pa.array(seqs, type=pa.int64()),
+            pa.array(texts, type=pa.string()),
+            pa.array(fins, type=pa.bool_()),
+        ],
+        names=["request_id", "seq", "text", "fin"],
+    )
+    return {"type": "INPUT", "id": ANSWERS, "value": value, "metadata": {}}
+
+
+async def test_batch_single_and_legacy_messages_mixed_become_one_list_of_chunks_in_order() -> None:
+    node = FakeNode()
+    node.push(
+        batch_event(["a", "b"], [0, 0], ["a0", "b0"], [False, False]),
+        chunk_event("c", 0, "c0"),
+        {"type": "INPUT", "id": ANSWERS, "value": pa.array(["whole"], type=pa.string()), "metadata": {}},  # legacy
+        batch_event(["b", "a"], [1, 1], ["b1", ""], [False, True]),
+        STOP,
+    )
+    bridge, rec = await started(node)
+    assert await until(lambda: rec.stops == 1)
+    await ended(bridge, node)
+    assert [(c.request_id, c.seq, c.text, c.fin) for c in rec.chunks] == [
+        ("a", 0, "a0", False),
+        ("b", 0, "b0", False),
+        ("c", 0, "c0", False),
+        (None, None, "whole", True),
+        ("b", 1, "b1", False),
+        ("a", 1, "", True),
+    ]
+    assert rec.chunks[-1].finish_reason == "stop" and bridge.malformed_chunks == 0
+
+
+async def test_a_malformed_batch_is_dropped_and_counted_and_the_reader_reads_on() -> None:
+    node = FakeNode()
+    bridge = DoraBridge(node)
+    app = create_app(Settings(sweep_interval_s=0.02), bridge)
+    no_seq = pa.StructArray.from_arrays(
+        [pa.array(["r1", "r2"], type=pa.string()), pa.array(["x", "y"], type=pa.string()), pa.array([False, True])],
+        names=["request_id", "text", "fin"],
+    )
+    async with app.router.lifespan_context(app):
+        node.push({"type": "INPUT", "id": ANSWERS, "value": no_seq, "metadata": {}})
+        assert await until(lambda: bridge.malformed_chunks == 2)  # both rows dropped
+        node.push(batch_event(["nobody"], [0], ["after"], [False]))  # read on: a well-formed batch for no request
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
+            for _ in range(200):  # bounded: until the well-formed batch has reached the registry (on the loop)
+                metrics = (await client.get("/metrics")).text
+                if metric(metrics, "oss_dropped_chunks_total", 0) >= 1:
+                    break
+                await asyncio.sleep(0.01)
+        assert reader_of(bridge).is_alive()
+        node.push(STOP)
+        assert await until(lambda: not reader_of(bridge).is_alive())
+    assert metric(metrics, "oss_malformed_chunks_total") == 2
+    assert metric(metrics, 'oss_dropped_chunks_total{reason="unknown"}') == 1

@@ -1,0 +1,245 @@
+"""The batch form: one dora message carrying one chunk for each of many requests.
+
+dora's Python receive costs ~17 us per message whatever it carries
+(docs/architecture.md, "Facts measured"), so a batched engine that produces
+one token for every active sequence per step sends that step as ONE message:
+a pyarrow ``StructArray`` with one row per chunk (docs/architecture.md,
+"Dora wire protocol", "Batch form").
+
+A receiver tells it from a single chunk by the array's type alone (struct,
+where a single chunk is a string array), so no metadata flag is needed and
+the message's metadata is left empty. Every column is built with an explicit
+type: ``pa.array`` without one costs ~46 us against ~3 us (docs/architecture.md,
+"Facts measured").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+
+from ._chunk import FINISH_REASONS, Chunk, OutputSender
+from ._wire import request_id_of
+
+REQUIRED_COLUMNS: dict[str, pa.DataType] = {
+    "request_id": pa.string(),
+    "seq": pa.int64(),
+    "text": pa.string(),
+    "fin": pa.bool_(),
+}
+"""Columns every batch has, never null."""
+
+OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
+    "finish_reason": pa.string(),
+    "error": pa.string(),
+    "prompt_tokens": pa.int64(),
+    "completion_tokens": pa.int64(),
+    "sent_at": pa.float64(),
+}
+"""Columns a batch may leave out, nullable: null means "not given" for that row."""
+
+
+def is_batch(value: pa.Array) -> bool:
+    """True for the batch form (a struct array); a single chunk is a string array."""
+    return isinstance(value, pa.StructArray)
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t))
+
+
+def _is_float(t: pa.DataType) -> bool:
+    return bool(pa.types.is_floating(t) or pa.types.is_integer(t))
+
+
+_TYPE_CHECKS = {
+    "request_id": (_is_string, "a string"),
+    "seq": (pa.types.is_integer, "an integer"),
+    "text": (_is_string, "a string"),
+    "fin": (pa.types.is_boolean, "a boolean"),
+    "finish_reason": (_is_string, "a string"),
+    "error": (_is_string, "a string"),
+    "prompt_tokens": (pa.types.is_integer, "an integer"),
+    "completion_tokens": (pa.types.is_integer, "an integer"),
+    "sent_at": (_is_float, "a number"),
+}
+
+
+def parse_batch(value: pa.Array) -> list[Chunk]:
+    """The chunks of a batch message, in row order; ``ValueError`` for a malformed batch.
+
+    Reads column by column (one ``to_pylist`` each), never a scalar per row:
+    that is what keeps a 1,000-row message cheaper than 1,000 messages.
+    Malformed: not a struct array, a required column missing or null, a column
+    of the wrong type, a null row, or an unknown ``finish_reason``. One bad row
+    makes the whole message malformed: its rows arrive together or not at all.
+    """
+    if not isinstance(value, pa.StructArray):
+        raise ValueError(f"a batch is a struct array, got {value.type}")
+    if value.null_count:
+        raise ValueError(f"{value.null_count} null row(s) in a batch")
+    struct_type = value.type
+    names = {struct_type.field(i).name for i in range(struct_type.num_fields)}
+    missing = [name for name in REQUIRED_COLUMNS if name not in names]
+    if missing:
+        raise ValueError(f"batch without column(s) {', '.join(missing)}")
+    columns: dict[str, list[Any]] = {}
+    n = len(value)
+    for name, (check, expected) in _TYPE_CHECKS.items():
+        if name not in names:
+            columns[name] = [None] * n
+            continue
+        column = value.field(name)
+        if not check(column.type):
+            raise ValueError(f"batch column {name} must be {expected}, got {column.type}")
+        if name in REQUIRED_COLUMNS and column.null_count:
+            raise ValueError(f"batch column {name} has {column.null_count} null(s)")
+        columns[name] = column.to_pylist()
+    unknown = {reason for reason in columns["finish_reason"] if reason} - FINISH_REASONS
+    if unknown:
+        raise ValueError(f"unknown finish_reason: {sorted(unknown)!r}")
+    chunks = []
+    for request_id, seq, text, fin, finish_reason, error, prompt_tokens, completion_tokens, sent_at in zip(
+        columns["request_id"],
+        columns["seq"],
+        columns["text"],
+        columns["fin"],
+        columns["finish_reason"],
+        columns["error"],
+        columns["prompt_tokens"],
+        columns["completion_tokens"],
+        columns["sent_at"],
+        strict=True,
+    ):
+        # The same reading as parse_chunk: a finish_reason alone ends the stream; fin alone means stop (or error).
+        fin = fin or bool(finish_reason)
+        chunks.append(
+            Chunk(
+                request_id,
+                seq,
+                text,
+                fin,
+                (finish_reason or ("error" if error else "stop")) if fin else None,
+                error or None,
+                prompt_tokens,
+                completion_tokens,
+                None if sent_at is None else float(sent_at),
+            )
+        )
+    return chunks
+
+
+class BatchSender:
+    """Queues the deltas of many requests and sends each step as one message.
+
+    ``open`` a request when it arrives, ``send`` / ``finish`` its rows as an
+    engine step produces them, ``emit`` once per step. Each request's ``seq``
+    counts from 0 as with ``ChunkSender``. Never sets ``flush``: dora empties
+    the whole input queue on it (docs/architecture.md, "Dora wire protocol").
+    With ``stamp``, every row of an emit carries ``sent_at`` (``time.time()``
+    at the send), for the benchmarks' added delay.
+    """
+
+    __slots__ = ("node", "output", "stamp", "_seq", "_ids", "_seqs", "_texts", "_fins", "_extra")
+
+    def __init__(self, node: OutputSender, output: str = "chunks", *, stamp: bool = False) -> None:
+        self.node = node
+        self.output = output
+        self.stamp = stamp
+        self._seq: dict[str, int] = {}
+        self._ids: list[str] = []
+        self._seqs: list[int] = []
+        self._texts: list[str] = []
+        self._fins: list[bool] = []
+        # Row index -> (finish_reason, error, prompt_tokens, completion_tokens): only finish rows have them.
+        self._extra: dict[int, tuple[str, str | None, int | None, int | None]] = {}
+
+    def open(self, request_metadata: Mapping[str, Any]) -> str:
+        """Register a request (``seq`` starts at 0; again for an id already open) and return its id."""
+        request_id = request_id_of(request_metadata)
+        if request_id is None:
+            raise ValueError("request metadata has neither request_id nor session_id")
+        self._seq[request_id] = 0
+        return request_id
+
+    def send(self, request_id: str, text: str) -> None:
+        """Queue the request's next delta; ``KeyError`` for a request not open (never, or already finished)."""
+        seq = self._seq[request_id]
+        self._seq[request_id] = seq + 1
+        self._ids.append(request_id)
+        self._seqs.append(seq)
+        self._texts.append(text)
+        self._fins.append(False)
+
+    def finish(
+        self,
+        request_id: str,
+        finish_reason: str = "stop",
+        text: str = "",
+        *,
+        error: str | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+    ) -> None:
+        """Queue the request's last row (``fin``) with its finish reason and token counts, and forget it."""
+        if finish_reason not in FINISH_REASONS:
+            raise ValueError(f"unknown finish_reason: {finish_reason!r}")
+        seq = self._seq.pop(request_id)
+        self._extra[len(self._ids)] = (finish_reason, error, prompt_tokens, completion_tokens)
+        self._ids.append(request_id)
+        self._seqs.append(seq)
+        self._texts.append(text)
+        self._fins.append(True)
+
+    def discard(self, request_id: str) -> None:
+        """Forget a request (the server cancelled it): nothing more is sent for it, not even what is queued."""
+        if self._seq.pop(request_id, None) is None and request_id not in self._ids:
+            return
+        if request_id in self._ids:
+            keep = [i for i, rid in enumerate(self._ids) if rid != request_id]
+            extra = self._extra
+            self._ids = [self._ids[i] for i in keep]
+            self._seqs = [self._seqs[i] for i in keep]
+            self._texts = [self._texts[i] for i in keep]
+            self._fins = [self._fins[i] for i in keep]
+            self._extra = {new: extra[old] for new, old in enumerate(keep) if old in extra}
+
+    @property
+    def queued(self) -> int:
+        """Rows waiting for the next ``emit``."""
+        return len(self._ids)
+
+    def emit(self) -> int:
+        """Send everything queued as ONE message (nothing when empty); the number of rows sent."""
+        n = len(self._ids)
+        if not n:
+            return 0
+        names = ["request_id", "seq", "text", "fin"]
+        arrays = [
+            pa.array(self._ids, type=pa.string()),
+            pa.array(self._seqs, type=pa.int64()),
+            pa.array(self._texts, type=pa.string()),
+            pa.array(self._fins, type=pa.bool_()),
+        ]
+        extra = self._extra
+        if extra:  # the optional columns travel only in a step where some request finished
+            columns: tuple[list[Any], ...] = ([None] * n, [None] * n, [None] * n, [None] * n)
+            for row, values in extra.items():
+                for column, item in zip(columns, values, strict=True):
+                    column[row] = item
+            for name, column in zip(("finish_reason", "error", "prompt_tokens", "completion_tokens"), columns, strict=True):
+                names.append(name)
+                arrays.append(pa.array(column, type=OPTIONAL_COLUMNS[name]))
+        if self.stamp:
+            names.append("sent_at")
+            arrays.append(pa.array([time.time()] * n, type=pa.float64()))
+        self._ids, self._seqs, self._texts, self._fins, self._extra = [], [], [], [], {}
+        self.node.send_output(self.output, pa.StructArray.from_arrays(arrays, names=names), {})
+        return n
+
+    def __contains__(self, request_id: str) -> bool:
+        """Whether the request is open (opened, neither finished nor discarded)."""
+        return request_id in self._seq
