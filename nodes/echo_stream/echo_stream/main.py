@@ -51,6 +51,8 @@ class Settings:
     token_delay_s: float = 0.02
     stamp: bool = False
     """Add ``sent_at`` (``time.time()``) to every chunk's metadata, for benchmarks."""
+    step_ms: float = 0.0
+    """``ECHO_STEP_MS``: above 0, step mode (``step.py``): every step, one message with every active request's next chunk."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -61,7 +63,10 @@ class Settings:
         if not 0 <= delay <= 60:
             raise ValueError(f"ECHO_TOKEN_DELAY_S must be between 0 and 60 seconds, got {delay}")
         stamp = environ.get("ECHO_STAMP", "0").strip().lower() in ("1", "true", "yes")
-        return cls(tokens_per_chunk=tokens, token_delay_s=delay, stamp=stamp)
+        step_ms = _env_number(environ, "ECHO_STEP_MS", "0", float)
+        if not 0 <= step_ms <= 60_000:
+            raise ValueError(f"ECHO_STEP_MS must be between 0 and 60000 ms, got {step_ms}")
+        return cls(tokens_per_chunk=tokens, token_delay_s=delay, stamp=stamp, step_ms=step_ms)
 
 
 def _env_number(environ: Mapping[str, str], name: str, default: str, cast: Callable[[str], _N]) -> _N:
@@ -168,7 +173,7 @@ class EchoStream:
 
     def on_request(self, texts: list[str], metadata: Mapping[str, Any]) -> None:
         try:
-            sender = ChunkSender(self.node, metadata, output=self.output)
+            sender = self.open_sender(metadata)
         except ValueError:
             logger.warning("dropping a request without request_id or session_id")
             return
@@ -183,6 +188,10 @@ class EchoStream:
         due = self.clock() + self.settings.token_delay_s * min(per_chunk, max(limit, 1))
         heapq.heappush(self._heap, (due, next(self._order), generation))
         logger.debug("request %s: %d tokens, finish %s", sender.request_id, limit, finish_reason)
+
+    def open_sender(self, metadata: Mapping[str, Any]) -> ChunkSender:
+        """The sender of one request's chunks (step mode queues them for its next batch instead)."""
+        return ChunkSender(self.node, metadata, output=self.output)
 
     def on_cancel(self, request_id: str) -> None:
         # The server has already ended the request: no finish marker either.
@@ -271,12 +280,18 @@ def main(argv: list[str] | None = None) -> None:
 
     node = Node(args.name) if args.name else Node()
     logger.info(
-        "echo-stream: %d token(s) per chunk, %.3f s per token%s",
+        "echo-stream: %d token(s) per chunk, %.3f s per token%s%s",
         settings.tokens_per_chunk,
         settings.token_delay_s,
         ", stamped" if settings.stamp else "",
+        f", step mode: one message every {settings.step_ms:g} ms" if settings.step_ms else "",
     )
-    EchoStream(node, settings).run(node)
+    if settings.step_ms:
+        from .step import StepEcho  # step.py builds on this module
+
+        StepEcho(node, settings).run(node)
+    else:
+        EchoStream(node, settings).run(node)
 
 
 if __name__ == "__main__":
