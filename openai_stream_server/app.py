@@ -138,15 +138,18 @@ class ChatCompletions:
         body = parse_chat_request(await _read_body(request, self.settings.max_body_bytes))
         model = self._model(body)
         parts = body.parts()
+        # No replica live (one is restarting): wait a little for one rather than fail at once
+        # (docs/architecture.md, "Replicas and failover"); returns at once while one is live.
+        await self.backend.wait_live(self.settings.model_wait_s)
         state = self.registry.open(request_id, model, prompt_tokens=sum(len(split_tokens(p.content)) for p in parts))
+        downstream = DownstreamRequest(request_id, [p.encode() for p in parts], self._metadata(body, model, request_id))
         try:
-            self.backend.submit(
-                DownstreamRequest(request_id, [p.encode() for p in parts], self._metadata(body, model, request_id))
-            )
+            self.backend.submit(downstream)
         except ChatCompletionError as error:
             self.registry.fail(state, error)  # never submitted: no cancel goes downstream
             raise
         state.submitted = True
+        state.request = downstream
         headers = {"X-Request-Id": request_id}
         if body.background:
             return JSONResponse(
@@ -218,6 +221,19 @@ class ChatCompletions:
 
     def _cancel(self, request_id: str) -> None:
         self.registry.cancel(request_id)
+
+    async def resend(self, state: StreamState, replica_id: str) -> None:
+        """Re-send a request whose replica died before its first chunk, to another (or the same, restarted) one."""
+        request = self.registry.retry(state, replica_id)
+        if request is None:
+            return
+        await self.backend.wait_live(self.settings.model_wait_s)
+        if state.done:  # cancelled or timed out meanwhile
+            return
+        try:
+            self.backend.submit(request)
+        except ChatCompletionError as error:
+            self.registry.fail(state, error)
 
     # -- by id ---------------------------------------------------------------
 
@@ -295,14 +311,23 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings, backend: Backend) -> Starlette:
     """The ASGI app. The backend is started in the lifespan; the registry lives on ``app.state``."""
     metrics = Metrics()
-    registry = StreamRegistry(settings, metrics, on_cancel=backend.cancel)
+    registry = StreamRegistry(settings, metrics, on_cancel=backend.cancel, on_release=backend.release)
     metrics.count_from(
         "oss_malformed_chunks",
         "Chunks the backend could not read (a bad seq or metadata), dropped",
         lambda: getattr(backend, "malformed_chunks", 0),
     )
+    metrics.replicas_from(lambda: getattr(backend, "replica_stats", list)())
     chat = ChatCompletions(settings, backend, registry, metrics)
     started_at = time.time()
+    resending: set[asyncio.Task[None]] = set()
+
+    def on_orphaned(wire_ids: list[str], error: ChatCompletionError, replica_id: str) -> None:
+        """A replica died: fail what it had streamed, re-send what it had not (docs/architecture.md, "Replicas and failover")."""
+        for state in registry.orphaned(wire_ids, error):
+            task = asyncio.ensure_future(chat.resend(state, replica_id))
+            resending.add(task)
+            task.add_done_callback(resending.discard)
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": int(started_at), "owned_by": "dora"}
@@ -341,7 +366,7 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
             app.state.stopped.set()
 
         app.state.stopped = asyncio.Event()
-        await backend.start(registry.deliver, on_stop, registry.fail_all)
+        await backend.start(registry.deliver, on_stop, registry.fail_all, on_orphaned)
         sweeper = asyncio.create_task(_sweep(registry, settings.sweep_interval_s))
         try:
             yield

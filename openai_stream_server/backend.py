@@ -21,26 +21,46 @@ ChunkSink = Callable[[list[Chunk]], None]
 OnLost = Callable[[ChatCompletionError], None]
 """Every node that answers is gone: requests in flight end with the error (``StreamRegistry.fail_all``)."""
 
+OnOrphaned = Callable[[list[str], ChatCompletionError, str], None]
+"""A model replica died (its inputs closed, or dora restarted it): ``(request ids it held, why, replica id)``.
+
+The ids are the wire ids the requests were submitted with. The backend has already forgotten them;
+the registry re-sends those that have not received a chunk yet and fails the others
+(docs/architecture.md, "Replicas and failover").
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class DownstreamRequest:
     """One request as it travels to the model node (docs/architecture.md, Dora wire protocol)."""
 
     request_id: str
+    """The id on the wire: the completion id, or ``<completion id>~<attempt>`` for a re-sent request."""
     texts: list[str]
     metadata: dict[str, Any]
+    retry_of: str | None = None
+    """A re-send after replica ``retry_of`` died: another live replica is preferred (and counted as a retry)."""
 
 
 class Backend(Protocol):
-    async def start(self, sink: ChunkSink, on_stop: Callable[[], None], on_lost: OnLost) -> None:
-        """Begin delivering chunks to ``sink``; call ``on_stop`` when the dataflow stops, ``on_lost`` when
-        the model nodes are gone while it runs (a crash), so that no client waits out a timeout."""
+    async def start(
+        self, sink: ChunkSink, on_stop: Callable[[], None], on_lost: OnLost, on_orphaned: OnOrphaned | None = None
+    ) -> None:
+        """Begin delivering chunks to ``sink``; call ``on_stop`` when the dataflow stops. When a replica
+        dies, hand its requests to ``on_orphaned``; without it (or a backend without replicas), call
+        ``on_lost`` once every model node is gone, so that no client waits out a timeout."""
 
     def submit(self, request: DownstreamRequest) -> None:
-        """Send a request downstream; raises ``BackendUnavailable`` when it cannot."""
+        """Send a request downstream (to one replica); raises ``BackendUnavailable`` when it cannot."""
+
+    async def wait_live(self, timeout_s: float) -> bool:
+        """Return True at once while a model replica is live, else once one is, False after ``timeout_s``."""
 
     def cancel(self, request_id: str) -> None:
-        """Tell downstream nodes to stop working on a request."""
+        """Tell the node working on a request to stop (only the replica that holds it)."""
+
+    def release(self, request_id: str, completed: bool) -> None:
+        """The request ended: it no longer counts as in flight on its replica (``completed``: served)."""
 
     def health(self) -> dict[str, Any]:
         """``connected`` and whatever else tells whether events are flowing."""

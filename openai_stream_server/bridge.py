@@ -23,8 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from openai_stream_protocol import (
-    CANCEL_OUTPUT,
-    REQUEST_OUTPUT,
+    HELLO_KEY,
     Chunk,
     is_batch,
     parse_batch,
@@ -33,8 +32,9 @@ from openai_stream_protocol import (
     texts_of,
 )
 
-from .backend import ChunkSink, DownstreamRequest, OnLost
-from .errors import BackendUnavailable
+from .backend import ChunkSink, DownstreamRequest, OnLost, OnOrphaned
+from .errors import BackendUnavailable, UpstreamError
+from .replicas import Replica, ReplicaSet, discover, is_tick
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ SLOT_WAIT_S = 0.1
 """How long one wait for a free slot lasts before the reader checks whether the bridge stopped."""
 
 
-def _is_tick(input_id: str) -> bool:
-    return input_id == "tick" or input_id.startswith("dora/timer")
+_is_tick = is_tick
 
 
 class DoraBridge:
@@ -62,22 +61,38 @@ class DoraBridge:
         self._thread: threading.Thread | None = None
         self.stopped = False
         self.lost: str | None = None
-        """Why the model nodes are gone (every answer input closed), else None."""
-        self._answer_inputs: set[str] | None = None
+        """Why no model replica is live (the last one's answer inputs closed), else None."""
+        self.replicas = ReplicaSet(discover(None))
+        self._seen_at: dict[str, float] = {}
+        """Answer input -> when its last event came (written by the reader thread, read by /health)."""
+        self._live: asyncio.Event | None = None
+        self._on_lost: OnLost | None = None
+        self._on_orphaned: OnOrphaned | None = None
         self.last_event_at: float | None = None
         self.malformed_chunks = 0
         self._slots = threading.Semaphore(MAX_BATCHES_IN_FLIGHT)
         """One per batch handed to the loop and not yet delivered (``MAX_BATCHES_IN_FLIGHT``)."""
 
-    async def start(self, sink: ChunkSink, on_stop: Callable[[], None], on_lost: OnLost) -> None:
+    async def start(
+        self, sink: ChunkSink, on_stop: Callable[[], None], on_lost: OnLost, on_orphaned: OnOrphaned | None = None
+    ) -> None:
         self._loop = asyncio.get_running_loop()
-        self._answer_inputs = _answer_inputs(self._node)
-        self._thread = threading.Thread(target=self._read, args=(sink, on_stop, on_lost), name="dora-reader", daemon=True)
+        self.replicas = ReplicaSet(discover(_node_config(self._node)))
+        self._live = asyncio.Event()
+        self._live.set()
+        self._on_lost, self._on_orphaned = on_lost, on_orphaned
+        names = ", ".join(f"{r.replica_id} ({r.request_output})" for r in self.replicas.replicas)
+        logger.info("model replicas: %s", names)
+        self._thread = threading.Thread(target=self._read, args=(sink, on_stop), name="dora-reader", daemon=True)
         self._thread.start()
 
-    def _read(self, sink: ChunkSink, on_stop: Callable[[], None], on_lost: OnLost) -> None:
+    def _read(self, sink: ChunkSink, on_stop: Callable[[], None]) -> None:
         assert self._loop is not None
         node, loop, slots = self._node, self._loop, self._slots
+        answer_inputs = frozenset(self.replicas.by_input)
+        closed: set[str] = set()
+        """Answer inputs dora closed (reader-owned): an event on one again means its replica is back."""
+        seen_at = self._seen_at
 
         def deliver(batch: list[Chunk]) -> None:  # on the loop thread
             try:
@@ -96,14 +111,22 @@ class DoraBridge:
                         events.extend(node.drain())
                     except RuntimeError:  # the channel closed after this event: the dataflow is stopping
                         pass
-                self.last_event_at = time.monotonic()
+                self.last_event_at = now = time.monotonic()
                 batch: list[Chunk] = []
-                stop = lost = False
+                signals: list[tuple[str, str]] = []
+                stop = False
                 for ev in events:
                     kind = ev["type"]
                     if kind == "INPUT":
-                        if _is_tick(ev["id"]):
+                        input_id = ev["id"]
+                        if _is_tick(input_id):
                             continue
+                        seen_at[input_id] = now
+                        if input_id in closed:  # after `dora node restart` the input carries events again
+                            closed.discard(input_id)
+                            signals.append(("seen", input_id))
+                        if HELLO_KEY in ev["metadata"]:
+                            continue  # a node saying it is up, not a chunk (docs/architecture.md, "Replicas and failover")
                         value = ev["value"]
                         if is_batch(value):
                             # One message, one chunk per row of many requests (docs/architecture.md, "Batch form").
@@ -121,15 +144,19 @@ class DoraBridge:
                     elif kind == "STOP":
                         stop = True
                     elif kind == "INPUT_CLOSED":
-                        lost = self._closed(ev["id"]) or lost
+                        if ev["id"] in answer_inputs:
+                            closed.add(ev["id"])
+                            signals.append(("closed", ev["id"]))
+                    elif kind == "NODE_RESTARTED":  # a restart policy brought a node back; its inputs stay open
+                        signals.append(("restarted", str(ev["id"])))
                     elif kind == "ERROR":
                         logger.error("dora error event: %r", ev.get("error"))
                 if batch:
                     if not slots.acquire(blocking=False) and not self._wait_for_slot(loop):
                         break  # stopped, or the loop is gone: nobody left to deliver to
                     loop.call_soon_threadsafe(deliver, batch)
-                if lost and not stop:
-                    loop.call_soon_threadsafe(on_lost, BackendUnavailable(self.lost or "the model node is gone"))
+                if signals and not stop:  # after the chunks that came before them
+                    loop.call_soon_threadsafe(self._replica_events, signals)
                 if stop:
                     break
         except Exception:
@@ -146,33 +173,97 @@ class DoraBridge:
                 return True
         return False
 
-    def _closed(self, input_id: str) -> bool:
-        """An input closed; True when it was the last one that carries answers (the model node exited)."""
-        if self._answer_inputs is None or input_id not in self._answer_inputs:
+    # -- replicas (loop thread) -------------------------------------------------
+
+    def _replica_events(self, signals: list[tuple[str, str]]) -> None:
+        """What the reader saw about replicas, in order: an input closed, a node restarted, an input came back."""
+        replicas = self.replicas
+        for kind, ident in signals:
+            if kind == "closed":
+                replica = replicas.input_closed(ident)
+                if replica is not None:
+                    self._down(replica, f"input '{ident}' closed", restarted=False)
+            elif kind == "restarted":
+                replica = replicas.node_restarted(ident)
+                if replica is None:
+                    logger.info("node %r restarted (not a model replica)", ident)
+                else:
+                    self._down(replica, f"node '{ident}' was restarted by dora", restarted=True)
+            elif (replica := replicas.input_seen(ident)) is not None:
+                logger.warning("model replica %r is back (events on %r again)", replica.replica_id, ident)
+                self._liveness_changed(None)
+
+    def _down(self, replica: Replica, why: str, *, restarted: bool) -> None:
+        """A replica died (or dora restarted it): hand what it held to the registry, which re-sends or fails it."""
+        held = self.replicas.take_held(replica)
+        logger.error("model replica %r: %s; %d request(s) in flight on it", replica.replica_id, why, len(held))
+        if restarted and replica.cancel_output is not None:
+            # The new process may still get requests queued for the old one: tell it to drop them.
+            for request_id in held:
+                self._cancel_on(replica, request_id)
+        self._liveness_changed(f"the model node is gone (replica '{replica.replica_id}': {why})")
+        if self._on_orphaned is not None:
+            if held:
+                cut = UpstreamError(f"the model node is gone (replica '{replica.replica_id}': {why}); the answer was cut off")
+                self._on_orphaned(held, cut, replica.replica_id)
+        elif self.lost is not None and self._on_lost is not None:
+            self._on_lost(BackendUnavailable(self.lost))
+
+    def _liveness_changed(self, why: str | None) -> None:
+        assert self._live is not None
+        if self.replicas.any_live:
+            self.lost = None
+            self._live.set()
+        else:
+            self.lost = why or self.lost or "no model replica is live"
+            self._live.clear()
+            logger.error("%s: no model replica is live; new requests wait for one, then get 503", self.lost)
+
+    async def wait_live(self, timeout_s: float) -> bool:
+        if self.stopped:
             return False
-        self._answer_inputs.discard(input_id)
-        if self._answer_inputs or self.lost is not None:
+        if self._live is None or self._live.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._live.wait(), timeout_s)
+        except TimeoutError:
             return False
-        self.lost = f"the model node is gone (input '{input_id}' closed)"
-        logger.error("%s: failing requests in flight, refusing new ones", self.lost)
-        return True
+        return not self.stopped
+
+    # -- sending (loop thread) --------------------------------------------------
 
     def submit(self, request: DownstreamRequest) -> None:
-        self._send(REQUEST_OUTPUT, request.texts, request.metadata)
+        if self.stopped:
+            raise BackendUnavailable("the dora dataflow has stopped")
+        replicas = self.replicas
+        replica = replicas.pick(request.retry_of)
+        if replica is None:
+            raise BackendUnavailable(self.lost or "no model replica is live")
+        self._send(replica.request_output, request.texts, request.metadata)
+        if request.retry_of is not None and (origin := replicas.by_id.get(request.retry_of)) is not None:
+            origin.retries += 1
+        replicas.assign(request.request_id, replica)
 
     def cancel(self, request_id: str) -> None:
-        if self.lost is not None:
-            return  # nobody left to tell
+        replica = self.replicas.holder.get(request_id)
+        if replica is None or not replica.live:
+            return  # never sent, already forgotten, or nobody left to tell
+        self._cancel_on(replica, request_id)
+
+    def _cancel_on(self, replica: Replica, request_id: str) -> None:
+        if replica.cancel_output is None:
+            return
         try:
-            self._send(CANCEL_OUTPUT, [request_id], {"request_id": request_id})
+            self._send(replica.cancel_output, [request_id], {"request_id": request_id})
         except BackendUnavailable:
             logger.warning("could not send cancel for %s", request_id)
+
+    def release(self, request_id: str, completed: bool) -> None:
+        self.replicas.release(request_id, completed)
 
     def _send(self, output: str, texts: list[str], metadata: dict[str, Any]) -> None:
         if self.stopped:
             raise BackendUnavailable("the dora dataflow has stopped")
-        if self.lost is not None:
-            raise BackendUnavailable(self.lost)
         try:
             self._node.send_output(output, string_array(texts), metadata)
         except Exception as exc:  # dora raises RuntimeError / pyo3 exceptions
@@ -183,26 +274,26 @@ class DoraBridge:
         status: dict[str, Any] = {"connected": not self.stopped and self.lost is None, "last_event_age_s": age}
         if self.lost is not None:
             status["error"] = self.lost
+        status["replicas"] = self.replicas.stats(self._seen_at)
         return status
+
+    def replica_stats(self) -> list[Replica]:
+        """The replicas, for the per-replica series of /metrics (read when it renders)."""
+        return self.replicas.replicas
 
     async def aclose(self) -> None:
         self.stopped = True
 
 
-def _answer_inputs(node: Any) -> set[str] | None:
-    """The inputs that carry answers (all but timers), from the node's dataflow config; None if unknown.
+def _node_config(node: Any) -> dict[str, Any] | None:
+    """The server node's inputs and outputs from the dataflow (replicas are declared there); None if unknown.
 
-    When every one of them has closed, the nodes that answer have exited (a crash, say): dora 1.1.0
+    When every answer input of a replica has closed, its node has exited (a crash, say): dora 1.1.0
     keeps the dataflow running for the server (its timer input stays open), so without this a
     client would wait out the first-chunk or idle timeout (tests/e2e/test_robustness.py).
     """
     try:
-        inputs = node.node_config()["inputs"]
+        config = node.node_config()
     except Exception:  # older dora, or a test double
         return None
-    answers: set[str] = set()
-    for input_id, source in inputs.items():
-        name = source.get("source", "") if isinstance(source, dict) else str(source)
-        if not _is_tick(input_id) and not name.startswith("dora/"):
-            answers.add(input_id)
-    return answers or None
+    return config if isinstance(config, dict) else None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -28,6 +29,9 @@ class Metrics:
             "oss_dropped_chunks", "Chunks dropped: unknown request, duplicate, late, overflow", ["reason"], registry=r
         )
         self.reordered_chunks = Counter("oss_reordered_chunks", "Chunks that arrived early and were held", registry=r)
+        self.retries = Counter(
+            "oss_retries", "Requests re-sent to another replica because theirs died before their first chunk", registry=r
+        )
         self.cancellations = Counter("oss_cancellations", "Completions cancelled (client gone or asked)", registry=r)
         self.errors = Counter("oss_errors", "Completions that failed, by error code", ["code"], registry=r)
         self.timeouts = Counter(
@@ -47,6 +51,10 @@ class Metrics:
         """Export a counter that another object keeps (an int another thread increments), read at render time."""
         self.registry.register(_ReadCounter(name, documentation, read))
 
+    def replicas_from(self, read: Callable[[], Iterable[Any]]) -> None:
+        """Per-replica series (label ``replica``), read from the backend's replicas when /metrics renders."""
+        self.registry.register(_ReplicaCollector(read))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -59,3 +67,29 @@ class _ReadCounter:
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(self.name, self.documentation, value=self.read())
+
+
+class _ReplicaCollector:
+    """``oss_replica_*``: live, in flight, served, failures, retries per model replica; nothing on the hot path."""
+
+    def __init__(self, read: Callable[[], Iterable[Any]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        live = GaugeMetricFamily("oss_replica_live", "1 while the model replica is live", labels=["replica"])
+        in_flight = GaugeMetricFamily("oss_replica_in_flight", "Requests in flight on the model replica", labels=["replica"])
+        served = CounterMetricFamily("oss_replica_served", "Requests the model replica completed", labels=["replica"])
+        failures = CounterMetricFamily(
+            "oss_replica_failures", "Times the model replica died or was restarted by dora", labels=["replica"]
+        )
+        retries = CounterMetricFamily(
+            "oss_replica_retries", "Requests re-sent elsewhere because the replica died before answering", labels=["replica"]
+        )
+        for r in self.read():
+            labels = [r.replica_id]
+            live.add_metric(labels, 1.0 if r.live else 0.0)
+            in_flight.add_metric(labels, r.in_flight)
+            served.add_metric(labels, r.served)
+            failures.add_metric(labels, r.failures)
+            retries.add_metric(labels, r.retries)
+        yield from (live, in_flight, served, failures, retries)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from openai_stream_protocol import Chunk
 
+from .backend import DownstreamRequest
 from .errors import ChatCompletionError, Overloaded, TooManyRequests
 from .metrics import Metrics
 from .settings import Settings
@@ -40,10 +41,19 @@ only when those in flight outgrow the whole bound.
 
 
 class StreamRegistry:
-    def __init__(self, settings: Settings, metrics: Metrics, on_cancel: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        on_cancel: Callable[[str], None],
+        on_release: Callable[[str, bool], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self._on_cancel = on_cancel
+        self._on_release = on_release
+        self._retried: dict[str, StreamState] = {}
+        """Wire id of a re-sent request (``<id>~<n>``) -> its state; the first attempt's id is the state's own."""
         self._limits = Limits(settings.max_buffered_chunks, settings.max_completion_bytes)
         self.active: dict[str, StreamState] = {}
         self.retained: OrderedDict[str, StreamState] = OrderedDict()
@@ -89,6 +99,10 @@ class StreamRegistry:
             if state is None:
                 metrics.dropped_chunks.labels("unknown").inc()
                 continue
+            if chunk.request_id is not None and state.wire_id != chunk.request_id:
+                # An earlier attempt's chunk (its replica died, the request was re-sent): never mixed in.
+                metrics.dropped_chunks.labels("stale").inc()
+                continue
             previous = state.last_chunk_at
             logged = len(state.pieces)
             outcome = state.accept(chunk, now)
@@ -115,7 +129,8 @@ class StreamRegistry:
 
     def _route(self, chunk: Chunk) -> StreamState | None:
         if chunk.request_id is not None:
-            return self.active.get(chunk.request_id) or self.retained.get(chunk.request_id)
+            rid = chunk.request_id
+            return self.active.get(rid) or self.retained.get(rid) or (self._retried.get(rid) if self._retried else None)
         if chunk.seq is None:  # legacy reply without an id: the oldest request still waiting
             while self._legacy_waiting:
                 state = self.active.get(self._legacy_waiting.popleft())
@@ -138,6 +153,37 @@ class StreamRegistry:
         if state.request_id in self.active:
             state.fail(error)
             self._ended(state)
+
+    def orphaned(self, wire_ids: list[str], error: ChatCompletionError) -> list[StreamState]:
+        """Their replica died: fail those that had a chunk (``error``), return those to re-send.
+
+        A request that has received nothing yet can go to another replica without the client ever
+        knowing; one that has would stream twice, so it ends (docs/architecture.md, "Replicas and failover").
+        """
+        resend = []
+        for wire_id in wire_ids:
+            state = self.active.get(wire_id) or self._retried.get(wire_id)
+            if state is None or state.done or state.wire_id != wire_id:
+                continue
+            if state.received_any or state.request is None:
+                self.fail(state, error)
+            else:
+                resend.append(state)
+        return resend
+
+    def retry(self, state: StreamState, replica_id: str) -> DownstreamRequest | None:
+        """The request to re-send ``state`` with, under a new wire id (None if it ended meanwhile)."""
+        request = state.request
+        if request is None or state.done:
+            return None
+        if state.attempt:
+            self._retried.pop(state.wire_id, None)
+        state.attempt += 1
+        state.wire_id = wire_id = f"{state.request_id}~{state.attempt}"
+        self._retried[wire_id] = state
+        self.metrics.retries.inc()
+        metadata = {**request.metadata, "request_id": wire_id, "session_id": wire_id}
+        return DownstreamRequest(wire_id, request.texts, metadata, retry_of=replica_id)
 
     def fail_all(self, error: ChatCompletionError) -> None:
         """Shutdown: every in-flight request ends with ``error``."""
@@ -170,7 +216,12 @@ class StreamRegistry:
         ):
             # The node may still be working on it: stop it (docs/architecture.md, "Limits and failure behaviour").
             # One never submitted (submit raised) is unknown to the nodes: nothing to stop.
-            self._on_cancel(state.request_id)
+            self._on_cancel(state.wire_id)
+        if self._on_release is not None and state.submitted:
+            self._on_release(state.wire_id, state.status is Status.COMPLETED)
+        if state.attempt:
+            self._retried.pop(state.wire_id, None)
+        state.request = None
         if state.status is Status.FAILED and state.error is not None:
             self.metrics.errors.labels(state.error.code or state.error.error_type).inc()
         self._log(state)

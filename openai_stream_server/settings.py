@@ -49,6 +49,9 @@ class Settings:
     """No chunk within this time after the previous one: an error event, and ``cancel`` downstream."""
     gap_timeout_s: float = 5.0
     """A missing ``seq`` that does not arrive within this time ends the stream with an error naming it."""
+    model_wait_s: float = 5.0
+    """A request that arrives while no model replica is live (one is restarting) waits this long for one, then gets 503;
+    a request whose replica died before its first chunk waits as long to be re-sent."""
     header_grace_s: float = 2.0
     """How long a streaming response holds its headers back waiting for the first chunk or an error."""
     ping_interval_s: float = 15.0

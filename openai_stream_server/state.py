@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from openai_stream_protocol import Chunk
 
+from .backend import DownstreamRequest
 from .errors import ChatCompletionError, UpstreamError, UpstreamTimeout
 
 
@@ -106,6 +107,12 @@ class StreamState:
         chunks in ``pieces`` and chunks held back (``LOGGED_CHUNK_OVERHEAD_BYTES``, ``HELD_CHUNK_OVERHEAD_BYTES``)."""
         self.submitted = False
         """Set once the request went downstream: only those are sent a ``cancel`` when they end early."""
+        self.request: DownstreamRequest | None = None
+        """What was sent, kept while in flight so that it can be re-sent when its replica dies unanswered."""
+        self.wire_id = request_id
+        """The id the node answers under: ``request_id``, then ``<request_id>~<n>`` after the n-th re-send, so
+        that a late chunk of an earlier attempt (a dead or restarted replica) never mixes in."""
+        self.attempt = 0
         self._ledger = ByteLedger() if ledger is None else ledger
         self._pending_bytes = 0
         self.finish_reason: str | None = None
@@ -129,6 +136,11 @@ class StreamState:
     @property
     def done(self) -> bool:
         return self.status is not Status.IN_PROGRESS
+
+    @property
+    def received_any(self) -> bool:
+        """A chunk of this attempt arrived (delivered or held): re-sending it could stream twice."""
+        return self.first_chunk_at is not None or bool(self._pending)
 
     @property
     def text(self) -> str:

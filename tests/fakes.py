@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from openai_stream_server.backend import ChunkSink, DownstreamRequest, OnLost
+from openai_stream_server.backend import ChunkSink, DownstreamRequest, OnLost, OnOrphaned
 from openai_stream_server.errors import BackendUnavailable
 from openai_stream_server.protocol import Chunk, last_user_text, parse_request_texts, split_tokens
 
@@ -35,8 +35,18 @@ class FakeBackend:
     _on_lost: OnLost | None = None
     _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
-    async def start(self, sink: ChunkSink, on_stop: Callable[[], None], on_lost: OnLost) -> None:
+    released: list[tuple[str, bool]] = field(default_factory=list)
+
+    async def start(
+        self, sink: ChunkSink, on_stop: Callable[[], None], on_lost: OnLost, on_orphaned: OnOrphaned | None = None
+    ) -> None:
         self._sink, self._on_stop, self._on_lost = sink, on_stop, on_lost
+
+    async def wait_live(self, timeout_s: float) -> bool:
+        return True
+
+    def release(self, request_id: str, completed: bool) -> None:
+        self.released.append((request_id, completed))
 
     def submit(self, request: DownstreamRequest) -> None:
         if self.fail_submit:

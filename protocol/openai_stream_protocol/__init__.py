@@ -33,6 +33,7 @@ from ._request import Kind, Part, Role, last_user_text, parse_request_texts, spl
 from ._wire import (
     ASSISTANT_PREFIX,
     CANCEL_OUTPUT,
+    HELLO_KEY,
     REQUEST_OUTPUT,
     SYSTEM_PREFIX,
     TOOL_PREFIX,
@@ -42,6 +43,7 @@ from ._wire import (
     as_int,
     cancelled_request_id,
     request_id_of,
+    send_hello,
     string_array,
     texts_of,
 )
@@ -52,6 +54,7 @@ __all__ = [
     "ASSISTANT_PREFIX",
     "CANCEL_OUTPUT",
     "FINISH_REASONS",
+    "HELLO_KEY",
     "REQUEST_INPUTS",
     "REQUEST_OUTPUT",
     "SYSTEM_PREFIX",
@@ -76,6 +79,7 @@ __all__ = [
     "parse_chunk",
     "parse_request_texts",
     "request_id_of",
+    "send_hello",
     "split_tokens",
     "string_array",
     "texts_of",

@@ -10,10 +10,12 @@ when its next chunk is due, so their chunks interleave.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from openai_stream_protocol import (
     dispatch_event,
     last_user_text,
     parse_request_texts,
+    send_hello,
     split_tokens,
 )
 
@@ -53,6 +56,9 @@ class Settings:
     """Add ``sent_at`` (``time.time()``) to every chunk's metadata, for benchmarks."""
     step_ms: float = 0.0
     """``ECHO_STEP_MS``: above 0, step mode (``step.py``): every step, one message with every active request's next chunk."""
+    max_concurrent: int = 0
+    """``ECHO_MAX_CONCURRENT``: above 0, at most this many requests generate at once; the rest wait in arrival order
+    (a model's capacity, so that replicas have something to share; ignored in step mode)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -66,7 +72,10 @@ class Settings:
         step_ms = _env_number(environ, "ECHO_STEP_MS", "0", float)
         if not 0 <= step_ms <= 60_000:
             raise ValueError(f"ECHO_STEP_MS must be between 0 and 60000 ms, got {step_ms}")
-        return cls(tokens_per_chunk=tokens, token_delay_s=delay, stamp=stamp, step_ms=step_ms)
+        max_concurrent = _env_number(environ, "ECHO_MAX_CONCURRENT", "0", int)
+        if max_concurrent < 0:
+            raise ValueError(f"ECHO_MAX_CONCURRENT must be 0 (no limit) or more, got {max_concurrent}")
+        return cls(tokens_per_chunk=tokens, token_delay_s=delay, stamp=stamp, step_ms=step_ms, max_concurrent=max_concurrent)
 
 
 def _env_number(environ: Mapping[str, str], name: str, default: str, cast: Callable[[str], _N]) -> _N:
@@ -157,6 +166,8 @@ class EchoStream:
         # generations stay until popped and are skipped then.
         self._heap: list[tuple[float, int, Generation]] = []
         self._order = itertools.count()
+        self.waiting: dict[str, Generation] = {}
+        """Requests past ``max_concurrent``, in arrival order, until a generating one ends."""
         self.stopped = False
 
     def handle(self, event: Event | None) -> bool:
@@ -167,8 +178,9 @@ class EchoStream:
         return dispatch_event(event, self)
 
     def on_stop(self) -> None:
-        logger.info("stop: dropping %d active requests", len(self.active))
+        logger.info("stop: dropping %d active requests", len(self.active) + len(self.waiting))
         self.active.clear()
+        self.waiting.clear()
         self.stopped = True
 
     def on_request(self, texts: list[str], metadata: Mapping[str, Any]) -> None:
@@ -184,10 +196,26 @@ class EchoStream:
         # same delay (a model node would too; it saves a dora message per token).
         per_chunk = max(limit, 1) if "stream" in metadata and not as_bool(metadata["stream"]) else self.settings.tokens_per_chunk
         generation = Generation(sender, tokens, limit, finish_reason, prompt_tokens, per_chunk)
-        self.active[sender.request_id] = generation
-        due = self.clock() + self.settings.token_delay_s * min(per_chunk, max(limit, 1))
-        heapq.heappush(self._heap, (due, next(self._order), generation))
+        limit_concurrent = self.settings.max_concurrent
+        if limit_concurrent and sender.request_id not in self.active and len(self.active) >= limit_concurrent:
+            self.waiting[sender.request_id] = generation
+        else:
+            self._begin(generation)
         logger.debug("request %s: %d tokens, finish %s", sender.request_id, limit, finish_reason)
+
+    def _begin(self, generation: Generation) -> None:
+        self.active[generation.sender.request_id] = generation
+        due = self.clock() + self.settings.token_delay_s * min(generation.tokens_per_chunk, max(generation.limit, 1))
+        heapq.heappush(self._heap, (due, next(self._order), generation))
+
+    def admit(self) -> bool:
+        """Start waiting requests while there is room under ``max_concurrent``; True if any started."""
+        started = False
+        while self.waiting and len(self.active) < self.settings.max_concurrent:
+            request_id = next(iter(self.waiting))
+            self._begin(self.waiting.pop(request_id))
+            started = True
+        return started
 
     def open_sender(self, metadata: Mapping[str, Any]) -> ChunkSender:
         """The sender of one request's chunks (step mode queues them for its next batch instead)."""
@@ -195,7 +223,7 @@ class EchoStream:
 
     def on_cancel(self, request_id: str) -> None:
         # The server has already ended the request: no finish marker either.
-        if self.active.pop(request_id, None) is not None:
+        if self.active.pop(request_id, None) is not None or self.waiting.pop(request_id, None) is not None:
             logger.debug("request %s cancelled", request_id)
 
     def step(self, now: float) -> float | None:
@@ -245,6 +273,8 @@ class EchoStream:
             source = ListSource(source)
         while True:
             next_due = self.step(self.clock())
+            if self.waiting and self.admit():
+                continue  # the admitted requests' first chunks may be due before next_due
             if self.stopped:
                 if next_due is None:
                     return
@@ -269,6 +299,12 @@ def _drain(source: EventSource) -> list[Event | None]:
         return []
 
 
+def _node_id(environ: Mapping[str, str]) -> str:
+    """This node's id from dora's ``DORA_NODE_CONFIG`` (a ``node_id: <id>`` line), else the package name."""
+    match = re.search(r"^node_id: *(\S+)", environ.get("DORA_NODE_CONFIG", ""), re.MULTILINE)
+    return match.group(1) if match else "echo-stream"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Streaming echo node for dora-rs")
     parser.add_argument("--name", help="node id when run as a dynamic node (default: the id given by the dataflow)")
@@ -279,12 +315,18 @@ def main(argv: list[str] | None = None) -> None:
     from dora import Node  # here, so that the logic above imports and tests without dora
 
     node = Node(args.name) if args.name else Node()
+    if settings.step_ms and settings.max_concurrent:
+        logger.warning("ECHO_MAX_CONCURRENT is ignored in step mode")
+        settings = dataclasses.replace(settings, max_concurrent=0)
+    # Say we are up: after `dora node restart` that is how the server knows this replica is back.
+    send_hello(node, args.name or _node_id(os.environ), CHUNKS_OUTPUT)
     logger.info(
-        "echo-stream: %d token(s) per chunk, %.3f s per token%s%s",
+        "echo-stream: %d token(s) per chunk, %.3f s per token%s%s%s",
         settings.tokens_per_chunk,
         settings.token_delay_s,
         ", stamped" if settings.stamp else "",
         f", step mode: one message every {settings.step_ms:g} ms" if settings.step_ms else "",
+        f", at most {settings.max_concurrent} at once" if settings.max_concurrent else "",
     )
     if settings.step_ms:
         from .step import StepEcho  # step.py builds on this module

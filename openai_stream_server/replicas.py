@@ -1,0 +1,193 @@
+"""Model replicas: which copies of the model node exist, which are live, which holds each request.
+
+A dataflow declares replicas on the server node itself (docs/architecture.md, "Replicas and
+failover"): one request output per replica, ``v1/chat/completions/<node id>``, with an optional
+``cancel/<node id>``; that node's chunk outputs are the server inputs whose source is
+``<node id>/...``. dora sends an output to every subscriber, so one output per replica is what
+makes a request reach exactly one copy. The single-model layout (plain ``v1/chat/completions`` and
+``cancel``) is one replica made of every answer input no declared replica claims.
+
+Everything here runs on the event-loop thread; the bridge's reader thread only reports events.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from openai_stream_protocol import CANCEL_OUTPUT, REQUEST_OUTPUT
+
+DEFAULT_REPLICA = "default"
+
+
+def is_tick(input_id: str) -> bool:
+    return input_id == "tick" or input_id.startswith("dora/timer")
+
+
+@dataclass(eq=False, slots=True)
+class Replica:
+    """One copy of the model node: where its requests go, where its answers come from, what it holds."""
+
+    replica_id: str
+    request_output: str
+    cancel_output: str | None
+    inputs: frozenset[str]
+    """The server inputs that carry its answers; all closed means its process is gone."""
+    nodes: frozenset[str]
+    """The dora node ids it stands for (a ``NODE_RESTARTED`` names one)."""
+    live: bool = True
+    open_inputs: set[str] = field(default_factory=set)
+    in_flight: int = 0
+    served: int = 0
+    """Requests it completed."""
+    failures: int = 0
+    """Times it died (inputs closed) or was restarted by dora."""
+    retries: int = 0
+    """Requests re-sent elsewhere because it died before they had a chunk."""
+    down_since: float | None = None
+
+    def __post_init__(self) -> None:
+        self.open_inputs = set(self.inputs)
+
+
+def discover(config: Mapping[str, Any] | None) -> list[Replica]:
+    """The replicas a server node's ``node_config()`` declares (None: unknown, one default replica)."""
+    if config is None:
+        return [Replica(DEFAULT_REPLICA, REQUEST_OUTPUT, CANCEL_OUTPUT, frozenset(), frozenset())]
+    outputs = [str(o) for o in config.get("outputs") or []]
+    by_node: dict[str, set[str]] = {}
+    for input_id, source in (config.get("inputs") or {}).items():
+        name = source.get("source", "") if isinstance(source, dict) else str(source)
+        if is_tick(input_id) or name.startswith("dora/"):
+            continue
+        by_node.setdefault(name.split("/", 1)[0], set()).add(input_id)
+    prefix = REQUEST_OUTPUT + "/"
+    replicas = []
+    for output in outputs:
+        if output.startswith(prefix):
+            replica_id = output[len(prefix) :]
+            cancel = f"{CANCEL_OUTPUT}/{replica_id}"
+            inputs = frozenset(by_node.pop(replica_id, ()))
+            replicas.append(Replica(replica_id, output, cancel if cancel in outputs else None, inputs, frozenset({replica_id})))
+    if REQUEST_OUTPUT in outputs or not replicas:
+        nodes = frozenset(by_node)
+        inputs = frozenset(i for group in by_node.values() for i in group)
+        replica_id = next(iter(nodes)) if len(nodes) == 1 else DEFAULT_REPLICA
+        cancel = CANCEL_OUTPUT if CANCEL_OUTPUT in outputs or not outputs else None
+        replicas.append(Replica(replica_id, REQUEST_OUTPUT, cancel, inputs, nodes))
+    return replicas
+
+
+class ReplicaSet:
+    """Routing (least in flight first, ties round robin), liveness and who holds which request."""
+
+    def __init__(self, replicas: list[Replica]) -> None:
+        self.replicas = replicas
+        self.by_id = {r.replica_id: r for r in replicas}
+        self.by_input = {i: r for r in replicas for i in r.inputs}
+        self.by_node = {n: r for r in replicas for n in r.nodes}
+        self.holder: dict[str, Replica] = {}
+        """Wire request id -> the replica it was sent to, until it ends or the replica dies."""
+        self._next = 0
+        """Where the next scan starts: rotates past each pick, so ties go round robin."""
+
+    @property
+    def any_live(self) -> bool:
+        return any(r.live for r in self.replicas)
+
+    def pick(self, avoid: str | None = None) -> Replica | None:
+        """The live replica with the fewest requests in flight (ties: the next in turn); ``avoid`` only if alone.
+
+        A scan of the replicas per request: there are a handful, and this runs once per request, not per chunk.
+        """
+        replicas = self.replicas
+        n = len(replicas)
+        best: Replica | None = None
+        best_at = 0
+        for pass_avoid in (avoid, None) if avoid is not None else (None,):
+            for k in range(n):
+                at = (self._next + k) % n
+                r = replicas[at]
+                if not r.live or r.replica_id == pass_avoid:
+                    continue
+                if best is None or r.in_flight < best.in_flight:
+                    best, best_at = r, at
+            if best is not None:
+                break
+        if best is not None:
+            self._next = (best_at + 1) % n
+        return best
+
+    def assign(self, request_id: str, replica: Replica) -> None:
+        self.holder[request_id] = replica
+        replica.in_flight += 1
+
+    def release(self, request_id: str, completed: bool) -> None:
+        replica = self.holder.pop(request_id, None)
+        if replica is not None:
+            replica.in_flight -= 1
+            if completed:
+                replica.served += 1
+
+    def take_held(self, replica: Replica) -> list[str]:
+        """Forget every request ``replica`` holds (it died) and return their ids; scans, but only on a death."""
+        held = [rid for rid, r in self.holder.items() if r is replica]
+        for rid in held:
+            del self.holder[rid]
+        replica.in_flight = 0
+        replica.failures += 1
+        return held
+
+    def input_closed(self, input_id: str) -> Replica | None:
+        """An answer input closed; the replica if that was its last open one and it was live (it died)."""
+        replica = self.by_input.get(input_id)
+        if replica is None:
+            return None
+        replica.open_inputs.discard(input_id)
+        if replica.open_inputs or not replica.live:
+            return None
+        replica.live = False
+        replica.down_since = time.monotonic()
+        return replica
+
+    def input_seen(self, input_id: str) -> Replica | None:
+        """An event came on a closed answer input (a hello or a chunk): the replica if that revived it."""
+        replica = self.by_input.get(input_id)
+        if replica is None:
+            return None
+        replica.open_inputs.add(input_id)
+        if replica.live:
+            return None
+        replica.live = True
+        replica.down_since = None
+        return replica
+
+    def node_restarted(self, node_id: str) -> Replica | None:
+        """dora restarted a node (its restart policy): the replica it belongs to, live again at once."""
+        replica = self.by_node.get(node_id)
+        if replica is not None:
+            replica.open_inputs = set(replica.inputs)
+            replica.live = True
+            replica.down_since = None
+        return replica
+
+    def stats(self, seen_at: Mapping[str, float]) -> list[dict[str, Any]]:
+        """For /health: each replica's state; ``last_seen_s`` is how long ago its last event came."""
+        now = time.monotonic()
+        rows = []
+        for r in self.replicas:
+            seen = [seen_at[i] for i in r.inputs if i in seen_at]
+            rows.append(
+                {
+                    "id": r.replica_id,
+                    "live": r.live,
+                    "in_flight": r.in_flight,
+                    "served": r.served,
+                    "failures": r.failures,
+                    "retries": r.retries,
+                    "last_seen_s": round(now - max(seen), 3) if seen else None,
+                }
+            )
+        return rows
