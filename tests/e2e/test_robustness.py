@@ -212,16 +212,19 @@ def test_stalled_node_makes_the_sdk_raise_api_error(stall_flow: Dataflow) -> Non
 
 @pytest.mark.parametrize("after", [0, 1], ids=["before-any-chunk", "mid-stream"])
 def test_a_crashed_node_leaves_no_client_hanging(tmp_path: Path, after: int) -> None:
-    """The node dies: the request in flight and every later one end with a 503 error, long before any timeout.
+    """The node dies: the request in flight and every later one end with an error, long before any timeout.
 
     The server sees its answer input close (dora keeps the dataflow running for it: its timer input
-    stays open), fails what is in flight and refuses new requests; /health says why.
+    stays open). A request that had no chunk yet waits --model-wait-s for a replica to come back and
+    then gets 503; one cut off mid-answer ends with a 502 error event. New requests wait as long, then
+    get 503; /health says why.
     """
     timeout_s = 20.0
     server = {
         "OPENAI_STREAM_SERVER_FIRST_CHUNK_TIMEOUT_S": str(timeout_s),
         "OPENAI_STREAM_SERVER_IDLE_TIMEOUT_S": str(timeout_s),
         "OPENAI_STREAM_SERVER_HEADER_GRACE_S": "10",
+        "OPENAI_STREAM_SERVER_MODEL_WAIT_S": "1",
     }
     with node_flow("crash", tmp_path, server, {"CRASH_AFTER_CHUNKS": str(after)}) as flow:
         started = time.monotonic()
@@ -236,7 +239,9 @@ def test_a_crashed_node_leaves_no_client_hanging(tmp_path: Path, after: int) -> 
             assert r.status_code == 200 and data[-1] == "[DONE]"
             assert json.loads(data[1])["choices"][0]["delta"]["content"] == "alpha"
             error = json.loads(data[-2])["error"]
-        assert error["code"] == "backend_unavailable" and "the model node is gone" in error["message"], error
+        # Before any chunk the request waited --model-wait-s for a replica, then 503; a cut-off answer is a 502.
+        code = "backend_unavailable" if after == 0 else "upstream_error"
+        assert error["code"] == code and "the model node is gone" in error["message"], error
         assert elapsed < timeout_s  # ended by the crash, not by a timeout
         for stream in (False, True):
             with pytest.raises(openai.InternalServerError) as info:
