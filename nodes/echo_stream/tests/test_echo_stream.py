@@ -273,3 +273,35 @@ def test_a_non_streaming_request_is_answered_in_one_message(stream: Any) -> None
     (chunk,) = recorder.chunks("r1")
     assert chunk.text == "one two three" and chunk.fin and chunk.finish_reason == "length"
     assert chunk.completion_tokens == 3
+
+
+# -- ECHO_MAX_CONCURRENT: a replica's capacity ------------------------------------------------------
+
+
+def test_max_concurrent_generates_k_at_once_and_starts_the_rest_in_arrival_order() -> None:
+    events = [request(f"r{i}", user(f"r{i}a r{i}b")) for i in range(4)]
+    recorder = run(events, Settings(token_delay_s=0, max_concurrent=2))
+    order = [chunk.request_id for _, chunk, _ in recorder.sent]
+    # r0 and r1 interleave; r2 starts when one of them ends, r3 after that: never more than 2 at once
+    started: list[str] = []
+    ended: set[str] = set()
+    for _, chunk, _ in recorder.sent:
+        if chunk.request_id not in started:
+            started.append(chunk.request_id)
+        if chunk.fin:
+            ended.add(chunk.request_id)
+        assert len(set(started) - ended) <= 2, order
+    assert started == ["r0", "r1", "r2", "r3"]
+    assert all(recorder.text(f"r{i}") == f"r{i}a r{i}b" for i in range(4))
+
+
+def test_a_waiting_request_that_is_cancelled_never_starts() -> None:
+    events = [request("r0", user("a b c")), request("r1", user("x y")), cancel("r1"), request("r2", user("z"))]
+    recorder = run(events, Settings(token_delay_s=0, max_concurrent=1))
+    assert recorder.chunks("r1") == [] and recorder.text("r0") == "a b c" and recorder.text("r2") == "z"
+
+
+def test_max_concurrent_from_env() -> None:
+    assert Settings.from_env({"ECHO_MAX_CONCURRENT": "4"}).max_concurrent == 4
+    with pytest.raises(ValueError, match="ECHO_MAX_CONCURRENT"):
+        Settings.from_env({"ECHO_MAX_CONCURRENT": "-1"})
