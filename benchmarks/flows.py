@@ -98,15 +98,17 @@ class BenchFlow(Dataflow):
 class SseCeiling:
     """``python -m benchmarks.sse_ceiling`` on a free port, in its own process group."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, step_ms: float = 0.0) -> None:
         self.port = free_port()
         self.log_path = workdir / "sse-ceiling.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.step_ms = step_ms
+        """Above 0: every stream paced by one step clock (``sse_ceiling.py --step-ms``)."""
 
     def __enter__(self) -> SseCeiling:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.sse_ceiling", "--port", str(self.port)],
+                [sys.executable, "-m", "benchmarks.sse_ceiling", "--port", str(self.port), "--step-ms", str(self.step_ms)],
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -104,6 +104,45 @@ def summarise(run: dict[str, Any], tokens_per_chunk: int = 1) -> Summary:
         s[f"{p}_peak_rss_mib"] = round(paced["peak_rss_kib"] / 1024, 1)
         s[f"{p}_lost"] = paced["integrity"]["lost"]
         count(paced["integrity"])
+    step = run.get("step")
+    if step:
+        # Step mode (the batch form): keys start with "step", never end in "_chunk_tokens" (that marks per-message paced runs).
+        for level in step["levels"]:
+            c = level["concurrency"]
+            s["step_burst_ms"] = level.get("step_ms")
+            s[f"step{c}_chunks_per_s"] = round(level["tokens_per_s"] / tpc, 1)
+            s[f"step{c}_events_per_chunk"] = level["events_per_token"]
+            s[f"step{c}_ttfc_p50_ms"] = level["ttfc_p50_ms"]
+            s[f"step{c}_server_cpu_us_per_chunk"] = level["server_cpu_us_per_unit"]
+            s[f"step{c}_echo_cpu_us_per_chunk"] = level.get("echo_cpu_us_per_unit")
+            s[f"step{c}_cpu_vs_per_message"] = _div(level["server_cpu_us_per_unit"], s.get(f"burst{c}_server_cpu_us_per_chunk"))
+            count(level["integrity"])
+        for paced in step["paced"]:
+            p = f"steppaced{paced['streams']}"
+            s[f"{p}_rate"] = round(paced["offered_tokens_per_s"] / paced["streams"], 2)
+            s[f"{p}_step_ms"] = paced.get("step_ms")
+            s[f"{p}_offered_tokens_per_s"] = paced["offered_tokens_per_s"]
+            s[f"{p}_delivered_tokens_per_s"] = paced["delivered_tokens_per_s"]
+            s[f"{p}_delivered_ratio"] = _div(paced["delivered_tokens_per_s"], paced["offered_tokens_per_s"])
+            s[f"{p}_stream_tokens_per_s_p50"] = paced.get("stream_tokens_per_s_p50")
+            s[f"{p}_added_delay_p50_ms"] = paced["added_delay_p50_ms"]
+            s[f"{p}_added_delay_p99_ms"] = paced["added_delay_p99_ms"]
+            s[f"{p}_gap_p99_ms"] = paced["gap_p99_ms"]
+            s[f"{p}_events_per_chunk"] = _div(paced["events"], paced["tokens"], 4)
+            s[f"{p}_server_cpu_us_per_chunk"] = paced["server_cpu_us_per_unit"]
+            s[f"{p}_echo_cpu_us_per_chunk"] = paced.get("echo_cpu_us_per_unit")
+            s[f"{p}_rss_kib_per_stream"] = paced["rss_kib_per_stream"]
+            s[f"{p}_peak_rss_mib"] = round(paced["peak_rss_kib"] / 1024, 1)
+            s[f"{p}_lost"] = paced["integrity"]["lost"]
+            count(paced["integrity"])
+        for ceiling in step.get("ceiling", []):
+            p = f"steppaced{ceiling['streams']}"
+            s[f"{p}_ceiling_delivered_ratio"] = _div(ceiling["delivered_tokens_per_s"], ceiling["offered_tokens_per_s"])
+            s[f"{p}_ceiling_added_delay_p50_ms"] = ceiling["added_delay_p50_ms"]
+            s[f"{p}_ceiling_added_delay_p99_ms"] = ceiling["added_delay_p99_ms"]
+            s[f"{p}_ceiling_cpu_us_per_event"] = ceiling["server_cpu_us_per_unit"]
+            s[f"{p}_ceiling_client_cpu_us_per_event"] = ceiling["client_cpu_us_per_unit"]
+            count(ceiling["integrity"])
     idle = run.get("idle")
     if idle:
         s["idle_streams"] = idle["streams"]
@@ -175,6 +214,7 @@ def targets(m: Summary) -> list[tuple[str, str, str, bool | None]]:
         rows.append((f"{name}: added delay p99", "<= 50 ms", f"{_f(v, 1)} ms", met(v, v is not None and v <= 50)))
         v = m.get(f"{p}_lost")
         rows.append((f"{name}: lost chunks", "0", _f(v), met(v, v == 0)))
+    rows += step_targets(m, met)
     v = m.get("ttfc_above_rtt_ms")
     measured = f"{_f(m.get('ttfc_p50_ms'), 2)} - {_f(m.get('rtt_p50_ms'), 2)} = {_f(v, 2)} ms (p50)"
     rows.append(("TTFC, 1 client, above raw dora round trip", "<= 1 ms", measured, met(v, v is not None and v <= 1.0)))
@@ -197,6 +237,90 @@ def targets(m: Summary) -> list[tuple[str, str, str, bool | None]]:
     faults = f"lost {_f(m.get('lost'))}, dup {_f(m.get('duplicated'))}, crossed {_f(m.get('crossed'))}"
     faults += f", failed {_f(m.get('failed_streams'))}"
     rows.append(("integrity, every stream of every scenario", "exact", faults, v))
+    return rows
+
+
+def _step_paced(m: Summary) -> list[int]:
+    return sorted(int(k[len("steppaced") :].split("_")[0]) for k in m if k.startswith("steppaced") and k.endswith("_rate"))
+
+
+def step_targets(m: Summary, met: Any) -> list[tuple[str, str, str, bool | None]]:
+    """Step mode (the batch form): paced delivery, added delay and memory; burst CPU per chunk against per-message."""
+    rows: list[tuple[str, str, str, bool | None]] = []
+    for n in _step_paced(m):
+        p = f"steppaced{n}"
+        name = f"step mode, paced {_f(n)} x {_f(m.get(f'{p}_rate'))} tok/s"
+        v = m.get(f"{p}_delivered_ratio")
+        measured = f"{_f(m.get(f'{p}_delivered_tokens_per_s'))} of {_f(m.get(f'{p}_offered_tokens_per_s'))} ({_f(v, 3)})"
+        rows.append((f"{name}: delivered", "all (>= 0.99)", measured, met(v, v is not None and v >= 0.99)))
+        v, goal = m.get(f"{p}_added_delay_p99_ms"), 50 if n <= 1000 else 100
+        measured = f"{_f(v, 1)} ms (raw SSE ceiling {_f(m.get(f'{p}_ceiling_added_delay_p99_ms'), 1)} ms)"
+        rows.append((f"{name}: added delay p99", f"<= {goal} ms", measured, met(v, v is not None and v <= goal)))
+        v = m.get(f"{p}_lost")
+        rows.append((f"{name}: lost chunks", "0", _f(v), met(v, v == 0)))
+        if n > 1000:
+            v = m.get(f"{p}_rss_kib_per_stream")
+            rows.append((f"{name}: server RSS per stream", "<= 64 KiB", f"{_f(v, 1)} KiB", met(v, v is not None and v <= 64)))
+    for c in sorted(int(k[4:].split("_")[0]) for k in m if k.startswith("step") and k.endswith("_cpu_vs_per_message")):
+        v = m.get(f"step{c}_cpu_vs_per_message")
+        measured = (
+            f"{_f(m.get(f'step{c}_server_cpu_us_per_chunk'), 1)} us vs {_f(m.get(f'burst{c}_server_cpu_us_per_chunk'), 1)} us"
+            f" = {_f(v, 2)}x"
+        )
+        rows.append(
+            (f"step mode, burst {c}: server CPU/chunk vs per-message", "<= 0.5x", measured, met(v, v is not None and v <= 0.5))
+        )
+    return rows
+
+
+def _step_rows(m: Summary) -> list[list[str]]:
+    rows = []
+    for c in sorted(
+        int(k[4:].split("_")[0])
+        for k in m
+        if k.startswith("step") and k.endswith("_server_cpu_us_per_chunk") and k[4:].split("_")[0].isdigit()
+    ):
+        rows += [
+            [
+                f"step mode, burst {c} ({_f(m.get('step_burst_ms'), 1)} ms steps): chunks/s; SSE events/chunk",
+                f"{_f(m.get(f'step{c}_chunks_per_s'))}; {_f(m.get(f'step{c}_events_per_chunk'), 2)}",
+            ],
+            [
+                f"step mode, burst {c}: server CPU per chunk (per-message: x)",
+                f"{_f(m.get(f'step{c}_server_cpu_us_per_chunk'), 1)} us ({_f(m.get(f'step{c}_cpu_vs_per_message'), 2)}x);"
+                f" echo {_f(m.get(f'step{c}_echo_cpu_us_per_chunk'), 1)} us",
+            ],
+        ]
+    for n in _step_paced(m):
+        p = f"steppaced{n}"
+        name = f"step mode, paced {_f(n)} x {_f(m.get(f'{p}_rate'))} tok/s ({_f(m.get(f'{p}_step_ms'), 1)} ms steps)"
+        rows += [
+            [
+                f"{name}: delivered / offered tokens/s (per stream p50)",
+                f"{_f(m.get(f'{p}_delivered_tokens_per_s'))} / {_f(m.get(f'{p}_offered_tokens_per_s'))}"
+                f" ({_f(m.get(f'{p}_stream_tokens_per_s_p50'), 1)})",
+            ],
+            [
+                f"{name}: added delay p50 / p99; inter-event gap p99",
+                f"{_f(m.get(f'{p}_added_delay_p50_ms'), 2)} / {_f(m.get(f'{p}_added_delay_p99_ms'), 2)} ms;"
+                f" {_f(m.get(f'{p}_gap_p99_ms'), 1)} ms",
+            ],
+            [
+                f"{name}: SSE events per chunk; server / echo CPU per chunk",
+                f"{_f(m.get(f'{p}_events_per_chunk'), 3)}; {_f(m.get(f'{p}_server_cpu_us_per_chunk'), 1)}"
+                f" / {_f(m.get(f'{p}_echo_cpu_us_per_chunk'), 1)} us",
+            ],
+            [
+                f"{name}: server RSS per open stream / peak",
+                f"{_f(m.get(f'{p}_rss_kib_per_stream'), 1)} KiB / {_f(m.get(f'{p}_peak_rss_mib'), 1)} MiB",
+            ],
+            [
+                f"{name}: ceiling, raw SSE app on one step clock: added delay p50 / p99; CPU per event",
+                f"{_f(m.get(f'{p}_ceiling_added_delay_p50_ms'), 2)} / {_f(m.get(f'{p}_ceiling_added_delay_p99_ms'), 2)} ms;"
+                f" {_f(m.get(f'{p}_ceiling_cpu_us_per_event'), 1)} us"
+                f" (client {_f(m.get(f'{p}_ceiling_client_cpu_us_per_event'), 1)} us)",
+            ],
+        ]
     return rows
 
 
@@ -284,22 +408,27 @@ def _paced_rows(m: Summary) -> list[list[str]]:
 
 
 def _other_rows(m: Summary) -> list[list[str]]:
-    return _paced_rows(m) + [
-        ["raw dora round trip p50 / p99", f"{_f(m.get('rtt_p50_ms'), 2)} / {_f(m.get('rtt_p99_ms'), 2)} ms"],
-        ["TTFC, 1 client, short answers, p50 / p99", f"{_f(m.get('ttfc_p50_ms'), 2)} / {_f(m.get('ttfc_p99_ms'), 2)} ms"],
-        [
-            "non-streaming completions/s (64 concurrent)",
-            f"{_f(m.get('rate_per_s'))} (x SSE-only {_f(m.get('rate_vs_sse'), 2)}; p99 {_f(m.get('rate_latency_p99_ms'), 1)} ms)",
-        ],
-        ["  server CPU per request", f"{_f(m.get('rate_server_cpu_us_per_request'))} us"],
-        [
-            "seed dora-openai-server 0.5.0: completions/s",
-            f"{_f(m.get('seed_rate_per_s'))} (crossed {_f(m.get('seed_crossed_requests'))},"
-            f" failed {_f(m.get('seed_failed_requests'))} of {_f(m.get('seed_requests'))})",
-        ],
-        ["SSE-only ceiling completions/s", _f(m.get("sse_rate_per_s"))],
-        ["server peak RSS (burst)", f"{_f(m.get('burst_peak_rss_mib'), 1)} MiB"],
-    ]
+    return (
+        _paced_rows(m)
+        + _step_rows(m)
+        + [
+            ["raw dora round trip p50 / p99", f"{_f(m.get('rtt_p50_ms'), 2)} / {_f(m.get('rtt_p99_ms'), 2)} ms"],
+            ["TTFC, 1 client, short answers, p50 / p99", f"{_f(m.get('ttfc_p50_ms'), 2)} / {_f(m.get('ttfc_p99_ms'), 2)} ms"],
+            [
+                "non-streaming completions/s (64 concurrent)",
+                f"{_f(m.get('rate_per_s'))} (x SSE-only {_f(m.get('rate_vs_sse'), 2)};"
+                f" p99 {_f(m.get('rate_latency_p99_ms'), 1)} ms)",
+            ],
+            ["  server CPU per request", f"{_f(m.get('rate_server_cpu_us_per_request'))} us"],
+            [
+                "seed dora-openai-server 0.5.0: completions/s",
+                f"{_f(m.get('seed_rate_per_s'))} (crossed {_f(m.get('seed_crossed_requests'))},"
+                f" failed {_f(m.get('seed_failed_requests'))} of {_f(m.get('seed_requests'))})",
+            ],
+            ["SSE-only ceiling completions/s", _f(m.get("sse_rate_per_s"))],
+            ["server peak RSS (burst)", f"{_f(m.get('burst_peak_rss_mib'), 1)} MiB"],
+        ]
+    )
 
 
 def table(document: dict[str, Any]) -> str:

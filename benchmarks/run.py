@@ -64,6 +64,12 @@ class Mode:
     """Idle-memory run: the echo holds its first token this long; RSS is read while all streams are open."""
     timeout_s: float = 120.0
     """Per request; every scenario is also bounded by its count of streams or its duration."""
+    step_levels: tuple[int, ...] = (64,)
+    """Step mode (echo_stream's ``ECHO_STEP_MS``, the batch form): burst concurrencies."""
+    step_burst_ms: float = 1.0
+    """Step mode burst: one batch message every this many ms (the engine's step time; 0 delay has no step)."""
+    step_paced: tuple[tuple[int, float, int], ...] = ((1000, 30.0, 150), (4000, 10.0, 100))
+    """Step mode paced runs: (streams, tokens/s per stream, tokens per stream); one step every 1 / rate."""
 
 
 MODES = {
@@ -79,6 +85,8 @@ MODES = {
         rate_duration_s=0.5,
         rtt_n=10,
         paced_chunk_tokens=(1,),
+        step_levels=(8,),
+        step_paced=((20, 30.0, 10),),
         idle_streams=20,
         idle_s=1.0,
         timeout_s=30.0,
@@ -294,11 +302,58 @@ class Runner:
     def paced(self) -> list[dict[str, Any]]:
         return [self.paced_once(k) for k in self.mode.paced_chunk_tokens]
 
-    def paced_once(self, chunk_tokens: int) -> dict[str, Any]:
+    def step(self) -> dict[str, Any]:
+        """Step mode: echo_stream sends one batch message per step, every active request's chunk in it."""
         mode = self.mode
-        echo_env = {"ECHO_TOKEN_DELAY_S": 1 / mode.paced_rate, "ECHO_STAMP": 1, "ECHO_TOKENS_PER_CHUNK": chunk_tokens}
+        levels = []
+        echo_env = {"ECHO_STEP_MS": mode.step_burst_ms, "ECHO_TOKEN_DELAY_S": 0, "ECHO_STAMP": 0}
+        with self.server_flow("step-burst", echo_env) as flow:
+            server, echo = flow.node_pid(SERVER), flow.node_pid(ECHO)
+            warm_up(flow.port, self.ids)
+            for c in mode.step_levels:
+                with Measured(server, echo, flow.daemon_pid) as m:
+                    result = run_async(
+                        scenarios.burst(flow.port, c, mode.burst_tokens, streams_each(mode, c), self.ids, mode.timeout_s)
+                    )
+                result.update(m.per(result["tokens"] // self.args.tokens_per_chunk), step_ms=mode.step_burst_ms)
+                levels.append(result)
+                log(f"  step burst c={c}: {result['tokens_per_s']:.0f} tokens/s, exact={result['integrity']['exact']}")
+        paced = [
+            self.paced_once(self.args.tokens_per_chunk, streams=n, rate=rate, tokens=tokens, step_ms=1000 / rate)
+            for n, rate, tokens in mode.step_paced
+        ]
+        return {"levels": levels, "paced": paced, "ceiling": [self.step_ceiling(*p) for p in mode.step_paced]}
+
+    def step_ceiling(self, streams: int, rate: float, tokens: int) -> dict[str, Any]:
+        """The same paced scenario against the raw SSE app on one step clock: the HTTP side's floor, no dora."""
+        mode = self.mode
+        with SseCeiling(self._dir("sse-step"), step_ms=1000 / rate) as ceiling:
+            warm_up(ceiling.port, self.ids, tokens=4)
+            with Measured(ceiling.pid) as m:
+                result = run_async(scenarios.paced(ceiling.port, streams, tokens, rate, self.ids, mode.timeout_s))
+            result.update(m.per(result["events"]))
+        log(f"  SSE ceiling, paced {streams} x {rate:g}/s on one step clock: p99 {result['added_delay_p99_ms']} ms")
+        return result
+
+    def paced_once(
+        self,
+        chunk_tokens: int,
+        *,
+        streams: int | None = None,
+        rate: float | None = None,
+        tokens: int | None = None,
+        step_ms: float | None = None,
+    ) -> dict[str, Any]:
+        mode = self.mode
+        streams = streams or mode.paced_streams
+        rate = rate or mode.paced_rate
+        tokens = tokens or mode.paced_tokens
+        echo_env: dict[str, Any] = {"ECHO_TOKEN_DELAY_S": 1 / rate, "ECHO_STAMP": 1, "ECHO_TOKENS_PER_CHUNK": chunk_tokens}
+        if step_ms:
+            echo_env["ECHO_STEP_MS"] = step_ms
         server_env = {"OPENAI_STREAM_SERVER_RELAY_SENT_AT": 1}
-        with self.server_flow(f"paced-k{chunk_tokens}", echo_env, server_env) as flow:
+        name = f"paced-k{chunk_tokens}" if not step_ms else f"step-paced-{streams}"
+        with self.server_flow(name, echo_env, server_env) as flow:
             server, echo = flow.node_pid(SERVER), flow.node_pid(ECHO)
             warm_up(flow.port, self.ids)
             baseline, _ = memory_kib(server)
@@ -315,9 +370,7 @@ class Runner:
                 stop = asyncio.Event()
                 sampler = asyncio.create_task(sample_memory(stop))
                 try:
-                    return await scenarios.paced(
-                        flow.port, mode.paced_streams, mode.paced_tokens, mode.paced_rate, self.ids, mode.timeout_s
-                    )
+                    return await scenarios.paced(flow.port, streams, tokens, rate, self.ids, mode.timeout_s)
                 finally:
                     stop.set()
                     await sampler
@@ -326,12 +379,17 @@ class Runner:
                 result = run_async(scenario())
             result.update(m.per(-(-result["tokens"] // chunk_tokens)))
             _, hwm = memory_kib(server)
-        log(f"  paced k={chunk_tokens}: {result['delivered_tokens_per_s']:.0f} tokens/s, exact={result['integrity']['exact']}")
+        log(
+            f"  paced {streams} x {rate:g}/s k={chunk_tokens}{f' step {step_ms:g} ms' if step_ms else ''}:"
+            f" {result['delivered_tokens_per_s']:.0f} tokens/s, p99 {result['added_delay_p99_ms']} ms,"
+            f" exact={result['integrity']['exact']}"
+        )
         result.update(
             chunk_tokens=chunk_tokens,
+            step_ms=step_ms,
             baseline_rss_kib=baseline,
             peak_rss_kib=peak,
-            rss_kib_per_stream=round((peak - baseline) / mode.paced_streams, 2),
+            rss_kib_per_stream=round((peak - baseline) / streams, 2),
             lifetime_peak_rss_kib=hwm,
         )
         return result
@@ -380,7 +438,7 @@ class Runner:
         steps: list[tuple[str, Callable[[], Any]]] = []
         if not self.args.no_ceilings:
             steps += [("relay", self.relay), ("sse", self.sse)]
-        steps += [("server", self.burst), ("paced", self.paced), ("idle", self.idle)]
+        steps += [("server", self.burst), ("paced", self.paced), ("step", self.step), ("idle", self.idle)]
         if self.args.seed:
             steps.append(("seed", self.seed))
         if self.args.only:
@@ -426,6 +484,19 @@ def machine() -> dict[str, Any]:
     }
 
 
+def raise_open_files_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: 4,000 paced streams are 4,000 sockets in this client and in the
+    server (``dora run`` and its nodes inherit the limit)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        soft = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < 10_000:
+        log(f"RLIMIT_NOFILE is {soft}: the 4,000-stream run may fail to open its sockets")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--mode", choices=sorted(MODES), default="full", help="full (default), quick (~1 min), smoke (seconds)")
@@ -436,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         "--seed", action=argparse.BooleanOptionalAction, default=None, help="run the seed server (default: not in smoke)"
     )
     parser.add_argument("--no-ceilings", action="store_true", help="skip the relay and SSE ceilings")
-    parser.add_argument("--only", help="run only these parts, comma-separated: relay,sse,server,paced,idle,seed")
+    parser.add_argument("--only", help="run only these parts, comma-separated: relay,sse,server,paced,step,idle,seed")
     parser.add_argument("--profile", type=Path, help="py-spy the server during one extra 64-stream burst; write stacks here")
     parser.add_argument(
         "--json", type=Path, default=RESULTS / "latest.json", help="JSON results (default benchmarks/results/latest.json)"
@@ -457,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot:
             report.plot(document, args.plot)
         return 0
+    raise_open_files_limit()
     mode = MODES[args.mode]
     if args.levels:
         mode = replace(mode, levels=tuple(int(c) for c in args.levels.split(",")))

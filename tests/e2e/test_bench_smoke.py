@@ -3,8 +3,9 @@
 Never asserts a speed: the figures depend on the machine and on whatever
 else runs on it. ``python -m benchmarks.run --mode smoke`` starts the relay
 ceiling, the SSE ceiling, the server at 0 delay (burst, time to first chunk,
-request rate), the server paced at 30 tokens/s and the idle-memory run, and
-stops each of them.
+request rate), the server paced at 30 tokens/s, echo_stream in step mode
+(the batch form: burst and paced) and the idle-memory run, and stops each of
+them.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ def test_bench_smoke_runs_and_integrity_is_exact(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     document = json.loads(out.read_text())
     (run,) = document["runs"]
-    assert set(run) == {"relay", "sse", "server", "paced", "idle"}
+    assert set(run) == {"relay", "sse", "server", "paced", "step", "idle"}
 
     integrities = [level["integrity"] for level in run["server"]["levels"]]
     integrities += [run["server"]["ttfc"]["integrity"], run["server"]["rate"]["integrity"], run["idle"]["integrity"]]
     integrities += [paced["integrity"] for paced in run["paced"]]
+    integrities += [r["integrity"] for r in run["step"]["levels"] + run["step"]["paced"]]
     integrities += [level["integrity"] for level in run["sse"]["levels"]]
     for integrity in integrities:
         assert integrity["streams"] > 0
