@@ -66,15 +66,24 @@ class Mode:
     """Per request; every scenario is also bounded by its count of streams or its duration."""
     step_levels: tuple[int, ...] = (64,)
     """Step mode (echo_stream's ``ECHO_STEP_MS``, the batch form): burst concurrencies."""
-    step_burst_ms: float = 1.0
-    """Step mode burst: one batch message every this many ms (the engine's step time; 0 delay has no step)."""
-    step_paced: tuple[tuple[int, float, int], ...] = ((1000, 30.0, 150), (4000, 10.0, 100))
+    step_burst_ms: tuple[float, ...] = (0.1, 1.0)
+    """Step mode burst: one batch message every this many ms. 0.1 ms is an engine stepping as fast as it can (what
+    echo at 0 delay is per message); at 1 ms the server keeps up, so streams coalesce less (more events per chunk)."""
+    step_paced: tuple[tuple[int, float, int], ...] = ((1000, 30.0, 300), (4000, 10.0, 100))
     """Step mode paced runs: (streams, tokens/s per stream, tokens per stream); one step every 1 / rate."""
 
 
 MODES = {
     "full": Mode(),
-    "quick": Mode(burst_tokens=256, burst_chunks=16384, paced_tokens=150, rate_duration_s=2.0, rtt_n=100, idle_s=3.0),
+    "quick": Mode(
+        burst_tokens=256,
+        burst_chunks=16384,
+        paced_tokens=150,
+        rate_duration_s=2.0,
+        rtt_n=100,
+        idle_s=3.0,
+        step_paced=((1000, 30.0, 150), (4000, 10.0, 100)),
+    ),
     "smoke": Mode(
         levels=(1, 8),
         burst_tokens=32,
@@ -306,18 +315,22 @@ class Runner:
         """Step mode: echo_stream sends one batch message per step, every active request's chunk in it."""
         mode = self.mode
         levels = []
-        echo_env = {"ECHO_STEP_MS": mode.step_burst_ms, "ECHO_TOKEN_DELAY_S": 0, "ECHO_STAMP": 0}
-        with self.server_flow("step-burst", echo_env) as flow:
-            server, echo = flow.node_pid(SERVER), flow.node_pid(ECHO)
-            warm_up(flow.port, self.ids)
-            for c in mode.step_levels:
-                with Measured(server, echo, flow.daemon_pid) as m:
-                    result = run_async(
-                        scenarios.burst(flow.port, c, mode.burst_tokens, streams_each(mode, c), self.ids, mode.timeout_s)
+        for step_ms in mode.step_burst_ms:
+            echo_env = {"ECHO_STEP_MS": step_ms, "ECHO_TOKEN_DELAY_S": 0, "ECHO_STAMP": 0}
+            with self.server_flow(f"step-burst-{step_ms:g}", echo_env) as flow:
+                server, echo = flow.node_pid(SERVER), flow.node_pid(ECHO)
+                warm_up(flow.port, self.ids)
+                for c in mode.step_levels:
+                    with Measured(server, echo, flow.daemon_pid) as m:
+                        result = run_async(
+                            scenarios.burst(flow.port, c, mode.burst_tokens, streams_each(mode, c), self.ids, mode.timeout_s)
+                        )
+                    result.update(m.per(result["tokens"] // self.args.tokens_per_chunk), step_ms=step_ms)
+                    levels.append(result)
+                    log(
+                        f"  step burst c={c} every {step_ms:g} ms: {result['tokens_per_s']:.0f} tokens/s,"
+                        f" {result['server_cpu_us_per_unit']} us/chunk, exact={result['integrity']['exact']}"
                     )
-                result.update(m.per(result["tokens"] // self.args.tokens_per_chunk), step_ms=mode.step_burst_ms)
-                levels.append(result)
-                log(f"  step burst c={c}: {result['tokens_per_s']:.0f} tokens/s, exact={result['integrity']['exact']}")
         paced = [
             self.paced_once(self.args.tokens_per_chunk, streams=n, rate=rate, tokens=tokens, step_ms=1000 / rate)
             for n, rate, tokens in mode.step_paced
