@@ -47,6 +47,13 @@ Each batch is everything dora had queued at one wake-up, so a loop that keeps up
 then waiting costs nothing: the next ``drain()`` takes more at once, which is cheaper per chunk.
 """
 
+RESTART_GRACE_S = 10.0
+"""A node dora restarted that sends no hello (a third-party node) counts as live again after this long.
+
+With a hello (echo_stream sends one) it is used again as soon as it has subscribed; sending to it
+before that would lose the request (docs/architecture.md, "Replicas and failover").
+"""
+
 SLOT_WAIT_S = 0.1
 """How long one wait for a free slot lasts before the reader checks whether the bridge stopped."""
 
@@ -90,6 +97,7 @@ class DoraBridge:
         assert self._loop is not None
         node, loop, slots = self._node, self._loop, self._slots
         answer_inputs = frozenset(self.replicas.by_input)
+        node_inputs = {node: replica.inputs for node, replica in self.replicas.by_node.items()}
         closed: set[str] = set()
         """Answer inputs dora closed (reader-owned): an event on one again means its replica is back."""
         seen_at = self._seen_at
@@ -148,7 +156,9 @@ class DoraBridge:
                             closed.add(ev["id"])
                             signals.append(("closed", ev["id"]))
                     elif kind == "NODE_RESTARTED":  # a restart policy brought a node back; its inputs stay open
-                        signals.append(("restarted", str(ev["id"])))
+                        node_id = str(ev["id"])
+                        closed.update(node_inputs.get(node_id, ()))  # its first event (a hello) says it is up
+                        signals.append(("restarted", node_id))
                     elif kind == "ERROR":
                         logger.error("dora error event: %r", ev.get("error"))
                 if batch:
@@ -189,9 +199,18 @@ class DoraBridge:
                     logger.info("node %r restarted (not a model replica)", ident)
                 else:
                     self._down(replica, f"node '{ident}' was restarted by dora", restarted=True)
+                    assert self._loop is not None
+                    self._loop.call_later(RESTART_GRACE_S, self._assume_up, replica, replica.failures)
             elif (replica := replicas.input_seen(ident)) is not None:
                 logger.warning("model replica %r is back (events on %r again)", replica.replica_id, ident)
                 self._liveness_changed(None)
+
+    def _assume_up(self, replica: Replica, failures: int) -> None:
+        if self.replicas.assume_up(replica, failures):
+            logger.warning(
+                "model replica %r sent no hello %g s after its restart: using it again", replica.replica_id, RESTART_GRACE_S
+            )
+            self._liveness_changed(None)
 
     def _down(self, replica: Replica, why: str, *, restarted: bool) -> None:
         """A replica died (or dora restarted it): hand what it held to the registry, which re-sends or fails it."""

@@ -165,13 +165,26 @@ class ReplicaSet:
         return replica
 
     def node_restarted(self, node_id: str) -> Replica | None:
-        """dora restarted a node (its restart policy): the replica it belongs to, live again at once."""
+        """dora restarted a node (its restart policy): the replica it belongs to, down until it is seen again.
+
+        Not live at once: dora 1.1.0 drops what is sent to a restarted node until the new process has
+        subscribed (the daemon logs "node has no daemon event stream"), so a request sent in between
+        would be lost. Its hello (or any event) says it has (docs/architecture.md, "Facts measured").
+        """
         replica = self.by_node.get(node_id)
         if replica is not None:
             replica.open_inputs = set(replica.inputs)
-            replica.live = True
-            replica.down_since = None
+            replica.live = False
+            replica.down_since = time.monotonic()
         return replica
+
+    def assume_up(self, replica: Replica, failures: int) -> bool:
+        """A restarted replica never said hello: count it live after all (unless it failed again since)."""
+        if replica.live or replica.failures != failures:
+            return False
+        replica.live = True
+        replica.down_since = None
+        return True
 
     def stats(self, seen_at: Mapping[str, float]) -> list[dict[str, Any]]:
         """For /health: each replica's state; ``last_seen_s`` is how long ago its last event came."""

@@ -206,7 +206,7 @@ async def test_a_dead_replica_s_unanswered_requests_are_re_sent_elsewhere_and_an
     assert metric(metrics, "oss_retries_total") == 1
 
 
-async def test_a_node_restarted_by_dora_gets_a_cancel_for_what_it_held_and_is_used_again_at_once() -> None:
+async def test_a_node_restarted_by_dora_gets_a_cancel_for_what_it_held_and_is_used_again_after_its_hello() -> None:
     node = ReplicaNode(replica_config(("a", "b")))
     async with app_over(node) as (client, registry, bridge):
         ids = [(await background(client, f"q{i}")).json()["id"] for i in range(2)]  # a: q0, b: q1
@@ -214,8 +214,13 @@ async def test_a_node_restarted_by_dora_gets_a_cancel_for_what_it_held_and_is_us
         assert await until(lambda: len(node.requests()) == 3)
         assert node.cancels() == [("cancel/a", ids[0])]  # the new process may get the queued copy: drop it
         assert node.requests()[-1] == ("v1/chat/completions/b", f"{ids[0]}~1")  # another replica first
-        assert bridge.replicas.by_id["a"].live and bridge.health()["connected"] is True
-        # the restarted process answers the queued copy under the old id: never mixed in
+        # dora drops what is sent to it until the new process has subscribed: not used before its hello
+        assert not bridge.replicas.by_id["a"].live and bridge.health()["connected"] is True
+        extra = (await background(client, "meanwhile")).json()["id"]
+        assert node.requests()[-1] == ("v1/chat/completions/b", extra)
+        node.push(hello("a"))
+        assert await until(lambda: bridge.replicas.by_id["a"].live)
+        # had the new process got the queued copy, its chunks under the old id would never mix in
         node.push(chunk_event(ids[0], 0, "STALE", input_id="chunks/a"), *answer(f"{ids[0]}~1", "b", ["q0"]))
         assert await until(lambda: registry.get(ids[0]).status is Status.COMPLETED)
         assert registry.get(ids[0]).text == "q0"
