@@ -33,9 +33,11 @@ $(BIN)/python:
 
 # What dataflow-stream.yml needs and no more (no torch, no test tools): the protocol, the server,
 # echo_stream and dora-rs-cli for the `dora` command. openai-stream-protocol is not on PyPI, so it
-# is named in the same pip command as the packages that depend on it.
+# is named in the same pip command as the packages that depend on it. dora-rs-cli's one other
+# requirement is uv (38 MB), used only by `dora build/run --uv`, whose users bring their own.
 $(RUN_STAMP): $(BIN)/python $(RUN_DEPS)
-	$(PIP) install -e protocol -e . -e nodes/echo_stream 'dora-rs-cli>=1.1,<1.2'
+	$(PIP) install -e protocol -e . -e nodes/echo_stream
+	$(PIP) install --no-deps 'dora-rs-cli>=1.1,<1.2'
 	touch $@
 
 # Everything the tests exercise, both nodes included.
