@@ -130,11 +130,13 @@ class DoraBridge:
                         if _is_tick(input_id):
                             continue
                         seen_at[input_id] = now
+                        if HELLO_KEY in ev["metadata"]:  # a node saying it is up, not a chunk
+                            closed.discard(input_id)
+                            signals.append(("hello", input_id))
+                            continue
                         if input_id in closed:  # after `dora node restart` the input carries events again
                             closed.discard(input_id)
                             signals.append(("seen", input_id))
-                        if HELLO_KEY in ev["metadata"]:
-                            continue  # a node saying it is up, not a chunk (docs/architecture.md, "Replicas and failover")
                         value = ev["value"]
                         if is_batch(value):
                             # One message, one chunk per row of many requests (docs/architecture.md, "Batch form").
@@ -201,9 +203,30 @@ class DoraBridge:
                     self._down(replica, f"node '{ident}' was restarted by dora", restarted=True)
                     assert self._loop is not None
                     self._loop.call_later(RESTART_GRACE_S, self._assume_up, replica, replica.failures)
+            elif kind == "hello":
+                self._hello(ident)
             elif (replica := replicas.input_seen(ident)) is not None:
                 logger.warning("model replica %r is back (events on %r again)", replica.replica_id, ident)
                 self._liveness_changed(None)
+
+    def _hello(self, input_id: str) -> None:
+        """A replica's process started. If it was live, the process before it is gone: what it held is orphaned.
+
+        That is the only news of a restart across machines: dora 1.1.0 neither closes the input nor sends
+        ``NODE_RESTARTED`` to a subscriber on another daemon (docs/architecture.md, "Facts measured").
+        """
+        replicas = self.replicas
+        replica = replicas.by_input.get(input_id)
+        if replica is None:
+            return
+        replica.hellos += 1
+        if replica.live:
+            holds = any(holder is replica for holder in replicas.holder.values())  # a scan, once per hello
+            if holds or replica.hellos > 1:
+                self._down(replica, "a new process said hello (it was restarted)", restarted=True)
+        elif replicas.input_seen(input_id) is not None:
+            logger.warning("model replica %r is back (hello on %r)", replica.replica_id, input_id)
+            self._liveness_changed(None)
 
     def _assume_up(self, replica: Replica, failures: int) -> None:
         if self.replicas.assume_up(replica, failures):

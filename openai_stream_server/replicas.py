@@ -47,6 +47,8 @@ class Replica:
     retries: int = 0
     """Requests re-sent elsewhere because it died before they had a chunk."""
     down_since: float | None = None
+    hellos: int = 0
+    """Hello messages seen: one per process start that reached the server."""
 
     def __post_init__(self) -> None:
         self.open_inputs = set(self.inputs)

@@ -256,3 +256,19 @@ async def test_an_unanswered_request_waits_for_its_only_replica_to_come_back() -
         node.push(*answer(f"{rid}~1", "a", ["patience"]))
         assert await until(lambda: registry.get(rid).status is Status.COMPLETED)
         assert registry.get(rid).text == "patience"
+
+
+async def test_a_hello_from_a_live_replica_means_a_new_process_and_orphans_what_the_old_one_held() -> None:
+    """Across machines dora 1.1.0 says nothing of a restart: the new process's hello is the only sign."""
+    node = ReplicaNode(replica_config(("a", "b")))
+    async with app_over(node) as (client, registry, bridge):
+        node.push(hello("a"), hello("b"))  # the first processes start: nothing held, nothing to do
+        assert await until(lambda: bridge.replicas.by_id["b"].hellos == 1)
+        assert bridge.replicas.by_id["a"].failures == 0
+        ids = [(await background(client, f"q{i}")).json()["id"] for i in range(2)]  # a: q0, b: q1
+        node.push(hello("a"))  # a restarted: q0 went to the process before
+        assert await until(lambda: len(node.requests()) == 3)
+        assert node.requests()[-1] == ("v1/chat/completions/b", f"{ids[0]}~1")
+        assert bridge.replicas.by_id["a"].live and bridge.replicas.by_id["a"].failures == 1
+        node.push(*answer(f"{ids[0]}~1", "b", ["q0"]))
+        assert await until(lambda: registry.get(ids[0]).status is Status.COMPLETED)
