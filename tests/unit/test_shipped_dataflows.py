@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ def nodes_of(path: Path) -> list[dict[str, Any]]:
 
 def test_there_is_something_to_check() -> None:
     names = {path.name for path in SHIPPED}
-    assert {"dataflow-stream.yml", "qwenvl.yml", "qwenvl-cluster.yml"} <= names
+    assert {"dataflow-stream.yml", "dataflow-replicas.yml", "dataflow-cluster.yml", "qwenvl.yml", "qwenvl-cluster.yml"} <= names
     assert len(MANIFESTS) == 2
 
 
@@ -43,3 +45,11 @@ def test_every_build_line_installs_the_protocol_in_the_same_command(path: Path) 
     for build in builds:
         assert build.startswith("pip install "), build
         assert "-e protocol " in build or "-e ../../protocol " in build, build
+
+
+@pytest.mark.parametrize("name", ["dataflow-replicas.yml", "dataflow-cluster.yml"])
+def test_dora_validates_the_replica_dataflows(name: str) -> None:
+    """Output ids with a replica's node id in them (``v1/chat/completions/<id>``) are fine with dora."""
+    dora = Path(sys.executable).parent / "dora"
+    result = subprocess.run([str(dora), "validate", name], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -40,7 +40,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from dora import Node
 
+    from openai_stream_protocol import send_hello
+
     node = Node(args.name) if args.name else Node()
+    # The model is loaded: say so. After `dora node restart` (or a restart on another machine) this
+    # hello is how the server knows the replica is back (docs/architecture.md, "Replicas and failover").
+    send_hello(node, args.name or "qwenvl-stream", "chunks")
     logger.info("qwenvl-stream serving %s (queue of %d)", settings.model_name_or_path, settings.max_queued_requests)
     # dora's stub annotates send_output's metadata as `dict = None`, not Optional.
     Scheduler(node, QwenEngine(loaded, settings), settings).run(node)  # type: ignore[arg-type]

@@ -195,12 +195,28 @@ def test_image_from_a_closed_port_fails_fast() -> None:
         load_image(f"http://127.0.0.1:{port}/cat.png", LIMITS, LOCAL)
 
 
-def test_cluster_yaml_is_qwenvl_yaml_plus_a_gpu_label() -> None:
+def test_cluster_yaml_is_qwenvl_yaml_with_gpu_labelled_replicas() -> None:
+    """Each replica is qwenvl.yml's model node on its own output pair, placed by label, under a restart policy."""
     single = yaml.safe_load((ROOT / "qwenvl.yml").read_text())
     cluster = yaml.safe_load((ROOT / "qwenvl-cluster.yml").read_text())
-    model_node = next(node for node in cluster["nodes"] if node["id"] == "qwenvl-stream")
-    assert model_node.pop("deploy") == {"labels": {"gpu": "true"}}
-    assert cluster == single
+    server, *replicas = cluster["nodes"]
+    single_server, model = single["nodes"]
+    assert [r["id"] for r in replicas] == ["qwenvl-stream-1", "qwenvl-stream-2"]
+    for replica in replicas:
+        rid = replica.pop("id")
+        assert replica.pop("deploy") == {"labels": {"gpu": "true"}}
+        assert replica.pop("restart_policy") == "on-failure"
+        sources = {name: spec["source"] for name, spec in replica["inputs"].items()}
+        assert sources == {
+            "v1/chat/completions": f"openai-stream-server/v1/chat/completions/{rid}",
+            "cancel": f"openai-stream-server/cancel/{rid}",
+        }
+        assert server["inputs"][f"chunks/{rid}"]["source"] == f"{rid}/chunks"
+        assert {f"v1/chat/completions/{rid}", f"cancel/{rid}"} <= set(server["outputs"])
+        assert {k: v for k, v in replica.items() if k != "inputs"} == {
+            k: v for k, v in model.items() if k not in ("id", "inputs")
+        }
+    assert server["env"] == single_server["env"] and server["build"] == single_server["build"]
     assert all("deploy" not in node for node in single["nodes"])  # `dora run` refuses a `deploy` section
 
 
