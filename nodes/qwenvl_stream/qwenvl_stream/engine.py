@@ -1,127 +1,334 @@
-"""One Qwen2.5-VL generation with transformers, streamed piece by piece.
+"""Qwen2.5-VL generation for many requests at once, with transformers, step by step.
 
-``generate`` runs in the scheduler's worker thread, with the request's
-images already fetched and decoded (``prefetch.py``). It starts
-``model.generate`` in a second thread and reads its ``TextIteratorStreamer``
-here, because the streamer is an iterator fed from inside ``generate``.
-Two things in that pairing must be handled (both seen on this machine): the
-streamer yields empty pieces (skipped), and it blocks forever when
-``generate`` raises, unless it has a timeout and the error is carried back
-(the thread ends the streamer and stores the exception).
+Two schemes share the model (docs/architecture.md, "Dora wire protocol",
+batch form):
+
+- **Continuous batching** (transformers' ``init_continuous_batching``) for
+  text-only requests with the model's own sampling: a request joins the
+  running batch at the next step and leaves it the step it ends, and a
+  cancel frees its row. The manager takes token lists only (no
+  ``pixel_values``), so it never sees an image.
+- **Micro-batched ``generate()``** for the rest (images, a temperature,
+  top_p or seed of their own): the waiting requests of one sampling setup
+  are left-padded into one batch; ``_RowStreamer`` routes each step's
+  ``(B,)`` tokens to their rows and ``RowCriteria`` masks a row (cancel,
+  stop string, its own ``max_tokens``) so that ``generate`` pads it from
+  the next step on. New requests wait for the next batch.
+
+Only one thread may run the model at a time: Qwen2.5-VL keeps
+``rope_deltas`` on the model object between the steps of a ``generate``.
+The manager's loop runs in its own thread; a ``generate`` batch runs in the
+scheduler's engine thread inside ``manager.pause()``, which parks that loop
+at a step boundary (its requests keep their cache and resume after).
+
+Checked with transformers 5.24 on CPU (tiny random models): continuous
+batching with ``sdpa`` gives the same greedy tokens as ``generate`` alone,
+and so does left-padded ``generate``; ``paged|eager`` did not.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
-import queue
+import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, set_seed
+from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
+from transformers.generation.streamers import BaseStreamer
 
 from openai_stream_protocol import parse_request_texts
 
-from .chat import Chat, to_chat
-from .generation import GenerationParams, Outcome, RequestError, sampling_kwargs
+from .chat import to_chat
+from .generation import BatchRow, GenerationParams, OnStep, RequestError, RowStream, StepRow, sampling_kwargs
 from .model import LoadedModel
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
+# Continuous batching's paged cache on the CPU, where it cannot size itself from free GPU memory.
+CPU_PAGE_SIZE = 32
+CPU_CACHE_TOKENS_PER_ROW = 4096
+CPU_MAX_BATCH_TOKENS = 512
+MANAGER_READY_TIMEOUT_S = 60.0
 
-class HaltCriteria(StoppingCriteria):
-    """Stops ``generate`` at the next token once ``halt`` is set (cancel, stop string, timeout)."""
 
-    def __init__(self, halt: threading.Event) -> None:
-        self.halt = halt
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    inputs: Any
+    """The processor's output for this request alone (a batch of one)."""
+    prompt_tokens: int
+
+
+class RowCriteria(StoppingCriteria):
+    """Per-row stop for a batched ``generate``: a row ends once its stream ended or its ``halt`` is set.
+
+    ``generate`` pads a stopped row with ``pad_token_id`` from then on (it
+    needs ``eos_token_id`` set for that), and ends when every row stopped.
+    """
+
+    def __init__(self, streams: Sequence[RowStream]) -> None:
+        self.streams = streams
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.halt.is_set(), dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+        done = [s.ended or s.halt.is_set() for s in self.streams]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+
+class _RowStreamer(BaseStreamer):
+    """``generate``'s streamer: the first ``put`` is the (B, L) prompt, then one (B,) tensor per step."""
+
+    def __init__(self, streams: Sequence[RowStream], on_step: OnStep) -> None:
+        self.streams = streams
+        self.on_step = on_step
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        rows = [row for stream, token in zip(self.streams, value.tolist(), strict=True) if (row := stream.push(int(token)))]
+        if rows:
+            self.on_step(rows)
+
+    def end(self) -> None:
+        pass
 
 
 class QwenEngine:
+    """The transformers engine; ``start``/``close`` run in the scheduler's engine thread, ``generate_batch`` too."""
+
     def __init__(self, loaded: LoadedModel, settings: Settings) -> None:
         self.loaded = loaded
         self.settings = settings
+        self.max_batch = settings.max_batch
+        self.tokenizer = loaded.processor.tokenizer
+        config = loaded.model.generation_config
+        pad = config.pad_token_id if config.pad_token_id is not None else self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else min(loaded.eos_token_ids))
+        # One at a time (QWENVL_MAX_BATCH=1) is the old path: generate() alone, no manager.
+        self.continuous = settings.continuous_batching and settings.max_batch > 1
+        self._manager: Any = None
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._cb_rows: dict[str, RowStream] = {}
+        self._cb_seen: dict[str, int] = {}
+        self._cb_on_step: OnStep | None = None
 
-    def generate(
-        self,
-        texts: list[str],
-        params: GenerationParams,
-        emit: Callable[[str], None],
-        halt: threading.Event,
-        *,
-        images: Sequence[Any] = (),
-    ) -> Outcome:
+    # -- both schemes --------------------------------------------------------------------------
+
+    def prepare(self, texts: list[str], images: Sequence[Any]) -> Prepared:
+        """Chat template and processor for one request; ``RequestError`` for what the client must fix."""
         chat = to_chat(parse_request_texts(texts))
         if not chat.messages:
             raise RequestError("the request has no messages")
         if len(images) != len(chat.image_sources):
             raise RuntimeError(f"{len(chat.image_sources)} image(s) in the prompt but {len(images)} loaded")
-        inputs = self._prepare(chat, list(images))
-        prompt_tokens = int(inputs["input_ids"].shape[-1])
-        if halt.is_set():
-            return Outcome("stop", prompt_tokens, 0)
-        if params.seed is not None:
-            set_seed(params.seed)
-        sequences = self._stream(inputs, params, emit, halt)
-        generated = sequences[0, prompt_tokens:].tolist()
-        at_limit = len(generated) >= params.max_tokens and not (generated and generated[-1] in self.loaded.eos_token_ids)
-        finish_reason = "length" if at_limit and not halt.is_set() else "stop"
-        return Outcome(finish_reason, prompt_tokens, len(generated))
-
-    def _prepare(self, chat: Chat, images: list[Any]) -> Any:
         processor = self.loaded.processor
         try:
             prompt = processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # jinja2 errors, raise_exception() in templates
             raise RequestError(f"the model's chat template rejected the conversation: {exc}") from exc
         try:
-            inputs = processor(text=[prompt], images=images or None, return_tensors="pt")
+            inputs = processor(text=[prompt], images=list(images) or None, return_tensors="pt")
         except (ValueError, TypeError) as exc:  # e.g. an image of extreme aspect ratio
             raise RequestError(f"could not prepare the input: {exc}") from exc
-        return inputs.to(self.loaded.placement.device)
+        return Prepared(inputs, int(inputs["input_ids"].shape[-1]))
 
-    def _stream(self, inputs: Any, params: GenerationParams, emit: Callable[[str], None], halt: threading.Event) -> Any:
-        tokenizer = self.loaded.processor.tokenizer
-        timeout_s = self.settings.streamer_timeout_s
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout_s)
-        result: dict[str, Any] = {}
+    def stream(self, request_id: str, params: GenerationParams, halt: threading.Event, prompt_tokens: int) -> RowStream:
+        return RowStream(request_id, params, halt, self.tokenizer, self.loaded.eos_token_ids, prompt_tokens)
 
-        def run() -> None:
-            try:
-                with torch.inference_mode():
-                    result["sequences"] = self.loaded.model.generate(
-                        **inputs,
-                        streamer=streamer,
-                        max_new_tokens=params.max_tokens,
-                        stopping_criteria=StoppingCriteriaList([HaltCriteria(halt)]),
-                        **sampling_kwargs(params),
-                    )
-            except BaseException as exc:  # carried back to the reading thread
-                result["error"] = exc
-                streamer.end()  # type: ignore[no-untyped-call]
-
-        thread = threading.Thread(target=run, name="qwenvl-generate", daemon=True)
-        thread.start()
+    def start(self, on_step: OnStep) -> None:
+        """Start the continuous-batching manager (engine thread, before any batch); without it every request uses ``generate``."""
+        self._cb_on_step = on_step
         try:
-            for piece in streamer:
-                if piece:
-                    emit(piece)
-        except queue.Empty:
-            halt.set()
-            thread.join(timeout_s)
-            raise RuntimeError(f"no output from the model for {timeout_s:g} s (QWENVL_STREAMER_TIMEOUT_S)") from None
-        thread.join(timeout_s)
-        if "error" in result:
-            error = result["error"]
-            if isinstance(error, torch.OutOfMemoryError):
+            if self.continuous:
+                self._manager = self._start_manager()
+        except Exception as exc:
+            logger.warning("continuous batching unavailable (%s: %s); every request uses generate()", type(exc).__name__, exc)
+            self._manager = None
+        finally:
+            self._ready.set()
+
+    def close(self) -> None:
+        self._ready.clear()
+        manager, self._manager = self._manager, None
+        if manager is not None:
+            manager.stop(block=True, timeout=30.0)
+
+    # -- continuous batching (text only) -------------------------------------------------------
+
+    def accepts_continuous(self, params: GenerationParams, has_images: bool) -> bool:
+        """Text-only requests that keep the model's own sampling (the manager has one generation config)."""
+        if not self.continuous or has_images or (self._ready.is_set() and self._manager is None):
+            return False
+        return params.temperature is None and params.top_p is None and params.seed is None
+
+    def start_continuous(self, row: BatchRow) -> bool:
+        """Add a request to the running batch (owner thread); ``False`` when the manager is not there after all."""
+        if not self._ready.wait(MANAGER_READY_TIMEOUT_S):
+            logger.warning("continuous batching did not start within %.0f s; using generate()", MANAGER_READY_TIMEOUT_S)
+            self.continuous = False
+        manager = self._manager
+        if manager is None:
+            return False
+        prepared = self.prepare(row.texts, ())
+        ids = prepared.inputs["input_ids"][0].tolist()
+        with self._lock:
+            self._cb_rows[row.request_id] = self.stream(row.request_id, row.params, row.halt, prepared.prompt_tokens)
+            self._cb_seen[row.request_id] = 0
+        manager.add_request(
+            ids,
+            request_id=row.request_id,
+            max_new_tokens=row.params.max_tokens,
+            streaming=True,
+            eos_token_id=sorted(self.loaded.eos_token_ids),
+        )
+        return True
+
+    def cancel_continuous(self, request_id: str) -> None:
+        """Free the request's row at the manager's next step; nothing more is reported for it."""
+        with self._lock:
+            known = self._cb_rows.pop(request_id, None) is not None
+            self._cb_seen.pop(request_id, None)
+        if known and self._manager is not None:
+            self._manager.cancel_request(request_id)
+
+    def _start_manager(self) -> Any:
+        from transformers import ContinuousBatchingConfig
+
+        model = self.loaded.model
+        generation_config = copy.deepcopy(model.generation_config)
+        generation_config.max_new_tokens = self.settings.max_tokens_limit
+        if self.loaded.placement.device.type == "cpu":
+            # No free-memory figure to size the cache from: room for max_batch rows of CPU_CACHE_TOKENS_PER_ROW.
+            blocks = math.ceil(self.max_batch * CPU_CACHE_TOKENS_PER_ROW / CPU_PAGE_SIZE)
+            cb_config = ContinuousBatchingConfig(
+                page_size=CPU_PAGE_SIZE,
+                num_blocks=blocks,
+                max_batch_tokens=CPU_MAX_BATCH_TOKENS,
+                max_requests_per_batch=self.max_batch,
+            )
+        else:
+            cb_config = ContinuousBatchingConfig(max_requests_per_batch=self.max_batch)
+        manager = model.init_continuous_batching(generation_config=generation_config, continuous_batching_config=cb_config)
+        # One call per step with every row's output: that step becomes one message. The
+        # single-output path is how the manager reports a failed request.
+        router = manager.output_router
+        router.deliver_batch = self._on_outputs
+        router.deliver = lambda output: self._on_outputs([output])
+        manager.start()
+        logger.info("continuous batching on for text-only requests (up to %d at once)", self.max_batch)
+        return manager
+
+    def _on_outputs(self, outputs: list[Any]) -> None:
+        """The manager's thread, once per step: new tokens through each row's stream, one ``on_step`` call."""
+        rows: list[StepRow] = []
+        with self._lock:
+            for output in outputs:
+                stream = self._cb_rows.get(output.request_id)
+                if stream is None:  # cancelled, or already ended
+                    continue
+                seen = self._cb_seen[output.request_id]
+                tokens = output.generated_tokens[seen:]
+                self._cb_seen[output.request_id] = seen + len(tokens)
+                text = ""
+                end: StepRow | None = None
+                for token in tokens:
+                    row = stream.push(int(token))
+                    if row is not None:
+                        text += row.text
+                        if row.ended:
+                            end = row
+                            break
+                if end is None and output.error:
+                    stream.ended = True
+                    end = StepRow(output.request_id, text, error=f"generation failed: {output.error}")
+                elif end is None and output.is_finished():
+                    end = stream.end()
+                if end is not None:
+                    rows.append(StepRow(output.request_id, text, end.outcome, end.error, stream.count))
+                    del self._cb_rows[output.request_id], self._cb_seen[output.request_id]
+                    if stream.halt.is_set() and not output.is_finished():  # a stop string: free the row now
+                        self._manager.cancel_request(output.request_id)
+                elif text:
+                    rows.append(StepRow(output.request_id, text, tokens=stream.count))
+        if rows and self._cb_on_step is not None:
+            self._cb_on_step(rows)
+
+    # -- micro-batched generate() --------------------------------------------------------------
+
+    def generate_batch(self, rows: Sequence[BatchRow], on_step: OnStep) -> None:
+        """One ``generate`` over ``rows`` (one sampling setup); every row gets exactly one ending ``StepRow``.
+
+        A request whose input cannot be prepared ends at once with its error;
+        the others go on. An error inside ``generate`` propagates: the
+        scheduler ends the rows still open.
+        """
+        ready: list[tuple[BatchRow, Prepared]] = []
+        failed: list[StepRow] = []
+        for row in rows:
+            try:
+                ready.append((row, self.prepare(row.texts, row.row_images)))
+            except RequestError as exc:
+                failed.append(StepRow(row.request_id, error=str(exc)))
+            except Exception as exc:
+                logger.exception("request %s: preparing its input failed", row.request_id)
+                failed.append(StepRow(row.request_id, error=f"could not prepare the input: {exc}"))
+        if failed:
+            on_step(failed)
+        if not ready:
+            return
+        streams = [self.stream(row.request_id, row.params, row.halt, p.prompt_tokens) for row, p in ready]
+        inputs = self._collate([p for _, p in ready])
+        params = ready[0][0].params
+        with self._exclusive(), torch.inference_mode():
+            if params.seed is not None:
+                set_seed(params.seed)
+            self.loaded.model.model.rope_deltas = None
+            try:
+                self.loaded.model.generate(
+                    **inputs,
+                    streamer=_RowStreamer(streams, on_step),
+                    max_new_tokens=max(row.params.max_tokens for row, _ in ready),
+                    stopping_criteria=StoppingCriteriaList([RowCriteria(streams)]),
+                    eos_token_id=sorted(self.loaded.eos_token_ids),
+                    pad_token_id=self.pad_token_id,
+                    **sampling_kwargs(params),
+                )
+            except torch.OutOfMemoryError as exc:
                 raise RuntimeError(
                     "out of memory while generating; try a shorter prompt, smaller images or fewer max_tokens"
-                ) from error
-            raise RuntimeError(f"{type(error).__name__}: {error}") from error
-        if "sequences" not in result:
-            raise RuntimeError(f"generation did not finish within {timeout_s:g} s after its last output")
-        return result["sequences"]
+                ) from exc
+        tail = [end for stream in streams if (end := stream.end()) is not None]
+        if tail:
+            on_step(tail)
+
+    def _collate(self, prepared: list[Prepared]) -> dict[str, torch.Tensor]:
+        """Left-pad the token rows to one length; stack the image tensors in row order (what the processor does for a batch)."""
+        length = max(p.prompt_tokens for p in prepared)
+        out: dict[str, torch.Tensor] = {}
+        for key in prepared[0].inputs:
+            values = [p.inputs[key] for p in prepared if key in p.inputs]
+            if key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+                fill = self.pad_token_id if key == "input_ids" else 0
+                out[key] = torch.cat([torch.nn.functional.pad(v, (length - v.shape[-1], 0), value=fill) for v in values])
+        for key in ("pixel_values", "image_grid_thw"):
+            values = [p.inputs[key] for p in prepared if key in p.inputs]
+            if values:
+                out[key] = torch.cat(values)
+        device = self.loaded.placement.device
+        return {key: value.to(device) for key, value in out.items()}
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        manager = self._manager
+        if manager is None or not manager.is_running():
+            yield
+            return
+        with manager.pause():
+            yield

@@ -162,3 +162,210 @@ class Engine(Protocol):
         *,
         images: Sequence[Any] = (),
     ) -> Outcome: ...
+
+
+class Tokenizer(Protocol):
+    def decode(self, token_ids: list[int], *, skip_special_tokens: bool = ...) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """One row's token ids in, text out, never ending in half a UTF-8 character.
+
+    A byte-level BPE token can carry part of a character: decoding it alone
+    gives U+FFFD. Text is released only once it no longer ends in U+FFFD,
+    and each step decodes only a short window (from ``prefix`` on), not the
+    whole answer again: the offsets scheme of vLLM's detokenizer. Special
+    tokens (end of text) are skipped, as the single-request engine did.
+    """
+
+    __slots__ = ("tokenizer", "tokens", "prefix", "read")
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.tokens.append(token_id)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """What is still held at the end (a character the answer left unfinished comes out as U+FFFD)."""
+        return self._release(final=True)
+
+    def _release(self, *, final: bool) -> str:
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self.prefix : self.read], skip_special_tokens=True)
+        text = decode(self.tokens[self.prefix :], skip_special_tokens=True)
+        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.tokens)
+        return text[len(before) :]
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    """What one decode step produced for one request: text, and on its last step how it ended."""
+
+    request_id: str
+    text: str = ""
+    outcome: Outcome | None = None
+    error: str | None = None
+    tokens: int = 0
+    """Tokens the request has generated so far (for the log line of a cancel)."""
+
+    @property
+    def ended(self) -> bool:
+        return self.outcome is not None or self.error is not None
+
+
+OnStep = Callable[[list[StepRow]], None]
+"""Called once per decode step with that step's rows; the scheduler sends them as one message."""
+
+
+class RowStream:
+    """One request's tokens through the detokenizer, its stop strings and its ``max_tokens``.
+
+    Shared by both batching schemes in ``engine.py``, so that a request's
+    text and finish reason do not depend on which scheme served it.
+    """
+
+    __slots__ = ("request_id", "params", "halt", "eos_token_ids", "detok", "stops", "count", "prompt_tokens", "ended")
+
+    def __init__(
+        self,
+        request_id: str,
+        params: GenerationParams,
+        halt: threading.Event,
+        tokenizer: Tokenizer,
+        eos_token_ids: frozenset[int],
+        prompt_tokens: int,
+    ) -> None:
+        self.request_id = request_id
+        self.params = params
+        self.halt = halt
+        self.eos_token_ids = eos_token_ids
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stops = StopFilter(params.stop)
+        self.count = 0
+        self.prompt_tokens = prompt_tokens
+        self.ended = False
+
+    def push(self, token_id: int) -> StepRow | None:
+        """The row for this token (``None`` when there is nothing to send); ends the row on EOS, a stop string or the limit."""
+        if self.ended:
+            return None
+        if self.halt.is_set():  # cancelled (or STOP): nothing more is sent for it
+            self.ended = True
+            return StepRow(self.request_id, outcome=Outcome("stop", self.prompt_tokens, self.count))
+        self.count += 1
+        text = self.stops.feed(self.detok.push(token_id))
+        if self.stops.hit:
+            self.halt.set()
+            return self._end(text, "stop")
+        if token_id in self.eos_token_ids:
+            return self._end(text, "stop")
+        if self.count >= self.params.max_tokens:
+            return self._end(text, "length")
+        return StepRow(self.request_id, text, tokens=self.count) if text else None
+
+    def end(self) -> StepRow | None:
+        """End a row the generation stopped without a reason of its own (halted); ``None`` if it already ended."""
+        if self.ended:
+            return None
+        return self._end("", "stop")
+
+    def _end(self, text: str, finish_reason: str) -> StepRow:
+        self.ended = True
+        if not self.stops.hit:
+            text += self.stops.feed(self.detok.flush()) + self.stops.flush()
+        if self.stops.hit:
+            finish_reason = "stop"
+        return StepRow(self.request_id, text, Outcome(finish_reason, self.prompt_tokens, self.count))
+
+
+class BatchRow(Protocol):
+    """What a batch engine needs of one request (the scheduler's ``Job``)."""
+
+    request_id: str
+    texts: list[str]
+    params: GenerationParams
+    halt: threading.Event
+    """Set on cancel or STOP: the row ends within a step or two and nothing more is sent for it."""
+
+    @property
+    def row_images(self) -> Sequence[Any]: ...
+
+
+class BatchEngine(Protocol):
+    """Generates for many requests at once (``engine.py``); the scheduler drives it.
+
+    ``start``, ``generate_batch`` and ``close`` run in the scheduler's engine
+    thread; the ``*_continuous`` methods in the thread that owns the node.
+    ``on_step`` gets each decode step's rows; every request that was given
+    to the engine gets exactly one ending row (an outcome or an error),
+    unless it was cancelled. An exception from ``generate_batch`` ends that
+    batch's open rows with an error.
+    """
+
+    max_batch: int
+
+    def start(self, on_step: OnStep) -> None: ...
+
+    def close(self) -> None: ...
+
+    def accepts_continuous(self, params: GenerationParams, has_images: bool) -> bool: ...
+
+    def start_continuous(self, row: BatchRow) -> bool: ...
+
+    def cancel_continuous(self, request_id: str) -> None: ...
+
+    def generate_batch(self, rows: Sequence[BatchRow], on_step: OnStep) -> None: ...
+
+
+class SerialEngine:
+    """A one-request ``Engine`` (the scheduler tests' fakes) behind the batch interface: batches of one."""
+
+    max_batch = 1
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def start(self, on_step: OnStep) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def accepts_continuous(self, params: GenerationParams, has_images: bool) -> bool:
+        return False
+
+    def start_continuous(self, row: BatchRow) -> bool:
+        return False
+
+    def cancel_continuous(self, request_id: str) -> None:
+        pass
+
+    def generate_batch(self, rows: Sequence[BatchRow], on_step: OnStep) -> None:
+        for row in rows:
+            self._one(row, on_step)
+
+    def _one(self, row: BatchRow, on_step: OnStep) -> None:
+        stops = StopFilter(row.params.stop)
+
+        def emit(piece: str) -> None:
+            text = stops.feed(piece)
+            if text:
+                on_step([StepRow(row.request_id, text)])
+            if stops.hit:
+                row.halt.set()
+
+        try:
+            outcome = self.engine.generate(row.texts, row.params, emit, row.halt, images=row.row_images)
+        except RequestError as exc:
+            on_step([StepRow(row.request_id, error=str(exc))])
+            return
+        if stops.hit:
+            outcome = Outcome("stop", outcome.prompt_tokens, outcome.completion_tokens)
+        on_step([StepRow(row.request_id, stops.flush(), outcome)])

@@ -1,4 +1,4 @@
-"""The node's event loop: one generation at a time, a bounded queue, cancel, chunks out.
+"""The node's event loop: batched generation, a bounded queue, cancel, one message per step.
 
 Threads (docs/architecture.md, "Dora bridge": never call into one ``Node``
 from two threads other than a blocking reader):
@@ -7,16 +7,20 @@ from two threads other than a blocking reader):
   and puts each one on the inbox;
 - a few fetch threads (``prefetch.py``) load the images of queued
   requests and put them on the same inbox, so a slow image server never
-  holds the generation slot: a request starts only once its images are in;
-- a worker thread per request runs the engine and puts its decoded
-  pieces and its outcome on the same inbox;
+  holds a batch row: a request joins a batch only once its images are in;
+- one engine thread runs the micro-batched ``generate()`` calls (one at a
+  time: Qwen2.5-VL keeps per-call state on the model), and the
+  continuous-batching manager runs its own loop (``engine.py``); both put
+  each decode step's rows on the inbox as one ``("step", rows)`` message;
 - the thread that calls ``run`` owns the node's ``send_output``: it takes
-  inbox messages one at a time, so requests, cancels and pieces are
-  handled in arrival order, with no polling delay.
+  inbox messages one at a time, so requests, cancels and steps are handled
+  in arrival order, and it sends each step's rows as ONE batch message
+  (``BatchSender``; docs/architecture.md, "Dora wire protocol", batch form).
 
-``STOP`` drops everything (the server is going away); when the events
-simply end (a test's list, or every input closed), what is queued is
-still finished.
+At most ``max_batch`` requests generate at once, in either scheme; the
+others wait in the queue. ``STOP`` drops everything (the server is going
+away); when the events simply end (a test's list, or every input closed),
+what is queued is still finished.
 """
 
 from __future__ import annotations
@@ -26,13 +30,21 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from openai_stream_protocol import ChunkSender, OutputSender, dispatch_event
+from openai_stream_protocol import BatchSender, OutputSender, dispatch_event
 
-from .generation import Engine, GenerationParams, Outcome, RequestError, StopFilter
+from .generation import (
+    BatchEngine,
+    Engine,
+    GenerationParams,
+    RequestError,
+    SerialEngine,
+    StepRow,
+    sampling_kwargs,
+)
 from .images import ImageLoader
 from .prefetch import ImagePrefetcher, image_sources
 from .settings import Settings
@@ -48,7 +60,7 @@ Event = Mapping[str, Any]
 
 @dataclass(eq=False, slots=True)
 class Job:
-    sender: ChunkSender
+    request_id: str
     texts: list[str]
     params: GenerationParams
     image_sources: list[str] = field(default_factory=list)
@@ -57,56 +69,86 @@ class Job:
     received_at: float = field(default_factory=time.monotonic)
     halt: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
+    continuous: bool = False
+    """Generating in the continuous batch (else in a ``generate()`` batch)."""
     chunks: int = 0
+    tokens: int = 0
     first_piece_at: float | None = None
 
     @property
-    def request_id(self) -> str:
-        return self.sender.request_id
+    def row_images(self) -> Sequence[Any]:
+        return self.images or []
+
+
+def batch_key(params: GenerationParams) -> tuple[Any, ...]:
+    """Requests share a ``generate()`` batch only with the same sampling; a seeded one runs alone (repeatable)."""
+    if params.seed is not None:
+        return ("seed", object())
+    return tuple(sorted(sampling_kwargs(params).items()))
 
 
 class Scheduler:
     def __init__(
         self,
         node: OutputSender,
-        engine: Engine,
+        engine: BatchEngine | Engine,
         settings: Settings,
         *,
         output: str = CHUNKS_OUTPUT,
         load_image: Callable[[str], Any] | None = None,
     ) -> None:
         self.node = node
-        self.engine = engine
+        self.engine: BatchEngine = engine if hasattr(engine, "generate_batch") else SerialEngine(engine)  # type: ignore[arg-type]
         self.settings = settings
-        self.output = output
+        self.max_batch = max(1, min(settings.max_batch, self.engine.max_batch))
+        self.sender = BatchSender(node, output)
         self.inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.work: queue.Queue[list[Job] | None] = queue.Queue()
         self.prefetcher = ImagePrefetcher(
             load_image or ImageLoader.from_settings(settings),
             lambda job, images, error: self.inbox.put(("images", job, images, error)),
         )
         self.pending: deque[Job] = deque()
-        self.active: Job | None = None
+        self.running: dict[str, Job] = {}
+        self.batch_busy = False
+        """A ``generate()`` batch is with the engine thread."""
         self.closed = False
         self.stopping = False
         self.completed = 0
+        self.last_step_at = time.monotonic()
 
     def run(self, events: Iterable[Event]) -> None:
         """Serve until ``STOP``, or until the events end and every queued request is answered."""
         threading.Thread(target=self._read, args=(events,), name="qwenvl-reader", daemon=True).start()
+        engine_thread = threading.Thread(target=self._engine_loop, name="qwenvl-engine", daemon=True)
+        engine_thread.start()
+        try:
+            self._serve()
+        finally:
+            self.work.put(None)
+            engine_thread.join(STOP_GRACE_S)
+
+    def _serve(self) -> None:
         stop_deadline: float | None = None
         while True:
-            if self.active is None and not self.stopping:
-                self._start_next()
-            if self.active is None and (self.stopping or (self.closed and not self.pending)):
+            if not self.stopping:
+                self._schedule()
+            idle = not self.running and not self.batch_busy
+            if idle and (self.stopping or (self.closed and not self.pending)):
                 return
             if self.stopping and stop_deadline is None:
                 stop_deadline = time.monotonic() + STOP_GRACE_S
+            deadline = stop_deadline
+            if deadline is None and self.running:
+                deadline = self.last_step_at + self.settings.streamer_timeout_s
             try:
-                timeout = None if stop_deadline is None else max(0.0, stop_deadline - time.monotonic())
-                message = self.inbox.get(timeout=timeout)
+                message = self.inbox.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                logger.warning("the generation in flight did not stop within %.0f s; exiting anyway", STOP_GRACE_S)
-                return
+                if self.stopping:
+                    logger.warning("the generation in flight did not stop within %.0f s; exiting anyway", STOP_GRACE_S)
+                    return
+                self._stalled()
+                continue
             self._dispatch(message)
 
     def _read(self, events: Iterable[Event]) -> None:
@@ -120,21 +162,45 @@ class Scheduler:
         finally:
             self.inbox.put(("closed",))
 
+    def _engine_loop(self) -> None:
+        """Engine thread: starts the engine, then runs one ``generate()`` batch at a time."""
+
+        def on_step(rows: list[StepRow]) -> None:
+            self.inbox.put(("step", rows))
+
+        try:
+            self.engine.start(on_step)
+        except Exception:
+            logger.exception("starting the engine failed")
+        try:
+            while (batch := self.work.get()) is not None:
+                error: str | None = None
+                try:
+                    self.engine.generate_batch(batch, on_step)
+                except RequestError as exc:
+                    error = str(exc)
+                except Exception as exc:
+                    logger.exception("a batch of %d request(s) failed", len(batch))
+                    error = f"generation failed: {exc}"
+                self.inbox.put(("batch-done", batch, error))
+        finally:
+            try:
+                self.engine.close()
+            except Exception:
+                logger.exception("closing the engine failed")
+
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "event":
-            self._on_event(message[1])
-        elif kind == "piece":
-            self._on_piece(message[1], message[2])
-        elif kind == "done":
-            self._on_done(message[1], message[2], message[3])
+            dispatch_event(message[1], self)
+        elif kind == "step":
+            self._on_step(message[1])
+        elif kind == "batch-done":
+            self._on_batch_done(message[1], message[2])
         elif kind == "images":
             self._on_images(message[1], message[2], message[3])
         elif kind == "closed":
             self.closed = True
-
-    def _on_event(self, event: Event) -> None:
-        dispatch_event(event, self)
 
     # What dispatch_event calls (openai_stream_protocol.NodeEventHandler).
     def on_request(self, texts: list[str], metadata: Mapping[str, Any]) -> None:
@@ -144,18 +210,19 @@ class Scheduler:
         self._cancel(request_id)
 
     def on_stop(self) -> None:
-        logger.info("stop: dropping %d queued request(s) and the one in flight", len(self.pending))
+        logger.info("stop: dropping %d queued request(s) and %d generating", len(self.pending), len(self.running))
         self.stopping = True
         for job in self.pending:
             job.cancelled = True
+            job.halt.set()
+            self.sender.discard(job.request_id)
         self.pending.clear()
-        if self.active is not None:
-            self.active.cancelled = True
-            self.active.halt.set()
+        for request_id in list(self.running):
+            self._cancel(request_id)
 
     def _submit(self, texts: list[str], metadata: Mapping[str, Any]) -> None:
         try:
-            sender = ChunkSender(self.node, metadata, output=self.output)
+            request_id = self.sender.open(metadata)
         except ValueError:
             logger.warning("dropping a request without request_id or session_id")
             return
@@ -166,33 +233,38 @@ class Scheduler:
                 max_tokens_limit=self.settings.max_tokens_limit,
             )
         except RequestError as exc:
-            self._fail(sender, str(exc))
+            self._fail(request_id, str(exc))
             return
         if self.stopping:
+            self.sender.discard(request_id)
             return
-        # Requests whose images are still being fetched count as waiting, whether or not one generates.
+        # Requests whose images are still being fetched count as waiting.
         if len(self.pending) >= self.settings.max_queued_requests:
             self._fail(
-                sender,
+                request_id,
                 f"the model is busy: {len(self.pending)} requests are already waiting "
                 f"(QWENVL_MAX_QUEUED_REQUESTS={self.settings.max_queued_requests}); retry later",
             )
             return
         sources = image_sources(texts)
-        job = Job(sender, texts, params, image_sources=sources, images=None if sources else [])
+        job = Job(request_id, texts, params, image_sources=sources, images=None if sources else [])
         self.pending.append(job)
         if sources:
             self.prefetcher.submit(job)
-        logger.debug("request %s queued (%d waiting)", sender.request_id, len(self.pending))
+        logger.debug("request %s queued (%d waiting)", request_id, len(self.pending))
 
     def _cancel(self, request_id: str | None) -> None:
         # The server has already ended the request: nothing more is sent for it.
         if request_id is None:
             return
-        if self.active is not None and self.active.request_id == request_id:
-            self.active.cancelled = True
-            self.active.halt.set()
-            logger.debug("request %s cancelled after %d chunk(s)", request_id, self.active.chunks)
+        self.sender.discard(request_id)
+        job = self.running.pop(request_id, None)
+        if job is not None:
+            job.cancelled = True
+            job.halt.set()  # a generate() row is masked at the next step
+            if job.continuous:
+                self.engine.cancel_continuous(request_id)  # its row is freed at the next step
+            logger.info("request %s: cancelled after %d of %d tokens", request_id, job.tokens, job.params.max_tokens)
             return
         for job in self.pending:
             if job.request_id == request_id:
@@ -202,45 +274,104 @@ class Scheduler:
                 logger.info("request %s cancelled while queued", request_id)
                 return
 
-    def _start_next(self) -> None:
-        """The oldest job whose images are loaded takes the slot; one still fetching keeps its place."""
+    def _schedule(self) -> None:
+        """Fill free rows: text requests join the continuous batch, the rest wait for the next ``generate()`` batch.
+
+        A job still fetching its images keeps its place in the queue.
+        """
+        batch: list[Job] = []
+        key: tuple[Any, ...] | None = None
         for job in list(self.pending):
+            if len(self.running) + len(batch) >= self.max_batch:
+                break
             if job.cancelled:
                 self.pending.remove(job)
                 continue
             if job.images is None:
                 continue
-            self.pending.remove(job)
-            self.active = job
-            threading.Thread(target=self._work, args=(job,), name=f"qwenvl-job-{job.request_id}", daemon=True).start()
-            return
+            if self.engine.accepts_continuous(job.params, bool(job.image_sources)):
+                self.pending.remove(job)
+                try:
+                    joined = self.engine.start_continuous(job)
+                except RequestError as exc:
+                    self._end_failed(job, str(exc))
+                    continue
+                except Exception as exc:
+                    logger.exception("request %s: could not join the continuous batch", job.request_id)
+                    self._end_failed(job, f"generation failed: {exc}")
+                    continue
+                if joined:
+                    job.continuous = True
+                    self.running[job.request_id] = job
+                    self.last_step_at = time.monotonic()
+                    continue
+                # No manager after all (it failed to start): from now on the engine declines, and the job waits for generate().
+                self.pending.appendleft(job)
+                self._schedule()
+                return
+            if self.batch_busy:
+                continue
+            job_key = batch_key(job.params)
+            if key is None:
+                key = job_key
+            if job_key == key:
+                self.pending.remove(job)
+                batch.append(job)
+        if batch:
+            for job in batch:
+                self.running[job.request_id] = job
+            self.batch_busy = True
+            self.last_step_at = time.monotonic()
+            self.work.put(batch)
 
-    def _work(self, job: Job) -> None:
-        """Worker thread: run the engine, forward pieces through the stop-string filter."""
-        stops = StopFilter(job.params.stop)
+    def _on_step(self, rows: list[StepRow]) -> None:
+        """One decode step's rows, sent as one message."""
+        self.last_step_at = time.monotonic()
+        for row in rows:
+            job = self.running.get(row.request_id)
+            if job is None or job.cancelled:
+                continue
+            if row.text:
+                if job.first_piece_at is None:
+                    job.first_piece_at = time.monotonic()
+                self.sender.send(job.request_id, row.text)
+                job.chunks += 1
+            job.tokens = max(job.tokens, row.tokens)
+            if row.ended:
+                del self.running[job.request_id]
+                self.completed += 1
+                if row.outcome is None:
+                    self.sender.finish(job.request_id, "error", error=row.error)
+                    self._log_completion(job, "error", 0)
+                    continue
+                self.sender.finish(
+                    job.request_id,
+                    row.outcome.finish_reason,
+                    prompt_tokens=row.outcome.prompt_tokens,
+                    completion_tokens=row.outcome.completion_tokens,
+                )
+                self._log_completion(job, row.outcome.finish_reason, row.outcome.completion_tokens)
+        self._emit()
 
-        def emit(piece: str) -> None:
-            text = stops.feed(piece)
-            if text:
-                self.inbox.put(("piece", job, text))
-            if stops.hit:
-                job.halt.set()
+    def _on_batch_done(self, batch: list[Job], error: str | None) -> None:
+        """A ``generate()`` batch returned: rows it left open (it raised) end with the error."""
+        self.batch_busy = False
+        for job in batch:
+            if self.running.get(job.request_id) is job:
+                del self.running[job.request_id]
+                self._end_failed(job, error or "generation ended without finishing the request")
 
-        outcome: Outcome | None = None
-        error: str | None = None
-        try:
-            outcome = self.engine.generate(job.texts, job.params, emit, job.halt, images=job.images or [])
-            tail = stops.flush()
-            if tail:
-                self.inbox.put(("piece", job, tail))
-            if stops.hit:
-                outcome = replace(outcome, finish_reason="stop")
-        except RequestError as exc:
-            error = str(exc)
-        except Exception as exc:
-            logger.exception("request %s: generation failed", job.request_id)
-            error = f"generation failed: {exc}"
-        self.inbox.put(("done", job, outcome, error))
+    def _stalled(self) -> None:
+        """No step for ``streamer_timeout_s`` while requests generate: they fail, and their rows are halted."""
+        message = f"no output from the model for {self.settings.streamer_timeout_s:g} s (QWENVL_STREAMER_TIMEOUT_S)"
+        logger.warning("%s; failing %d request(s)", message, len(self.running))
+        for request_id, job in list(self.running.items()):
+            del self.running[request_id]
+            job.halt.set()
+            if job.continuous:
+                self.engine.cancel_continuous(request_id)
+            self._end_failed(job, message)
+        self.last_step_at = time.monotonic()
 
     def _on_images(self, job: Job, images: list[Any] | None, error: str | None) -> None:
         self.prefetcher.release()
@@ -248,62 +379,29 @@ class Scheduler:
             return
         if images is None:
             self.pending.remove(job)
-            self.completed += 1
-            self._fail(job.sender, error or "image fetch failed", job)
+            self._end_failed(job, error or "image fetch failed")
             return
         job.images = images
 
-    def _on_piece(self, job: Job, text: str) -> None:
-        if job.cancelled or job.sender.finished:
-            return
-        if job.first_piece_at is None:
-            job.first_piece_at = time.monotonic()
-        try:
-            job.sender.send(text)
-            job.chunks += 1
-        except Exception as exc:
-            logger.warning("request %s: could not send a chunk (%s); stopping it", job.request_id, exc)
-            job.cancelled = True
-            job.halt.set()
-
-    def _on_done(self, job: Job, outcome: Outcome | None, error: str | None) -> None:
-        if job is self.active:
-            self.active = None
-        if job.cancelled:
-            if outcome is not None:
-                logger.info(
-                    "request %s: cancelled after %d of %d tokens",
-                    job.request_id,
-                    outcome.completion_tokens,
-                    job.params.max_tokens,
-                )
-            return
-        if job.sender.finished:
-            return
+    def _end_failed(self, job: Job, message: str) -> None:
         self.completed += 1
-        if outcome is None:
-            self._fail(job.sender, error or "generation failed", job)
-            return
-        try:
-            job.sender.finish(
-                outcome.finish_reason,
-                prompt_tokens=outcome.prompt_tokens,
-                completion_tokens=outcome.completion_tokens,
-            )
-        except Exception as exc:
-            logger.warning("request %s: could not send the finish marker (%s)", job.request_id, exc)
-            return
-        self._log_completion(job, outcome.finish_reason, outcome.completion_tokens)
+        self._fail(job.request_id, message)
+        self._log_completion(job, "error", 0)
 
-    def _fail(self, sender: ChunkSender, message: str, job: Job | None = None) -> None:
+    def _fail(self, request_id: str, message: str) -> None:
         try:
-            sender.finish("error", error=message)
+            self.sender.finish(request_id, "error", error=message)
+        except KeyError:  # cancelled meanwhile
+            return
+        self._emit()
+        logger.info("request %s ended with an error: %s", request_id, message)
+
+    def _emit(self) -> None:
+        try:
+            self.sender.emit()
         except Exception as exc:
-            logger.warning("request %s: could not send the error chunk (%s)", sender.request_id, exc)
-        if job is not None:
-            self._log_completion(job, "error", 0)
-        else:
-            logger.info("request %s refused: %s", sender.request_id, message)
+            # The rows are gone with the message; the server times those requests out.
+            logger.warning("could not send a chunk message (%s)", exc)
 
     def _log_completion(self, job: Job, finish_reason: str, completion_tokens: int) -> None:
         now = time.monotonic()

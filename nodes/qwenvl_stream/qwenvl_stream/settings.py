@@ -23,7 +23,13 @@ class Settings:
     max_tokens_limit: int = 8192
     """Upper bound on any request's ``max_tokens`` (larger values are clamped; the answer then ends with ``length``)."""
     max_queued_requests: int = 16
-    """Requests waiting while one generates; beyond it a request ends at once with an error chunk."""
+    """Requests waiting for a place in the batch; beyond it a request ends at once with an error chunk."""
+    max_batch: int = 8
+    """Requests generating at once (one batch row each). 1 is the one-at-a-time path: one ``generate()``
+    per request, no continuous batching."""
+    continuous_batching: bool = True
+    """Text-only requests join transformers' continuous batching; off, every request goes through
+    micro-batched ``generate()`` (requests with images always do)."""
     max_image_bytes: int = 20 * 1024 * 1024
     """Largest encoded image accepted (URL body or decoded base64)."""
     max_image_pixels: int = 64 * 1024 * 1024
@@ -37,7 +43,8 @@ class Settings:
     """Fetch image URLs whose host resolves to a loopback, private, link-local or other non-public
     address (refused by default: a client must not reach the node's own network)."""
     streamer_timeout_s: float = 300.0
-    """Longest wait for the next decoded piece (prefill included) before the request fails."""
+    """Longest wait for the next step's output (prefill included) while requests generate; past it
+    they fail with an error chunk."""
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

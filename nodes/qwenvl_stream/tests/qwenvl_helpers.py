@@ -14,16 +14,30 @@ import pyarrow as pa
 
 
 class Recorder:
-    """Stands in for ``dora.Node.send_output``; keeps every message with its metadata."""
+    """Stands in for ``dora.Node.send_output``; keeps every message with its metadata.
+
+    A batch message (a struct array, one row per chunk) is kept as its list
+    of row dicts; ``rows`` and ``chunks`` read both forms as ``(text, metadata)``.
+    """
 
     def __init__(self) -> None:
-        self.messages: list[tuple[str, list[str], dict[str, Any]]] = []
+        self.messages: list[tuple[str, list[Any], dict[str, Any]]] = []
 
     def send_output(self, output_id: str, data: pa.Array, metadata: dict[str, Any] | None = None) -> None:
         self.messages.append((output_id, data.to_pylist(), dict(metadata or {})))
 
+    def rows(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every chunk in sending order."""
+        out: list[tuple[str, dict[str, Any]]] = []
+        for _, values, md in self.messages:
+            if values and isinstance(values[0], dict):
+                out.extend((row["text"], {k: v for k, v in row.items() if v is not None and k != "text"}) for row in values)
+            else:
+                out.append(("".join(values), md))
+        return out
+
     def chunks(self, request_id: str) -> list[tuple[str, dict[str, Any]]]:
-        return [("".join(texts), md) for _, texts, md in self.messages if md.get("request_id") == request_id]
+        return [(text, md) for text, md in self.rows() if md.get("request_id") == request_id]
 
 
 def request(request_id: str, texts: list[str], **metadata: Any) -> dict[str, Any]:

@@ -11,15 +11,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from qwenvl_helpers import Recorder, cancel, check_stream, png_data_uri, request
-from qwenvl_stream.engine import HaltCriteria, QwenEngine
-from qwenvl_stream.generation import GenerationParams, Outcome
+from qwenvl_stream.engine import QwenEngine, RowCriteria
+from qwenvl_stream.generation import GenerationParams, RowStream
 from qwenvl_stream.model import ModelLoadError, load_model
 from qwenvl_stream.scheduler import Scheduler
 from qwenvl_stream.settings import Settings
@@ -33,28 +33,20 @@ SYSTEM = "<|system|>\n"
 
 
 class SpyEngine(QwenEngine):
-    """The real engine, keeping each outcome."""
+    """The real engine, keeping each request's row stream (its token count goes on after a cancel, if it does)."""
 
-    outcomes: dict[str, Outcome]
+    streams: dict[str, RowStream]
 
-    def generate(
-        self,
-        texts: list[str],
-        params: GenerationParams,
-        emit: Callable[[str], None],
-        halt: threading.Event,
-        *,
-        images: Sequence[Any] = (),
-    ) -> Outcome:
-        outcome = super().generate(texts, params, emit, halt, images=images)
-        self.outcomes[texts[-1]] = outcome
-        return outcome
+    def stream(self, request_id: str, params: GenerationParams, halt: threading.Event, prompt_tokens: int) -> RowStream:
+        stream = super().stream(request_id, params, halt, prompt_tokens)
+        self.streams[request_id] = stream
+        return stream
 
 
 @pytest.fixture
 def engine(loaded_model: Any) -> SpyEngine:
     spy = SpyEngine(loaded_model, Settings(model_name_or_path="tiny", image_timeout_s=2))
-    spy.outcomes = {}
+    spy.streams = {}
     return spy
 
 
@@ -145,27 +137,32 @@ def test_cancel_stops_the_generation_within_a_token_or_two(engine: SpyEngine, lo
     finally:
         hook.remove()
     assert not any(md.get("fin") for _, md in recorder.chunks("long"))
-    assert engine.outcomes[USER + "Go on forever"].completion_tokens <= at_cancel[0] + 2
+    assert engine.streams["long"].count <= at_cancel[0] + 2
     assert check_stream(recorder.chunks("next"))["finish_reason"] == "length"
 
 
-def test_halt_stops_generate_at_the_very_next_token(loaded_model: Any) -> None:
-    """What ``cancel`` relies on: the flag is read at every step, so generation ends within one token."""
-    halt = threading.Event()
+def test_row_criteria_masks_a_halted_row_at_the_very_next_token(loaded_model: Any) -> None:
+    """What a cancel in a ``generate()`` batch relies on: the flag is read at every step, and only that row stops."""
+    engine = QwenEngine(loaded_model, Settings(model_name_or_path="tiny"))
+    params = GenerationParams(max_tokens=200)
+    streams = [engine.stream(f"r{i}", params, threading.Event(), 0) for i in range(2)]
 
-    class SetHaltAfterFive(StoppingCriteria):
+    class HaltRowZeroAfterFive(StoppingCriteria):
         def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
             if input_ids.shape[-1] - prompt >= 5:
-                halt.set()
+                streams[0].halt.set()
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)  # type: ignore[return-value]
 
-    processor = loaded_model.processor
-    text = processor.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=[text], return_tensors="pt")
+    prepared = [engine.prepare([USER + text], ()) for text in ("hi", "hello there")]
+    inputs = engine._collate(prepared)
     prompt = inputs["input_ids"].shape[-1]
-    criteria = StoppingCriteriaList([SetHaltAfterFive(), HaltCriteria(halt)])
-    out = loaded_model.model.generate(**inputs, max_new_tokens=200, do_sample=False, stopping_criteria=criteria)
-    assert out.shape[-1] - prompt == 5
+    criteria = StoppingCriteriaList([HaltRowZeroAfterFive(), RowCriteria(streams)])
+    out = loaded_model.model.generate(
+        **inputs, max_new_tokens=12, do_sample=False, stopping_criteria=criteria, pad_token_id=engine.pad_token_id
+    )
+    new = out[:, prompt:].tolist()
+    assert len(new[1]) == 12 and new[1][5:] != [engine.pad_token_id] * 7
+    assert new[0][5:] == [engine.pad_token_id] * 7
 
 
 @pytest.mark.parametrize(

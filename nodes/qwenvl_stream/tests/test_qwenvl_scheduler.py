@@ -75,6 +75,7 @@ def test_pieces_become_numbered_chunks_then_the_finish_marker() -> None:
     assert [text for text, _ in chunks] == ["Hello", " there", ",", " friend", ""]
     assert last["finish_reason"] == "stop" and last["prompt_tokens"] == 3 and last["completion_tokens"] == 4
     assert all(output == "chunks" for output, _, _ in recorder.messages)
+    assert len(recorder.messages) == len(chunks)  # one request, one row per message
 
 
 def test_max_tokens_gives_length() -> None:
@@ -101,7 +102,7 @@ def test_a_request_without_an_id_is_dropped_and_bad_parameters_answer_an_error()
     nameless = request("r0", [USER + "hi"])
     nameless["metadata"] = {"model": "m"}
     recorder = run(FakeEngine(["x"]), [nameless, request("r1", [USER + "hi"], temperature=-2)])
-    assert [md.get("request_id") for _, _, md in recorder.messages] == ["r1"]
+    assert [md.get("request_id") for _, md in recorder.rows()] == ["r1"]
     last = check_stream(recorder.chunks("r1"))
     assert last["finish_reason"] == "error" and "temperature" in last["error"]
 
