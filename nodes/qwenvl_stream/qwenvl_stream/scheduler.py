@@ -325,32 +325,34 @@ class Scheduler:
             self.work.put(batch)
 
     def _on_step(self, rows: list[StepRow]) -> None:
-        """One decode step's rows, sent as one message."""
+        """One decode step's rows, sent as one message: one row per request (its last text rides on its finish row)."""
         self.last_step_at = time.monotonic()
         for row in rows:
             job = self.running.get(row.request_id)
             if job is None or job.cancelled:
                 continue
+            job.tokens = max(job.tokens, row.tokens)
             if row.text:
                 if job.first_piece_at is None:
                     job.first_piece_at = time.monotonic()
-                self.sender.send(job.request_id, row.text)
                 job.chunks += 1
-            job.tokens = max(job.tokens, row.tokens)
-            if row.ended:
-                del self.running[job.request_id]
-                self.completed += 1
-                if row.outcome is None:
-                    self.sender.finish(job.request_id, "error", error=row.error)
-                    self._log_completion(job, "error", 0)
-                    continue
-                self.sender.finish(
-                    job.request_id,
-                    row.outcome.finish_reason,
-                    prompt_tokens=row.outcome.prompt_tokens,
-                    completion_tokens=row.outcome.completion_tokens,
-                )
-                self._log_completion(job, row.outcome.finish_reason, row.outcome.completion_tokens)
+            if not row.ended:
+                self.sender.send(job.request_id, row.text)
+                continue
+            del self.running[job.request_id]
+            self.completed += 1
+            if row.outcome is None:
+                self.sender.finish(job.request_id, "error", row.text, error=row.error)
+                self._log_completion(job, "error", 0)
+                continue
+            self.sender.finish(
+                job.request_id,
+                row.outcome.finish_reason,
+                row.text,
+                prompt_tokens=row.outcome.prompt_tokens,
+                completion_tokens=row.outcome.completion_tokens,
+            )
+            self._log_completion(job, row.outcome.finish_reason, row.outcome.completion_tokens)
         self._emit()
 
     def _on_batch_done(self, batch: list[Job], error: str | None) -> None:

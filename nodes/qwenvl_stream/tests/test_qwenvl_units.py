@@ -34,6 +34,8 @@ def test_settings_from_env_reads_model_and_knobs() -> None:
     assert settings.model_name_or_path == "/models/qwen"
     assert settings.max_queued_requests == 3 and settings.image_timeout_s == 2.5
     assert Settings.from_env({}).model_name_or_path == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert Settings.from_env({}).max_batch == 8 and Settings.from_env({"QWENVL_MAX_BATCH": "1"}).max_batch == 1
+    assert not Settings.from_env({"QWENVL_CONTINUOUS_BATCHING": "0"}).continuous_batching
 
 
 @pytest.mark.parametrize(
@@ -41,6 +43,7 @@ def test_settings_from_env_reads_model_and_knobs() -> None:
     [
         pytest.param({"QWENVL_MAX_QUEUED_REQUESTS": "many"}, "QWENVL_MAX_QUEUED_REQUESTS", id="not-a-number"),
         pytest.param({"QWENVL_DEFAULT_MAX_TOKENS": "0"}, "QWENVL_DEFAULT_MAX_TOKENS", id="zero"),
+        pytest.param({"QWENVL_MAX_BATCH": "0"}, "QWENVL_MAX_BATCH", id="zero-batch"),
     ],
 )
 def test_a_bad_setting_names_its_variable(environ: dict[str, str], name: str) -> None:
