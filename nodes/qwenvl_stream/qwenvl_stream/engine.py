@@ -55,6 +55,7 @@ CPU_PAGE_SIZE = 32
 CPU_CACHE_TOKENS_PER_ROW = 4096
 CPU_MAX_BATCH_TOKENS = 512
 MANAGER_READY_TIMEOUT_S = 60.0
+GPU_CACHE_SHARE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +215,9 @@ class QwenEngine:
                 max_requests_per_batch=self.max_batch,
             )
         else:
-            cb_config = ContinuousBatchingConfig(max_requests_per_batch=self.max_batch)
+            # Its default takes 90 % of the free GPU memory for its cache; generate() batches (their own
+            # cache, the vision tower's activations) need the rest.
+            cb_config = ContinuousBatchingConfig(max_requests_per_batch=self.max_batch, max_memory_percent=GPU_CACHE_SHARE)
         manager = model.init_continuous_batching(generation_config=generation_config, continuous_batching_config=cb_config)
         # One call per step with every row's output: that step becomes one message. The
         # single-output path is how the manager reports a failed request.

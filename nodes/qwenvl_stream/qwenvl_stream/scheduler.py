@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 CHUNKS_OUTPUT = "chunks"
 # After STOP, how long to wait for the generation in flight to notice its halt flag.
 STOP_GRACE_S = 10.0
+# Inbox messages handled at most between two schedules.
+DRAIN_MAX = 256
 
 Event = Mapping[str, Any]
 
@@ -150,6 +152,13 @@ class Scheduler:
                 self._stalled()
                 continue
             self._dispatch(message)
+            # What has already arrived is handled before the next schedule, so that requests that came
+            # together start together (one generate() batch rather than the first alone).
+            for _ in range(DRAIN_MAX):
+                try:
+                    self._dispatch(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
 
     def _read(self, events: Iterable[Event]) -> None:
         try:
@@ -238,11 +247,14 @@ class Scheduler:
         if self.stopping:
             self.sender.discard(request_id)
             return
-        # Requests whose images are still being fetched count as waiting.
-        if len(self.pending) >= self.settings.max_queued_requests:
+        # Requests whose images are still being fetched count as waiting; those the next schedule
+        # will start (free rows; requests that arrive together are scheduled together) do not.
+        ready = sum(1 for job in self.pending if job.images is not None)
+        waiting = len(self.pending) - min(ready, max(0, self.max_batch - len(self.running)))
+        if waiting >= self.settings.max_queued_requests:
             self._fail(
                 request_id,
-                f"the model is busy: {len(self.pending)} requests are already waiting "
+                f"the model is busy: {waiting} requests are already waiting "
                 f"(QWENVL_MAX_QUEUED_REQUESTS={self.settings.max_queued_requests}); retry later",
             )
             return
