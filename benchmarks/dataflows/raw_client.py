@@ -78,6 +78,8 @@ def burst(node: Any, concurrency: int, rounds: int, tokens: int, ids: Iterator[i
                 if ev["type"] != "INPUT":
                     continue
                 md = ev["metadata"]
+                if "hello" in md:  # echo_stream's hello at start (docs/architecture.md, "Replicas and failover")
+                    continue
                 request_id = md.get("request_id")
                 got = texts.get(request_id)
                 if got is None:
