@@ -41,7 +41,7 @@ from .settings import Settings
 from .sse import ChunkEncoder
 from .sse_response import SseResponse
 from .state import Status, StreamState
-from .streams import chunk_events, completion_body, end_error, guarded
+from .streams import chunk_events, completion_body, end_error
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class ChatCompletions:
         encoder = ChunkEncoder(
             request_id, model, state.created, include_usage=body.include_usage, relay_sent_at=self.settings.relay_sent_at
         )
-        events = guarded(chunk_events(state, encoder, self.metrics), lambda: self._cancel(request_id))
+        events = chunk_events(state, encoder, self.metrics, on_early_close=lambda: self._cancel(request_id))
         return self._sse(events, headers)
 
     def _model(self, body: ChatCompletionRequest) -> str:
