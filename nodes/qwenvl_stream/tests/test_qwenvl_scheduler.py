@@ -297,3 +297,26 @@ def test_requests_still_fetching_count_against_the_queue_bound() -> None:
     assert refused["finish_reason"] == "error" and "busy" in refused["error"]
     assert check_stream(recorder.chunks("i1"))["finish_reason"] == "stop"
     assert check_stream(recorder.chunks("i2"))["finish_reason"] == "stop"
+
+
+def test_a_generation_with_no_output_for_the_streamer_timeout_fails_and_is_halted() -> None:
+    class SilentEngine(FakeEngine):
+        """Produces nothing until halted (bounded: gives up after 10 s)."""
+
+        def generate(self, texts: list[str], params: GenerationParams, emit: Any, halt: threading.Event, **kw: Any) -> Outcome:
+            self.calls.append(texts)
+            self.emitted[texts[0]] = int(halt.wait(10))
+            return Outcome("stop", 3, 0)
+
+    engine = SilentEngine([])
+
+    def events(recorder: Recorder) -> Iterator[dict[str, Any]]:
+        yield request("stuck", [USER + "hi"])
+        wait_for(lambda: finished(recorder, "stuck"))
+        yield request("next", [USER + "hi"])
+
+    recorder = run(engine, events, streamer_timeout_s=0.3)
+    stuck = check_stream(recorder.chunks("stuck"))
+    assert stuck["finish_reason"] == "error" and "QWENVL_STREAMER_TIMEOUT_S" in stuck["error"]
+    assert engine.emitted[USER + "hi"] == 1  # its generation saw the halt
+    assert check_stream(recorder.chunks("next"))["finish_reason"] == "error"  # the same silent engine
