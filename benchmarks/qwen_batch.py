@@ -58,54 +58,22 @@ PROMPTS = [
 
 def build_model(path: Path) -> Path:
     """A random Qwen2.5-VL of 91.5 M parameters with the tests' tokenizer and chat template."""
-    import torch
-    from qwenvl_tiny_model import CHAT_TEMPLATE, _prefer_word_tokens, _train_tokenizer
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    from qwenvl_tiny_model import ModelSize, build_tiny_model
 
-    ids = _train_tokenizer(path)
-    hidden = 1024
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": ids["vocab_size"],
-            "hidden_size": hidden,
-            "intermediate_size": 2816,
-            "num_hidden_layers": 8,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 4,
-            "max_position_embeddings": 4096,
-            # head_dim 64: mrope_section sums to 32.
-            "rope_scaling": {"type": "mrope", "mrope_section": [16, 8, 8], "rope_theta": 10000.0},
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        },
-        vision_config={
-            "depth": 1,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_heads": 2,
-            "out_hidden_size": hidden,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 56,
-            "fullatt_block_indexes": [0],
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+    # head_dim 64: mrope_section sums to 32. Every answer runs to max_tokens (no end of text).
+    size = ModelSize(
+        hidden=1024,
+        intermediate=2816,
+        layers=8,
+        heads=16,
+        kv_heads=4,
+        mrope_section=(16, 8, 8),
+        max_positions=4096,
+        vision_hidden=64,
+        vision_intermediate=128,
+        max_pixels=56 * 56,
     )
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    _prefer_word_tokens(model, path)  # never end of text: every answer runs to max_tokens
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.do_sample = False
-    model.save_pretrained(path)
-    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2).save_pretrained(path)
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
-    return path
+    return build_tiny_model(path, size)
 
 
 def png_data_uri() -> str:

@@ -11,6 +11,7 @@ second or two. Its answers are random text, so tests assert on structure
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,35 +83,50 @@ def _train_tokenizer(path: Path) -> dict[str, int]:
     return ids | {"vocab_size": tokenizer.get_vocab_size()}
 
 
-def build_tiny_model(path: Path) -> Path:
-    """Write a tiny Qwen2.5-VL (model, tokenizer, image processor, template) to ``path``."""
+@dataclass(frozen=True)
+class ModelSize:
+    """The dimensions that differ between the tests' tiny model and the benchmark's larger one."""
+
+    hidden: int = 32
+    intermediate: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    mrope_section: tuple[int, int, int] = (2, 1, 1)  # sums to head_dim / 2 (head_dim = hidden / heads)
+    max_positions: int = 2048
+    vision_hidden: int = 32
+    vision_intermediate: int = 64
+    # Small images keep the vision path cheap: at most 16 merged patches.
+    max_pixels: int = 4 * 28 * 28 * 4
+
+
+def build_tiny_model(path: Path, size: ModelSize = ModelSize()) -> Path:
+    """Write a random Qwen2.5-VL (model, tokenizer, image processor, template) of ``size`` to ``path``."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     path.mkdir(parents=True, exist_ok=True)
     ids = _train_tokenizer(path)
-    hidden = 32
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": ids["vocab_size"],
-            "hidden_size": hidden,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 2048,
-            # head_dim 8: mrope_section must sum to head_dim / 2.
-            "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
+            "hidden_size": size.hidden,
+            "intermediate_size": size.intermediate,
+            "num_hidden_layers": size.layers,
+            "num_attention_heads": size.heads,
+            "num_key_value_heads": size.kv_heads,
+            "max_position_embeddings": size.max_positions,
+            "rope_scaling": {"type": "mrope", "mrope_section": list(size.mrope_section), "rope_theta": 10000.0},
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
         },
         vision_config={
             "depth": 1,
-            "hidden_size": 32,
-            "intermediate_size": 64,
+            "hidden_size": size.vision_hidden,
+            "intermediate_size": size.vision_intermediate,
             "num_heads": 2,
-            "out_hidden_size": hidden,
+            "out_hidden_size": size.hidden,
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
@@ -129,8 +145,7 @@ def build_tiny_model(path: Path) -> Path:
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.do_sample = False
     model.save_pretrained(path)
-    # Small images keep the vision path cheap: at most 16 merged patches.
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=4 * 28 * 28 * 4, patch_size=14, merge_size=2)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=size.max_pixels, patch_size=14, merge_size=2)
     image_processor.save_pretrained(path)
     (path / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
     return path
