@@ -11,6 +11,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
+from qwenvl_stream.engine import QwenEngine
+from qwenvl_stream.generation import GenerationParams, RowStream
+from qwenvl_stream.settings import Settings
+
+from openai_stream_protocol import USER_IMAGE_PREFIX, USER_TEXT_PREFIX
 
 
 class Recorder:
@@ -141,3 +146,25 @@ def serve_bytes(body: bytes, content_type: str = "image/png") -> Route:
         handler.wfile.write(body)
 
     return route
+
+
+USER = USER_TEXT_PREFIX
+IMAGE = USER_IMAGE_PREFIX
+
+
+class SpyEngine(QwenEngine):
+    """The real engine, keeping each request's row stream (its token count goes on after a cancel, if it does)."""
+
+    streams: dict[str, RowStream]
+
+    def stream(self, request_id: str, params: GenerationParams, halt: threading.Event, prompt_tokens: int) -> RowStream:
+        stream = super().stream(request_id, params, halt, prompt_tokens)
+        self.streams[request_id] = stream
+        return stream
+
+
+def spy(loaded_model: Any, **settings: Any) -> SpyEngine:
+    """A ``SpyEngine`` over the tiny model with these node settings."""
+    engine = SpyEngine(loaded_model, Settings(model_name_or_path="tiny", **settings))
+    engine.streams = {}
+    return engine

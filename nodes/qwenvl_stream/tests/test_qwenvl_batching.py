@@ -18,33 +18,13 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from qwenvl_helpers import Recorder, cancel, check_stream, png_data_uri, request
+from qwenvl_helpers import IMAGE, USER, Recorder, cancel, check_stream, png_data_uri, request, spy
 from qwenvl_stream.engine import QwenEngine
-from qwenvl_stream.generation import GenerationParams, IncrementalDetokenizer, RowStream, StepRow
+from qwenvl_stream.generation import GenerationParams, IncrementalDetokenizer, StepRow
 from qwenvl_stream.scheduler import Scheduler
 from qwenvl_stream.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
-
-USER = "<|user|>\n<|im_start|>\n"
-IMAGE = "<|user|>\n<|vision_start|>\n"
-
-
-class SpyEngine(QwenEngine):
-    """The real engine, keeping each request's row stream (its token count)."""
-
-    streams: dict[str, RowStream]
-
-    def stream(self, request_id: str, params: GenerationParams, halt: threading.Event, prompt_tokens: int) -> RowStream:
-        stream = super().stream(request_id, params, halt, prompt_tokens)
-        self.streams[request_id] = stream
-        return stream
-
-
-def spy(loaded_model: Any, **settings: Any) -> SpyEngine:
-    engine = SpyEngine(loaded_model, Settings(model_name_or_path="tiny", **settings))
-    engine.streams = {}
-    return engine
 
 
 def serve(engine: QwenEngine, events: Any, **settings: Any) -> Recorder:

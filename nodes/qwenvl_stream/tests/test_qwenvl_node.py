@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 import torch
-from qwenvl_helpers import Recorder, cancel, check_stream, png_data_uri, request
+from qwenvl_helpers import IMAGE, USER, Recorder, SpyEngine, cancel, check_stream, png_data_uri, request
+from qwenvl_helpers import spy as make_spy
 from qwenvl_stream.engine import QwenEngine, RowCriteria
-from qwenvl_stream.generation import GenerationParams, RowStream
+from qwenvl_stream.generation import GenerationParams
 from qwenvl_stream.model import ModelLoadError, load_model
 from qwenvl_stream.scheduler import Scheduler
 from qwenvl_stream.settings import Settings
@@ -27,27 +28,12 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 pytestmark = pytest.mark.timeout(120)
 
-USER = "<|user|>\n<|im_start|>\n"
-IMAGE = "<|user|>\n<|vision_start|>\n"
 SYSTEM = "<|system|>\n"
-
-
-class SpyEngine(QwenEngine):
-    """The real engine, keeping each request's row stream (its token count goes on after a cancel, if it does)."""
-
-    streams: dict[str, RowStream]
-
-    def stream(self, request_id: str, params: GenerationParams, halt: threading.Event, prompt_tokens: int) -> RowStream:
-        stream = super().stream(request_id, params, halt, prompt_tokens)
-        self.streams[request_id] = stream
-        return stream
 
 
 @pytest.fixture
 def engine(loaded_model: Any) -> SpyEngine:
-    spy = SpyEngine(loaded_model, Settings(model_name_or_path="tiny", image_timeout_s=2))
-    spy.streams = {}
-    return spy
+    return make_spy(loaded_model, image_timeout_s=2)
 
 
 def serve(engine: QwenEngine, events: Any) -> Recorder:
