@@ -126,6 +126,8 @@ async def test_20_streams_closed_early_are_cancelled_downstream(slow_echo_flow: 
     assert increase("oss_cancellations_total") == 20  # exactly the streams closed early
     assert increase('oss_completions_total{status="cancelled"}') == 20
     assert increase('oss_completions_total{status="completed"}') == 0
+    # The dora log is written by the daemon a little after the node prints it.
+    assert wait_for(lambda: set(ids) <= completion_lines(flow).keys(), 10)
     logged = completion_lines(flow)
     assert all(len(logged[i]) == 1 and "status=cancelled" in logged[i][0] for i in ids)
 
@@ -169,6 +171,7 @@ def test_silent_node_gets_504_within_the_first_chunk_timeout(silent_flow: Datafl
     request_id = info.value.response.headers["x-request-id"]
     assert 1.5 <= elapsed < 1.5 + MARGIN_S
     assert wait_for(lambda: request_id in cancels(silent_flow), 5)  # cancel sent downstream
+    assert wait_for(lambda: request_id in completion_lines(silent_flow), 10)  # the log lags the answer
     [line] = completion_lines(silent_flow)[request_id]
     assert "status=failed" in line and "no answer from the model node within 1.5 s" in line
 
@@ -341,6 +344,7 @@ def test_50_concurrent_streams_through_chaos_reassemble_exactly(tmp_path: Path) 
     with node_flow("chaos", tmp_path, {"OPENAI_STREAM_SERVER_GAP_TIMEOUT_S": "3"}, {"CHAOS_SEED": "7"}) as flow:
         results = asyncio.run(many_streams(flow, PROMPTS))
         metrics = httpx.get(flow.base_url + "/metrics").text
+        assert wait_for(lambda: {i for i, _ in results} <= completion_lines(flow).keys(), 10)
         logged = completion_lines(flow)
     assert [text_of(events) for _, events in results] == PROMPTS
     for _, events in results:
