@@ -9,17 +9,36 @@ Request (server -> node), output ``v1/chat/completions``:
     convention (``"<|user|>\\n<|im_start|>\\n" + text`` ...);
     metadata: ``request_id`` and ``session_id`` (the completion id), ``model``,
     ``stream``, ``max_tokens`` and, when given, ``temperature``, ``top_p``,
-    ``stop``, ``seed``.
+    ``stop``, ``seed``, and the tool-calling entries ``tools`` and
+    ``tool_choice`` (JSON text) and ``parallel_tool_calls`` (bool).
 
 Chunk (node -> server): data is a string array whose elements joined are the
 delta text; metadata ``request_id``/``session_id``, ``seq`` (0, 1, 2, ...),
 ``fin: true`` on the last chunk, optional ``finish_reason``, ``error``,
 ``prompt_tokens`` and ``completion_tokens``.
 
+Tool calls (docs/architecture.md, "Tool calls"):
+    request: ``encode_tools`` writes the metadata entries (server);
+    ``request_tools``, ``request_tool_choice``, ``request_parallel_tool_calls``
+    and ``allowed_tools`` read them leniently, never raising (nodes).
+    conversation: an assistant turn's calls are a ``Part`` of kind
+    ``tool_calls`` (``ASSISTANT_TOOL_CALLS_PREFIX`` + JSON list of
+    ``{"id", "name", "arguments"}``; ``Part.of_tool_calls``, ``Part.calls``);
+    a tool result is ``TOOL_PREFIX + TOOL_CALL_ID_MARK + id + "\n" + text``
+    (``Part.tool_call_id``), so nodes that know only ``TOOL_PREFIX`` still
+    read text.
+    chunks: a tool-call delta has metadata ``tool_call_index`` (0, 1, ...),
+    and on the call's first chunk ``tool_call_id`` and ``tool_call_name``;
+    its text is a piece of the arguments JSON. ``ChunkSender.send_tool_call``
+    / ``BatchSender.send_tool_call`` send it, ``Chunk.tool_call``
+    (``ToolCallDelta``) reads it; the answer ends with ``finish_reason:
+    tool_calls``.
+
 Batch (node -> server): one message, data a struct array with one row per
 chunk of many requests (``request_id``, ``seq``, ``text``, ``fin`` and the
 optional ``finish_reason``, ``error``, ``prompt_tokens``,
-``completion_tokens``, ``sent_at``); told apart by its type. ``BatchSender``
+``completion_tokens``, ``sent_at``, ``tool_call_index``, ``tool_call_id``,
+``tool_call_name``); told apart by its type. ``BatchSender``
 builds it, ``parse_batch`` reads it.
 
 Cancel (server -> node), output ``cancel``: ``pa.array([request_id])`` with
@@ -30,12 +49,33 @@ from ._batch import BatchSender, is_batch, parse_batch
 from ._chunk import FINISH_REASONS, Chunk, ChunkSender, OutputSender, parse_chunk
 from ._events import REQUEST_INPUTS, NodeEventHandler, dispatch_event
 from ._request import Kind, Part, Role, last_user_text, parse_request_texts, split_tokens
+from ._tools import (
+    PARALLEL_TOOL_CALLS_KEY,
+    TOOL_CALL_ID_KEY,
+    TOOL_CALL_INDEX_KEY,
+    TOOL_CALL_NAME_KEY,
+    TOOL_CHOICE_KEY,
+    TOOLS_KEY,
+    ToolCall,
+    ToolCallDelta,
+    allowed_tools,
+    decode_tool_calls,
+    encode_tool_calls,
+    encode_tools,
+    new_tool_call_id,
+    request_parallel_tool_calls,
+    request_tool_choice,
+    request_tools,
+    tool_name,
+)
 from ._wire import (
     ASSISTANT_PREFIX,
+    ASSISTANT_TOOL_CALLS_PREFIX,
     CANCEL_OUTPUT,
     HELLO_KEY,
     REQUEST_OUTPUT,
     SYSTEM_PREFIX,
+    TOOL_CALL_ID_MARK,
     TOOL_PREFIX,
     USER_IMAGE_PREFIX,
     USER_TEXT_PREFIX,
@@ -52,12 +92,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASSISTANT_PREFIX",
+    "ASSISTANT_TOOL_CALLS_PREFIX",
     "CANCEL_OUTPUT",
     "FINISH_REASONS",
     "HELLO_KEY",
+    "PARALLEL_TOOL_CALLS_KEY",
     "REQUEST_INPUTS",
     "REQUEST_OUTPUT",
     "SYSTEM_PREFIX",
+    "TOOLS_KEY",
+    "TOOL_CALL_ID_KEY",
+    "TOOL_CALL_ID_MARK",
+    "TOOL_CALL_INDEX_KEY",
+    "TOOL_CALL_NAME_KEY",
+    "TOOL_CHOICE_KEY",
     "TOOL_PREFIX",
     "USER_IMAGE_PREFIX",
     "USER_TEXT_PREFIX",
@@ -69,18 +117,29 @@ __all__ = [
     "OutputSender",
     "Part",
     "Role",
+    "ToolCall",
+    "ToolCallDelta",
+    "allowed_tools",
     "as_bool",
     "as_int",
     "cancelled_request_id",
+    "decode_tool_calls",
     "dispatch_event",
+    "encode_tool_calls",
+    "encode_tools",
     "is_batch",
     "last_user_text",
+    "new_tool_call_id",
     "parse_batch",
     "parse_chunk",
     "parse_request_texts",
     "request_id_of",
+    "request_parallel_tool_calls",
+    "request_tool_choice",
+    "request_tools",
     "send_hello",
     "split_tokens",
     "string_array",
     "texts_of",
+    "tool_name",
 ]

@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from ._chunk import FINISH_REASONS, Chunk, OutputSender
+from ._tools import ToolCallDelta
 from ._wire import request_id_of
 
 REQUIRED_COLUMNS: dict[str, pa.DataType] = {
@@ -38,8 +39,14 @@ OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
     "prompt_tokens": pa.int64(),
     "completion_tokens": pa.int64(),
     "sent_at": pa.float64(),
+    "tool_call_index": pa.int64(),
+    "tool_call_id": pa.string(),
+    "tool_call_name": pa.string(),
 }
-"""Columns a batch may leave out, nullable: null means "not given" for that row."""
+"""Columns a batch may leave out, nullable: null means "not given" for that row.
+
+A row with a ``tool_call_index`` is a tool-call delta (its ``text`` a piece of the arguments).
+"""
 
 
 def is_batch(value: pa.Array) -> bool:
@@ -65,6 +72,9 @@ _TYPE_CHECKS = {
     "prompt_tokens": (pa.types.is_integer, "an integer"),
     "completion_tokens": (pa.types.is_integer, "an integer"),
     "sent_at": (_is_float, "a number"),
+    "tool_call_index": (pa.types.is_integer, "an integer"),
+    "tool_call_id": (_is_string, "a string"),
+    "tool_call_name": (_is_string, "a string"),
 }
 
 
@@ -74,7 +84,9 @@ def parse_batch(value: pa.Array) -> list[Chunk]:
     Reads column by column (one ``to_pylist`` each), never a scalar per row:
     that is what keeps a 1,000-row message cheaper than 1,000 messages.
     Malformed: not a struct array, a required column missing or null, a column
-    of the wrong type, a null row, or an unknown ``finish_reason``. One bad row
+    of the wrong type, a null row, an unknown ``finish_reason``, a negative
+    ``tool_call_index``, or a ``tool_call_id``/``tool_call_name`` on a row
+    without a ``tool_call_index``. One bad row
     makes the whole message malformed: its rows arrive together or not at all.
     """
     if not isinstance(value, pa.StructArray):
@@ -101,8 +113,9 @@ def parse_batch(value: pa.Array) -> list[Chunk]:
     unknown = {reason for reason in columns["finish_reason"] if reason} - FINISH_REASONS
     if unknown:
         raise ValueError(f"unknown finish_reason: {sorted(unknown)!r}")
+    tool_calls = _tool_calls(columns["tool_call_index"], columns["tool_call_id"], columns["tool_call_name"])
     chunks = []
-    for request_id, seq, text, fin, finish_reason, error, prompt_tokens, completion_tokens, sent_at in zip(
+    for request_id, seq, text, fin, finish_reason, error, prompt_tokens, completion_tokens, sent_at, tool_call in zip(
         columns["request_id"],
         columns["seq"],
         columns["text"],
@@ -112,6 +125,7 @@ def parse_batch(value: pa.Array) -> list[Chunk]:
         columns["prompt_tokens"],
         columns["completion_tokens"],
         columns["sent_at"],
+        tool_calls,
         strict=True,
     ):
         # The same reading as parse_chunk: a finish_reason alone ends the stream; fin alone means stop (or error).
@@ -127,9 +141,27 @@ def parse_batch(value: pa.Array) -> list[Chunk]:
                 prompt_tokens,
                 completion_tokens,
                 None if sent_at is None else float(sent_at),
+                tool_call,
             )
         )
     return chunks
+
+
+def _tool_calls(indexes: list[Any], ids: list[Any], names: list[Any]) -> list[ToolCallDelta | None]:
+    """Each row's tool-call delta (``None`` for a content row); ``ValueError`` as ``parse_chunk`` would raise it."""
+    if not any(index is not None or call_id or name for index, call_id, name in zip(indexes, ids, names, strict=True)):
+        return [None] * len(indexes)
+    out: list[ToolCallDelta | None] = []
+    for index, call_id, name in zip(indexes, ids, names, strict=True):
+        if index is None:
+            if call_id or name:
+                raise ValueError("tool_call_id or tool_call_name on a row without tool_call_index")
+            out.append(None)
+        elif index < 0:
+            raise ValueError(f"tool_call_index must be >= 0, got {index}")
+        else:
+            out.append(ToolCallDelta(index, call_id or None, name or None))
+    return out
 
 
 class BatchSender:
@@ -143,7 +175,7 @@ class BatchSender:
     at the send), for the benchmarks' added delay.
     """
 
-    __slots__ = ("node", "output", "stamp", "_seq", "_ids", "_seqs", "_texts", "_fins", "_extra")
+    __slots__ = ("node", "output", "stamp", "_seq", "_ids", "_seqs", "_texts", "_fins", "_extra", "_tools")
 
     def __init__(self, node: OutputSender, output: str = "chunks", *, stamp: bool = False) -> None:
         self.node = node
@@ -156,6 +188,8 @@ class BatchSender:
         self._fins: list[bool] = []
         # Row index -> (finish_reason, error, prompt_tokens, completion_tokens): only finish rows have them.
         self._extra: dict[int, tuple[str, str | None, int | None, int | None]] = {}
+        # Row index -> (tool_call_index, tool_call_id, tool_call_name): only tool-call rows have them.
+        self._tools: dict[int, tuple[int, str | None, str | None]] = {}
 
     def open(self, request_metadata: Mapping[str, Any]) -> str:
         """Register a request (``seq`` starts at 0; again for an id already open) and return its id."""
@@ -173,6 +207,22 @@ class BatchSender:
         self._seqs.append(seq)
         self._texts.append(text)
         self._fins.append(False)
+
+    def send_tool_call(
+        self,
+        request_id: str,
+        index: int,
+        arguments_delta: str = "",
+        *,
+        call_id: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Queue a piece of the request's tool call ``index`` (its first carries ``call_id`` and ``name``), as ``ChunkSender``."""
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"tool call index must be an int >= 0, got {index!r}")
+        row = len(self._ids)
+        self.send(request_id, arguments_delta)
+        self._tools[row] = (index, call_id, name)
 
     def finish(
         self,
@@ -200,12 +250,13 @@ class BatchSender:
             return
         if request_id in self._ids:
             keep = [i for i, rid in enumerate(self._ids) if rid != request_id]
-            extra = self._extra
+            extra, tools = self._extra, self._tools
             self._ids = [self._ids[i] for i in keep]
             self._seqs = [self._seqs[i] for i in keep]
             self._texts = [self._texts[i] for i in keep]
             self._fins = [self._fins[i] for i in keep]
             self._extra = {new: extra[old] for new, old in enumerate(keep) if old in extra}
+            self._tools = {new: tools[old] for new, old in enumerate(keep) if old in tools}
 
     @property
     def queued(self) -> int:
@@ -224,22 +275,31 @@ class BatchSender:
             pa.array(self._texts, type=pa.string()),
             pa.array(self._fins, type=pa.bool_()),
         ]
-        extra = self._extra
-        if extra:  # the optional columns travel only in a step where some request finished
-            columns: tuple[list[Any], ...] = ([None] * n, [None] * n, [None] * n, [None] * n)
-            for row, values in extra.items():
-                for column, item in zip(columns, values, strict=True):
-                    column[row] = item
-            for name, column in zip(("finish_reason", "error", "prompt_tokens", "completion_tokens"), columns, strict=True):
-                names.append(name)
-                arrays.append(pa.array(column, type=OPTIONAL_COLUMNS[name]))
+        # The optional columns travel only in a step where some request finished, or sent a tool call.
+        _add_columns(names, arrays, n, ("finish_reason", "error", "prompt_tokens", "completion_tokens"), self._extra)
+        _add_columns(names, arrays, n, ("tool_call_index", "tool_call_id", "tool_call_name"), self._tools)
         if self.stamp:
             names.append("sent_at")
             arrays.append(pa.array([time.time()] * n, type=pa.float64()))
-        self._ids, self._seqs, self._texts, self._fins, self._extra = [], [], [], [], {}
+        self._ids, self._seqs, self._texts, self._fins, self._extra, self._tools = [], [], [], [], {}, {}
         self.node.send_output(self.output, pa.StructArray.from_arrays(arrays, names=names), {})
         return n
 
     def __contains__(self, request_id: str) -> bool:
         """Whether the request is open (opened, neither finished nor discarded)."""
         return request_id in self._seq
+
+
+def _add_columns(
+    names: list[str], arrays: list[pa.Array], n: int, column_names: tuple[str, ...], values: Mapping[int, tuple[Any, ...]]
+) -> None:
+    """Append the nullable ``column_names`` (``OPTIONAL_COLUMNS`` types) filled from ``values`` (row -> one value per column)."""
+    if not values:
+        return
+    columns: list[list[Any]] = [[None] * n for _ in column_names]
+    for row, items in values.items():
+        for column, item in zip(columns, items, strict=True):
+            column[row] = item
+    for name, column in zip(column_names, columns, strict=True):
+        names.append(name)
+        arrays.append(pa.array(column, type=OPTIONAL_COLUMNS[name]))

@@ -8,9 +8,10 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+from ._tools import TOOL_CALL_ID_KEY, TOOL_CALL_INDEX_KEY, TOOL_CALL_NAME_KEY, ToolCallDelta
 from ._wire import as_bool, as_int, request_id_of, string_array
 
-FINISH_REASONS = frozenset({"stop", "length", "content_filter", "error"})
+FINISH_REASONS = frozenset({"stop", "length", "content_filter", "error", "tool_calls"})
 
 
 @dataclass(slots=True)
@@ -20,6 +21,9 @@ class Chunk:
     ``seq is None`` marks a legacy reply (dora-echo, dora-qwen2-5-vl): one
     whole answer, matched by ``request_id`` or else to the oldest request
     still waiting for one.
+
+    With ``tool_call`` set, ``text`` is the next piece of that call's
+    arguments (JSON text), not content.
     """
 
     request_id: str | None
@@ -31,10 +35,26 @@ class Chunk:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     sent_at: float | None = None
+    tool_call: ToolCallDelta | None = None
+
+
+def tool_call_delta(index: Any, call_id: Any = None, name: Any = None) -> ToolCallDelta | None:
+    """The tool-call part of a chunk (``None`` without an index); ``ValueError`` for an index that is not an int >= 0.
+
+    An id or name given without an index makes the chunk malformed too: it would be lost.
+    """
+    if index is None:
+        if call_id or name:
+            raise ValueError("tool_call_id or tool_call_name without tool_call_index")
+        return None
+    value = as_int(index)
+    if value is None or value < 0:
+        raise ValueError(f"tool_call_index must be an integer >= 0, got {index!r}")
+    return ToolCallDelta(value, str(call_id) if call_id else None, str(name) if name else None)
 
 
 def parse_chunk(texts: list[str], metadata: Mapping[str, Any]) -> Chunk:
-    """Read a chunk message; raises ``ValueError`` for a malformed ``seq`` or token count."""
+    """Read a chunk message; raises ``ValueError`` for a malformed ``seq``, token count or ``tool_call_index``."""
     seq = as_int(metadata.get("seq"))
     if seq is None:
         return Chunk(request_id_of(metadata), None, "\n".join(texts), fin=True, finish_reason="stop")
@@ -54,6 +74,9 @@ def parse_chunk(texts: list[str], metadata: Mapping[str, Any]) -> Chunk:
         prompt_tokens=as_int(metadata.get("prompt_tokens")),
         completion_tokens=as_int(metadata.get("completion_tokens")),
         sent_at=float(sent_at) if isinstance(sent_at, (int, float)) else None,
+        tool_call=tool_call_delta(
+            metadata.get(TOOL_CALL_INDEX_KEY), metadata.get(TOOL_CALL_ID_KEY), metadata.get(TOOL_CALL_NAME_KEY)
+        ),
     )
 
 
@@ -89,6 +112,22 @@ class ChunkSender:
             raise RuntimeError(f"request {self.request_id} already finished")
         self.node.send_output(self.output, string_array([text]), {**self._ids, "seq": self.seq, **extra})
         self.seq += 1
+
+    def send_tool_call(
+        self, index: int, arguments_delta: str = "", *, call_id: str | None = None, name: str | None = None, **extra: Any
+    ) -> None:
+        """Send a piece of tool call ``index``'s arguments; the call's first chunk carries ``call_id`` and ``name``.
+
+        A call may start and end in one chunk (id, name and the whole arguments).
+        """
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"tool call index must be an int >= 0, got {index!r}")
+        metadata: dict[str, Any] = {TOOL_CALL_INDEX_KEY: index, **extra}
+        if call_id is not None:
+            metadata[TOOL_CALL_ID_KEY] = call_id
+        if name is not None:
+            metadata[TOOL_CALL_NAME_KEY] = name
+        self.send(arguments_delta, **metadata)
 
     def finish(
         self,

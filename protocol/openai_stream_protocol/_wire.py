@@ -22,6 +22,10 @@ ASSISTANT_PREFIX = "<|assistant|>\n"
 TOOL_PREFIX = "<|tool|>\n"
 USER_TEXT_PREFIX = "<|user|>\n<|im_start|>\n"
 USER_IMAGE_PREFIX = "<|user|>\n<|vision_start|>\n"
+ASSISTANT_TOOL_CALLS_PREFIX = ASSISTANT_PREFIX + "<|tool_calls|>\n"
+"""An assistant turn's tool calls: this prefix, then a JSON list ``[{"id", "name", "arguments"}]``."""
+TOOL_CALL_ID_MARK = "<|tool_call_id|>"
+"""A tool result names its call: ``TOOL_PREFIX + TOOL_CALL_ID_MARK + id + "\\n" + content``."""
 
 
 def texts_of(value: pa.Array) -> list[str]:
