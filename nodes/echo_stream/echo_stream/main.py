@@ -4,7 +4,8 @@ A stand-in for a streaming model node. Requests arrive on ``v1/chat/completions`
 and are answered on ``chunks`` with the shared wire protocol
 (``openai_stream_protocol``); ``cancel`` stops a request. Many requests
 are served at once: each one in flight is a ``Generation`` in a heap ordered by
-when its next chunk is due, so their chunks interleave.
+when its next chunk is due, so their chunks interleave. A request with ``tools``
+can be answered with tool calls (``tools.py``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from openai_stream_protocol import (
+    TOOLS_KEY,
     ChunkSender,
     OutputSender,
+    Part,
     as_bool,
     as_int,
     dispatch_event,
@@ -32,6 +35,8 @@ from openai_stream_protocol import (
     send_hello,
     split_tokens,
 )
+
+from .tools import Delta, call_deltas, requested_calls
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +122,15 @@ class Generation:
     prompt_tokens: int
     tokens_per_chunk: int
     pos: int = 0
+    deltas: list[Delta] | None = None
+    """Tool mode: the tool-call chunks to send instead of ``tokens`` (then a ``tool_calls`` finish)."""
 
 
 def plan(texts: list[str], metadata: Mapping[str, Any]) -> tuple[list[str], int, str, int]:
     """The tokens to echo, how many to send, the finish reason and the prompt's token count."""
     parts = parse_request_texts(texts)
-    prompt_tokens = sum(len(split_tokens(part.content)) for part in parts if part.kind == "text")
-    text = _cut_at_stop(last_user_text(parts), metadata.get("stop"))
+    prompt_tokens = sum(len(split_tokens(part.content)) for part in parts if part.kind != "image")
+    text = _cut_at_stop(answer_text(parts), metadata.get("stop"))
     tokens = split_tokens(text)
     try:
         max_tokens = as_int(metadata.get("max_tokens"))
@@ -133,6 +140,16 @@ def plan(texts: list[str], metadata: Mapping[str, Any]) -> tuple[list[str], int,
     if max_tokens is not None and 0 < max_tokens < len(tokens):
         return tokens, max_tokens, "length", prompt_tokens
     return tokens, len(tokens), "stop", prompt_tokens
+
+
+def answer_text(parts: list[Part]) -> str:
+    """What to echo: the trailing tool results' text when the conversation ends with them, else the last user turn."""
+    results: list[str] = []
+    for part in reversed(parts):
+        if part.role != "tool":
+            break
+        results.append(part.content)
+    return "\n".join(reversed(results)) if results else last_user_text(parts)
 
 
 def _cut_at_stop(text: str, stop: Any) -> str:
@@ -194,8 +211,14 @@ class EchoStream:
             logger.warning("request %s arrived again: restarting it", sender.request_id)
         # Nobody watches a non-streaming answer arrive: send it whole, as one message, after the
         # same delay (a model node would too; it saves a dora message per token).
-        per_chunk = max(limit, 1) if "stream" in metadata and not as_bool(metadata["stream"]) else self.settings.tokens_per_chunk
+        whole = "stream" in metadata and not as_bool(metadata["stream"])
+        per_chunk = max(limit, 1) if whole else self.settings.tokens_per_chunk
         generation = Generation(sender, tokens, limit, finish_reason, prompt_tokens, per_chunk)
+        if TOOLS_KEY in metadata:  # only then: no cost for the others
+            calls = requested_calls(parse_request_texts(texts), metadata)
+            if calls:
+                generation.deltas, generation.limit = call_deltas(calls, self.settings.tokens_per_chunk, whole=whole)
+                generation.finish_reason = "tool_calls"
         limit_concurrent = self.settings.max_concurrent
         if limit_concurrent and sender.request_id not in self.active and len(self.active) >= limit_concurrent:
             self.waiting[sender.request_id] = generation
@@ -246,6 +269,8 @@ class EchoStream:
 
     def _send_next(self, generation: Generation) -> bool:
         """Send the generation's next chunk; False once that was the last one."""
+        if generation.deltas is not None:
+            return self._send_next_delta(generation)
         end = min(generation.pos + generation.tokens_per_chunk, generation.limit)
         text = "".join(generation.tokens[generation.pos : end])
         generation.pos = end
@@ -256,6 +281,23 @@ class EchoStream:
         generation.sender.finish(
             generation.finish_reason,
             text,
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=generation.limit,
+            **extra,
+        )
+        return False
+
+    def _send_next_delta(self, generation: Generation) -> bool:
+        """Tool mode: the next tool-call chunk, then (one chunk later) the ``tool_calls`` finish; False after the finish."""
+        extra = {"sent_at": time.time()} if self.settings.stamp else {}
+        deltas = generation.deltas or []
+        if generation.pos < len(deltas):
+            delta = deltas[generation.pos]
+            generation.pos += 1
+            generation.sender.send_tool_call(delta.index, delta.arguments, call_id=delta.call_id, name=delta.name, **extra)
+            return True
+        generation.sender.finish(
+            generation.finish_reason,
             prompt_tokens=generation.prompt_tokens,
             completion_tokens=generation.limit,
             **extra,

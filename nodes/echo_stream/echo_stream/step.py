@@ -37,6 +37,12 @@ class BatchRequest(ChunkSender):
         self.batch.send(self.request_id, text)
         self.seq += 1
 
+    def send_tool_call(
+        self, index: int, arguments_delta: str = "", *, call_id: str | None = None, name: str | None = None, **extra: Any
+    ) -> None:
+        self.batch.send_tool_call(self.request_id, index, arguments_delta, call_id=call_id, name=name)
+        self.seq += 1
+
     def finish(
         self,
         finish_reason: str = "stop",
