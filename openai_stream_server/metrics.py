@@ -17,8 +17,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("oss_requests", "HTTP requests to /v1/chat/completions by status", ["status"], registry=r)
-        self.completions = Counter("oss_completions", "Completions ended, by final status", ["status"], registry=r)
+        self.requests = Counter(
+            "oss_requests", "HTTP requests to the API surfaces, by status and surface", ["status", "surface"], registry=r
+        )
+        self.completions = Counter(
+            "oss_completions", "Completions ended, by final status and API surface", ["status", "surface"], registry=r
+        )
         self.active_streams = Gauge("oss_active_streams", "Completions in flight", registry=r)
         self.held_bytes = Gauge(
             "oss_held_bytes",

@@ -70,12 +70,13 @@ class StreamRegistry:
         """Bytes held by every completion in flight and retained (``StreamState.held_bytes`` summed)."""
         return self._ledger.nbytes
 
-    def open(self, request_id: str, model: str, prompt_tokens: int) -> StreamState:
+    def open(self, request_id: str, model: str, prompt_tokens: int, surface: str = "chat") -> StreamState:
         if len(self.active) >= self.settings.max_active_requests:
             raise TooManyRequests(f"{len(self.active)} requests in flight (limit {self.settings.max_active_requests})")
         if self._ledger.nbytes >= self._admit_bytes:
             self._make_room()
         state = StreamState(request_id, model, prompt_tokens=prompt_tokens, limits=self._limits, ledger=self._ledger)
+        state.surface = surface
         self.active[request_id] = state
         self._legacy_waiting.append(request_id)
         if len(self._legacy_waiting) > 2 * len(self.active) + 64:  # forget ids that ended: amortised O(1)
@@ -210,7 +211,7 @@ class StreamRegistry:
     def _ended(self, state: StreamState) -> None:
         del self.active[state.request_id]
         self.metrics.active_streams.dec()
-        self.metrics.completions.labels(state.status.value).inc()
+        self.metrics.completions.labels(state.status.value, state.surface).inc()
         if state.submitted and (
             state.status is Status.CANCELLED or (state.status is Status.FAILED and state.finish_reason != "error")
         ):
@@ -276,8 +277,9 @@ class StreamRegistry:
         # model and error text come from the client or the node: %r keeps a line break in them from
         # starting a forged log line (docs/architecture.md, "Limits and failure behaviour").
         logger.info(
-            "completion %s model=%r status=%s finish_reason=%s chunks=%d ttfc=%s duration=%.3fs%s",
+            "completion %s surface=%s model=%r status=%s finish_reason=%s chunks=%d ttfc=%s duration=%.3fs%s",
             state.request_id,
+            state.surface,
             state.model,
             state.status.value,
             state.finish_reason,

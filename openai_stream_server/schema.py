@@ -1,4 +1,4 @@
-"""Request models (pydantic v2): accept what the OpenAI SDK sends, reject what we cannot serve.
+"""Request validation shared by the API surfaces (pydantic v2): accept what the SDKs send, reject what we cannot serve.
 
 Unknown fields are ignored, not rejected, as vLLM and the OpenAI API do.
 Validation runs in JSON mode and strict, so ``"max_tokens": "5"`` is a type
@@ -8,115 +8,25 @@ with ``param`` naming the field (``messages[0].content[1].type``).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from openai_stream_protocol import Part
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import InvalidRequest
 
 
-class _Model(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every request model: unknown fields ignored, types strict, instances frozen."""
+
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
-
-
-class ImageUrl(_Model):
-    url: Annotated[str, Field(min_length=1)]
-    detail: str | None = None
-
-
-class ContentPart(_Model):
-    type: Literal["text", "image_url"]
-    text: str | None = None
-    image_url: ImageUrl | None = None
-
-    @model_validator(mode="after")
-    def _has_payload(self) -> ContentPart:
-        if self.type == "text" and self.text is None:
-            raise ValueError("a text part needs 'text'")
-        if self.type == "image_url" and self.image_url is None:
-            raise ValueError("an image_url part needs 'image_url'")
-        return self
-
-
-class Message(_Model):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    tool_call_id: str | None = None
-
-    @model_validator(mode="after")
-    def _content_allowed(self) -> Message:
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs 'content'")
-        if isinstance(self.content, list) and self.role != "user":
-            for part in self.content:
-                if part.type != "text":
-                    raise ValueError(f"a {self.role} message may only hold text parts")
-        return self
-
-    def parts(self) -> list[Part]:
-        role = "system" if self.role == "developer" else self.role
-        if self.content is None:
-            return []
-        if isinstance(self.content, str):
-            return [Part(role, "text", self.content)]
-        return [
-            Part(role, "image", p.image_url.url)
-            if p.image_url is not None and p.type == "image_url"
-            else Part(role, "text", p.text or "")
-            for p in self.content
-        ]
 
 
 # Integers travel to the node as dora metadata, which holds i64: dora-rs 1.1.0's send_output raises
 # OverflowError beyond it, which would turn a bad request into a 503 (found by tests/unit/test_fuzz.py).
-_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 
-# The model name is echoed in every chunk and logged once per completion: keep it bounded.
 MAX_MODEL_CHARS = 256
-
-
-class StreamOptions(_Model):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(_Model):
-    messages: Annotated[list[Message], Field(min_length=1)]
-    model: Annotated[str, Field(max_length=MAX_MODEL_CHARS)] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: Annotated[int, Field(ge=1, le=_I64_MAX)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1, le=_I64_MAX)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: Annotated[int, Field(ge=_I64_MIN, le=_I64_MAX)] | None = None
-    background: bool = False
-
-    @property
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
-
-    @property
-    def token_limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    @property
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-    def parts(self) -> list[Part]:
-        return [part for message in self.messages for part in message.parts()]
-
-
-_FIELDS = {
-    name for model in (ImageUrl, ContentPart, Message, StreamOptions, ChatCompletionRequest) for name in model.model_fields
-}
+"""The model name is echoed in every chunk and logged once per completion: keep it bounded."""
 
 _CODES = {
     "missing": "missing_required_parameter",
@@ -130,7 +40,12 @@ _CODES = {
 }
 
 
-def _param(loc: tuple[int | str, ...]) -> str | None:
+def field_names(*models: type[BaseModel]) -> frozenset[str]:
+    """The field names of request models: what may appear in an error's ``param``."""
+    return frozenset(name for model in models for name in model.model_fields)
+
+
+def _param(loc: tuple[int | str, ...], fields: frozenset[str]) -> str | None:
     """``('messages', 0, 'list[ContentPart]', 1, 'type')`` -> ``messages[0].content[1].type``.
 
     Union members add their own tags to pydantic's location; only field names
@@ -140,24 +55,32 @@ def _param(loc: tuple[int | str, ...]) -> str | None:
     for item in loc:
         if isinstance(item, int):
             text += f"[{item}]"
-        elif item in _FIELDS:
+        elif item in fields:
             text += f".{item}" if text else item
     return text or None
 
 
-def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_json(model: type[M], body: bytes, fields: frozenset[str]) -> M:
     """Validate a request body; raises ``InvalidRequest`` naming the first offending field."""
     try:
-        return ChatCompletionRequest.model_validate_json(body)
+        return model.model_validate_json(body)
     except ValidationError as exc:
-        error = _first_relevant(exc.errors(include_url=False))
-        param = _param(tuple(error["loc"]))
-        kind = error["type"]
-        if kind in ("json_invalid", "json_type"):
-            raise InvalidRequest("The request body is not a valid JSON object.", code="invalid_json") from None
-        code = _CODES.get(kind, "invalid_type" if kind.endswith("_type") else "invalid_value")
-        where = f"'{param}'" if param else "the request body"
-        raise InvalidRequest(f"Invalid value for {where}: {error['msg']}", param=param, code=code) from None
+        raise invalid_request(exc, fields) from None
+
+
+def invalid_request(exc: ValidationError, fields: frozenset[str]) -> InvalidRequest:
+    """The ``InvalidRequest`` for a pydantic error: the deepest alternative, its field named as in the request."""
+    error = _first_relevant(exc.errors(include_url=False))
+    param = _param(tuple(error["loc"]), fields)
+    kind = error["type"]
+    if kind in ("json_invalid", "json_type"):
+        return InvalidRequest("The request body is not a valid JSON object.", code="invalid_json")
+    code = _CODES.get(kind, "invalid_type" if kind.endswith("_type") else "invalid_value")
+    where = f"'{param}'" if param else "the request body"
+    return InvalidRequest(f"Invalid value for {where}: {error['msg']}", param=param, code=code)
 
 
 def _first_relevant(errors: list[Any]) -> Any:

@@ -97,6 +97,8 @@ class StreamState:
         self.created = int(time.time()) if created is None else created
         self.limits = limits
         self.status = Status.IN_PROGRESS
+        self.surface = "chat"
+        """The API surface that opened it (``api/``): a label for metrics and the log line only."""
         self.pieces: list[str] = []
         self.sent_at: dict[int, float] = {}
         """The node's ``sent_at`` per piece, for chunks that carry it (benchmarks: ``relay_sent_at``)."""

@@ -67,6 +67,6 @@ def _stream_gets(flow: Dataflow) -> int:
     """200 answers on /v1/chat/completions routes: the background POST is a 202, so one per EventSource (re)connect."""
     text = httpx.get(flow.base_url + "/metrics", timeout=10).text
     for line in text.splitlines():
-        if line.startswith('oss_requests_total{status="200"}'):
+        if line.startswith('oss_requests_total{status="200",surface="chat"}'):
             return int(float(line.split()[-1]))
     return 0

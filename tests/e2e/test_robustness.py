@@ -124,8 +124,8 @@ async def test_20_streams_closed_early_are_cancelled_downstream(slow_echo_flow: 
         return metric(metrics, name, 0) - metric(start, name, 0)
 
     assert increase("oss_cancellations_total") == 20  # exactly the streams closed early
-    assert increase('oss_completions_total{status="cancelled"}') == 20
-    assert increase('oss_completions_total{status="completed"}') == 0
+    assert increase('oss_completions_total{status="cancelled",surface="chat"}') == 20
+    assert increase('oss_completions_total{status="completed",surface="chat"}') == 0
     # The dora log is written by the daemon a little after the node prints it.
     assert wait_for(lambda: set(ids) <= completion_lines(flow).keys(), 10)
     logged = completion_lines(flow)
@@ -309,7 +309,7 @@ def test_api_key_cors_body_and_concurrency_limits_from_the_dataflow_env(tmp_path
     assert accepted.status_code == 202
     assert sdk_error is not None and sdk_error.status_code == 401
     assert metric(metrics, "oss_active_streams") == 0
-    assert metric(metrics, 'oss_requests_total{status="401"}') == 1  # /v1/models is not counted, only chat completions
+    assert metric(metrics, 'oss_requests_total{status="401",surface="chat"}') == 1  # /v1/models is not counted
     assert wait_for(lambda: len(cancels(flow)) == 4, 5)
 
 
@@ -353,7 +353,7 @@ def test_50_concurrent_streams_through_chaos_reassemble_exactly(tmp_path: Path) 
     duplicates = metric(metrics, 'oss_dropped_chunks_total{reason="duplicate"}', 0)
     assert duplicates + metric(metrics, 'oss_dropped_chunks_total{reason="late"}', 0) > 0
     assert metric(metrics, 'oss_dropped_chunks_total{reason="unknown"}') > 0  # the stray chunks, delivered nowhere
-    assert metric(metrics, 'oss_completions_total{status="completed"}') == 50
+    assert metric(metrics, 'oss_completions_total{status="completed",surface="chat"}') == 50
     assert all(len(logged[i]) == 1 and "status=completed" in logged[i][0] for i, _ in results)
 
 

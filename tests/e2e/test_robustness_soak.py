@@ -108,7 +108,7 @@ def test_soak_with_random_disconnects_leaks_nothing(tmp_path: Path) -> None:
         log = flow.log_path.read_text(errors="replace")
     total = WARMUP + MEASURED
     mib = 1024 * 1024
-    cancelled = metric(metrics, 'oss_completions_total{status="cancelled"}', 0)
+    cancelled = metric(metrics, 'oss_completions_total{status="cancelled",surface="chat"}', 0)
     print(
         f"soak: {total} requests in {elapsed:.1f} s {dict(outcomes)}; "
         f"server RSS {baseline / mib:.1f} MiB after warm-up, {final / mib:.1f} MiB at the end; "
@@ -121,7 +121,7 @@ def test_soak_with_random_disconnects_leaks_nothing(tmp_path: Path) -> None:
     # gave up within milliseconds may have left before its request was read: no completion then)
     ended = metric(metrics, "oss_completions_total")
     assert total - outcomes["json-drop"] <= ended <= total, metrics
-    assert metric(metrics, 'oss_completions_total{status="failed"}', 0) == 0
+    assert metric(metrics, 'oss_completions_total{status="failed",surface="chat"}', 0) == 0
     assert cancelled >= outcomes["drop"] // 4
     # and logged exactly once at INFO
     ids = re.findall(r"INFO openai_stream_server\.registry: completion (chatcmpl-\w+) ", log)

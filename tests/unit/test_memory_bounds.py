@@ -203,7 +203,7 @@ async def test_a_request_that_was_never_submitted_is_not_cancelled_downstream() 
         metrics = (await client.get("/metrics")).text
         assert _registry(client).active == {}
     assert backend.cancelled == []
-    assert metric(metrics, 'oss_completions_total{status="failed"}') == 2
+    assert metric(metrics, 'oss_completions_total{status="failed",surface="chat"}') == 2
 
 
 async def test_a_submitted_request_that_fails_is_still_cancelled_downstream() -> None:

@@ -75,7 +75,7 @@ async def test_20_streams_closed_early_are_cancelled_and_freed() -> None:
         metrics = (await client.get("/metrics")).text
     assert sorted(backend.cancelled) == sorted(ids) and len(set(ids)) == 20
     assert metric(metrics, "oss_cancellations_total") == 20
-    assert metric(metrics, 'oss_completions_total{status="cancelled"}') == 20
+    assert metric(metrics, 'oss_completions_total{status="cancelled",surface="chat"}') == 20
 
 
 async def test_non_streaming_client_gone_is_cancelled() -> None:
@@ -142,7 +142,7 @@ async def test_silent_node_gets_504_within_the_first_chunk_timeout(stream: bool)
     assert 0.5 <= elapsed < 0.5 + 3
     assert backend.cancelled == [backend.submitted[0].request_id]
     assert metric(metrics, 'oss_timeouts_total{kind="first_chunk"}') == 1
-    assert metric(metrics, 'oss_requests_total{status="504"}') == 1
+    assert metric(metrics, 'oss_requests_total{status="504",surface="chat"}') == 1
 
 
 async def test_silent_node_after_the_header_grace_gets_an_error_event() -> None:
@@ -240,7 +240,7 @@ async def test_too_many_requests_in_flight_get_429_with_retry_after() -> None:
     assert refused.json()["error"]["type"] == "rate_limit_error" and refused.json()["error"]["code"] == "too_many_requests"
     assert accepted.status_code == 202
     assert len(backend.submitted) == 3  # the refused one never went downstream
-    assert metric(metrics, 'oss_requests_total{status="429"}') == 1
+    assert metric(metrics, 'oss_requests_total{status="429",surface="chat"}') == 1
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
@@ -342,7 +342,7 @@ async def test_the_right_key_passes_health_and_page_stay_open_and_metrics_need_t
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "hi there"
     assert models.status_code == 200
     assert open_routes == [200, 200, 401]
-    assert metric(metrics, 'oss_requests_total{status="200"}') == 1
+    assert metric(metrics, 'oss_requests_total{status="200",surface="chat"}') == 1
 
 
 async def test_openai_sdk_with_a_wrong_key_raises_authentication_error() -> None:
@@ -460,9 +460,9 @@ async def test_metrics_cover_every_failure_path() -> None:
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     assert backend.cancelled == [gap.headers["x-request-id"], held.json()["id"]]  # the gap's node is told to stop too
     expected = {
-        'oss_requests_total{status="200"}': 3,  # the two completions and the cancel route
-        'oss_requests_total{status="202"}': 1,
-        'oss_requests_total{status="400"}': 1,
+        'oss_requests_total{status="200",surface="chat"}': 3,  # the two completions and the cancel route
+        'oss_requests_total{status="202",surface="chat"}': 1,
+        'oss_requests_total{status="400",surface="chat"}': 1,
         "oss_active_streams": 0,
         "oss_sse_events_total": 1,  # the gap stream's first token; error events are not counted
         'oss_dropped_chunks_total{reason="duplicate"}': 1,
@@ -472,9 +472,9 @@ async def test_metrics_cover_every_failure_path() -> None:
         "oss_cancellations_total": 1,
         'oss_timeouts_total{kind="gap"}': 1,
         'oss_errors_total{code="missing_chunk"}': 1,
-        'oss_completions_total{status="completed"}': 1,
-        'oss_completions_total{status="failed"}': 1,
-        'oss_completions_total{status="cancelled"}': 1,
+        'oss_completions_total{status="completed",surface="chat"}': 1,
+        'oss_completions_total{status="failed",surface="chat"}': 1,
+        'oss_completions_total{status="cancelled",surface="chat"}': 1,
         "oss_time_to_first_chunk_seconds_count": 2,  # the cancelled one never had a chunk
     }
     assert {name: metric(metrics, name, 0) for name in expected} == expected

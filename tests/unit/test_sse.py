@@ -8,8 +8,9 @@ import pytest
 from openai._streaming import SSEDecoder
 from sse_starlette.event import ServerSentEvent
 
+from openai_stream_server.api.chat_stream import ChunkEncoder
 from openai_stream_server.errors import UpstreamTimeout
-from openai_stream_server.sse import DONE, PING, ChunkEncoder, error_event
+from openai_stream_server.sse import DONE, PING, error_event
 
 TEXTS = ["plain", "", ' "quoted" \\ back', "line\nbreak\r\nand\rcr", "ünïcödé ✓ 🚀", "\u2028\u2029", "data: fake\n\n"]
 

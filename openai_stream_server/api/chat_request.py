@@ -1,0 +1,104 @@
+"""The /v1/chat/completions request model (validation rules: ``schema``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from openai_stream_protocol import Part
+
+from ..schema import I64_MAX, I64_MIN, MAX_MODEL_CHARS, StrictModel, field_names, parse_json
+
+
+class ImageUrl(StrictModel):
+    url: Annotated[str, Field(min_length=1)]
+    detail: str | None = None
+
+
+class ContentPart(StrictModel):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageUrl | None = None
+
+    @model_validator(mode="after")
+    def _has_payload(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs 'text'")
+        if self.type == "image_url" and self.image_url is None:
+            raise ValueError("an image_url part needs 'image_url'")
+        return self
+
+
+class Message(StrictModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _content_allowed(self) -> Message:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs 'content'")
+        if isinstance(self.content, list) and self.role != "user":
+            for part in self.content:
+                if part.type != "text":
+                    raise ValueError(f"a {self.role} message may only hold text parts")
+        return self
+
+    def parts(self) -> list[Part]:
+        role = "system" if self.role == "developer" else self.role
+        if self.content is None:
+            return []
+        if isinstance(self.content, str):
+            return [Part(role, "text", self.content)]
+        return [
+            Part(role, "image", p.image_url.url)
+            if p.image_url is not None and p.type == "image_url"
+            else Part(role, "text", p.text or "")
+            for p in self.content
+        ]
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(StrictModel):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    model: Annotated[str, Field(max_length=MAX_MODEL_CHARS)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=I64_MAX)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=I64_MAX)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=1)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: Annotated[int, Field(ge=I64_MIN, le=I64_MAX)] | None = None
+    background: bool = False
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def parts(self) -> list[Part]:
+        return [part for message in self.messages for part in message.parts()]
+
+
+_FIELDS = field_names(ImageUrl, ContentPart, Message, StreamOptions, ChatCompletionRequest)
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    """Validate a chat request body; raises ``InvalidRequest`` naming the first offending field."""
+    return parse_json(ChatCompletionRequest, body, _FIELDS)

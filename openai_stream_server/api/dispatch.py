@@ -1,0 +1,128 @@
+"""Opening a completion and sending it downstream: the same for every API surface.
+
+A surface turns its request into parts and sampling options; ``Dispatcher`` opens the
+``StreamState`` in the registry, waits for a live replica, sends the ``DownstreamRequest`` and
+waits, for the surface, for the first chunk or the end (docs/architecture.md, "Request path").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.requests import Request
+
+from openai_stream_protocol import Part, split_tokens
+
+from ..backend import Backend, DownstreamRequest
+from ..errors import ChatCompletionError, ModelNotFound
+from ..registry import StreamRegistry
+from ..settings import Settings
+from ..state import Status, StreamState
+from .common import end_error, unless_disconnected
+
+
+def sampling_metadata(
+    request_id: str,
+    model: str,
+    *,
+    stream: bool,
+    max_tokens: int | None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """The request metadata every node reads (docs/architecture.md, "Dora wire protocol")."""
+    metadata: dict[str, Any] = {
+        "request_id": request_id,
+        "session_id": request_id,
+        "model": model,
+        "stream": stream,
+        "max_tokens": max_tokens or 0,
+    }
+    if temperature is not None:
+        metadata["temperature"] = float(temperature)
+    if top_p is not None:
+        metadata["top_p"] = float(top_p)
+    if stop is not None:
+        metadata["stop"] = stop
+    if seed is not None:
+        metadata["seed"] = seed
+    return metadata
+
+
+def prompt_tokens(parts: Sequence[Part]) -> int:
+    """The server's token estimate of a prompt: whitespace-split words of its parts."""
+    return sum(len(split_tokens(p.content)) for p in parts)
+
+
+class Dispatcher:
+    """Opens completions in the registry, sends them to the backend, and waits on them for a surface."""
+
+    def __init__(self, settings: Settings, backend: Backend, registry: StreamRegistry) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.registry = registry
+
+    def model(self, requested: str | None, param: str = "model") -> str:
+        """The model a request names (or the default); 404 naming ``param`` when this server has not got it."""
+        models = self.settings.models
+        if requested is None:
+            return self.settings.default_model
+        if models and requested not in models:
+            raise ModelNotFound(f"The model '{requested}' does not exist; this server has {', '.join(models)}.", param=param)
+        return requested
+
+    async def submit(
+        self, request_id: str, surface: str, model: str, parts: Sequence[Part], metadata: dict[str, Any]
+    ) -> StreamState:
+        """Open the completion and send it downstream; raises (and records nothing in flight) when it cannot."""
+        # No replica live (one is restarting): wait a little for one rather than fail at once
+        # (docs/architecture.md, "Replicas and failover"); returns at once while one is live.
+        await self.backend.wait_live(self.settings.model_wait_s)
+        state = self.registry.open(request_id, model, prompt_tokens=prompt_tokens(parts), surface=surface)
+        downstream = DownstreamRequest(request_id, [p.encode() for p in parts], metadata)
+        try:
+            self.backend.submit(downstream)
+        except ChatCompletionError as error:
+            self.registry.fail(state, error)  # never submitted: no cancel goes downstream
+            raise
+        state.submitted = True
+        state.request = downstream
+        return state
+
+    async def first_chunk(self, request: Request, state: StreamState) -> None:
+        """Before a stream's headers: wait for the first chunk or the end; raise the error if it failed.
+
+        Holding the headers back lets a failure still get a real HTTP status the SDK can retry on
+        (docs/architecture.md, HTTP API). A client that leaves meanwhile is cancelled at once.
+        """
+        if not await unless_disconnected(request.receive, state.wait(0, timeout_s=self.settings.header_grace_s)):
+            self.cancel(state.request_id)
+            raise end_error(state)
+        if state.done and not state.nbytes and state.status is not Status.COMPLETED:
+            raise end_error(state)
+
+    async def gathered(self, request: Request, state: StreamState) -> None:
+        """``stream: false``: wait for the end, cancelling if the client goes first; raise unless completed."""
+        if not state.done and not await unless_disconnected(request.receive, state.wait_done()):
+            self.cancel(state.request_id)
+        if state.status is not Status.COMPLETED:
+            raise end_error(state)
+
+    def cancel(self, request_id: str) -> None:
+        self.registry.cancel(request_id)
+
+    async def resend(self, state: StreamState, replica_id: str) -> None:
+        """Re-send a request whose replica died before its first chunk, to another (or the same, restarted) one."""
+        request = self.registry.retry(state, replica_id)
+        if request is None:
+            return
+        await self.backend.wait_live(self.settings.model_wait_s)
+        if state.done:  # cancelled or timed out meanwhile
+            return
+        try:
+            self.backend.submit(request)
+        except ChatCompletionError as error:
+            self.registry.fail(state, error)
