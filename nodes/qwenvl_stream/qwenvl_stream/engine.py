@@ -43,7 +43,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from openai_stream_protocol import parse_request_texts
 
-from .chat import to_chat
+from .chat import template_knows_tools, to_chat
 from .generation import BatchRow, GenerationParams, OnStep, RequestError, RowStream, StepRow, sampling_kwargs
 from .model import LoadedModel
 from .settings import Settings
@@ -122,16 +122,23 @@ class QwenEngine:
 
     # -- both schemes --------------------------------------------------------------------------
 
-    def prepare(self, texts: list[str], images: Sequence[Any]) -> Prepared:
-        """Chat template and processor for one request; ``RequestError`` for what the client must fix."""
-        chat = to_chat(parse_request_texts(texts))
+    def prepare(self, texts: list[str], images: Sequence[Any], tools: Sequence[dict[str, Any]] = ()) -> Prepared:
+        """Chat template and processor for one request; ``RequestError`` for what the client must fix.
+
+        ``tools`` go to a template that renders them (``tools=``); for one that
+        does not (Qwen2.5-VL's), ``to_chat`` writes them into the system turn.
+        """
+        processor = self.loaded.processor
+        template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        native = template_knows_tools(template)
+        chat = to_chat(parse_request_texts(texts), tools, native_tools=native)
         if not chat.messages:
             raise RequestError("the request has no messages")
         if len(images) != len(chat.image_sources):
             raise RuntimeError(f"{len(chat.image_sources)} image(s) in the prompt but {len(images)} loaded")
-        processor = self.loaded.processor
+        template_kwargs: dict[str, Any] = {"tools": list(tools)} if tools and native else {}
         try:
-            prompt = processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False)
+            prompt = processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
         except Exception as exc:  # jinja2 errors, raise_exception() in templates
             raise RequestError(f"the model's chat template rejected the conversation: {exc}") from exc
         try:
@@ -177,7 +184,7 @@ class QwenEngine:
         manager = self._manager
         if manager is None:
             return False
-        prepared = self.prepare(row.texts, ())
+        prepared = self.prepare(row.texts, (), row.params.tools)
         ids = prepared.inputs["input_ids"][0].tolist()
         with self._lock:
             self._cb_rows[row.request_id] = self.stream(row.request_id, row.params, row.halt, prepared.prompt_tokens)
@@ -276,7 +283,7 @@ class QwenEngine:
         failed: list[StepRow] = []
         for row in rows:
             try:
-                ready.append((row, self.prepare(row.texts, row.row_images)))
+                ready.append((row, self.prepare(row.texts, row.row_images, row.params.tools)))
             except RequestError as exc:
                 failed.append(StepRow(row.request_id, error=str(exc)))
             except Exception as exc:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from openai_stream_protocol import as_int
+from openai_stream_protocol import allowed_tools, as_int, request_parallel_tool_calls
 
 
 class RequestError(ValueError):
@@ -25,6 +25,10 @@ class GenerationParams:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    tools: tuple[dict[str, Any], ...] = ()
+    """The function tools the model may call (``allowed_tools``: none for ``tool_choice: "none"``); empty: no tool calling."""
+    parallel_tool_calls: bool = True
+    """False: at most one call is sent (later ones are dropped)."""
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any], *, default_max_tokens: int, max_tokens_limit: int) -> GenerationParams:
@@ -44,6 +48,8 @@ class GenerationParams:
             top_p=top_p,
             stop=_read_stop(metadata.get("stop")),
             seed=_read(metadata, "seed", as_int),
+            tools=tuple(allowed_tools(metadata)),
+            parallel_tool_calls=request_parallel_tool_calls(metadata),
         )
 
 

@@ -48,6 +48,7 @@ from .generation import (
 from .images import ImageLoader
 from .prefetch import ImagePrefetcher, image_sources
 from .settings import Settings
+from .toolcalls import ToolCallParser
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,10 @@ class Job:
     chunks: int = 0
     tokens: int = 0
     first_piece_at: float | None = None
+    tool_parser: ToolCallParser | None = None
+    """With tools: reads the model's ``<tool_call>`` tags out of the text (``None``: text goes out untouched)."""
+    tool_calls: int = 0
+    """Tool calls sent so far (the next one's index)."""
 
     @property
     def row_images(self) -> Sequence[Any]:
@@ -260,6 +265,8 @@ class Scheduler:
             return
         sources = image_sources(texts)
         job = Job(request_id, texts, params, image_sources=sources, images=None if sources else [])
+        if params.tools:
+            job.tool_parser = ToolCallParser(max_calls=None if params.parallel_tool_calls else 1)
         self.pending.append(job)
         if sources:
             self.prefetcher.submit(job)
@@ -348,24 +355,45 @@ class Scheduler:
                 if job.first_piece_at is None:
                     job.first_piece_at = time.monotonic()
                 job.chunks += 1
+            text = row.text
+            if job.tool_parser is not None:
+                self._send_with_tools(job, job.tool_parser, row)
+                if not row.ended:
+                    continue
+                text = ""
             if not row.ended:
-                self.sender.send(job.request_id, row.text)
+                self.sender.send(job.request_id, text)
                 continue
             del self.running[job.request_id]
             self.completed += 1
             if row.outcome is None:
-                self.sender.finish(job.request_id, "error", row.text, error=row.error)
+                self.sender.finish(job.request_id, "error", text, error=row.error)
                 self._log_completion(job, "error", 0)
                 continue
+            finish_reason = row.outcome.finish_reason
+            if job.tool_calls and finish_reason == "stop":
+                finish_reason = "tool_calls"
             self.sender.finish(
                 job.request_id,
-                row.outcome.finish_reason,
-                row.text,
+                finish_reason,
+                text,
                 prompt_tokens=row.outcome.prompt_tokens,
                 completion_tokens=row.outcome.completion_tokens,
             )
-            self._log_completion(job, row.outcome.finish_reason, row.outcome.completion_tokens)
+            self._log_completion(job, finish_reason, row.outcome.completion_tokens)
         self._emit()
+
+    def _send_with_tools(self, job: Job, parser: ToolCallParser, row: StepRow) -> None:
+        """A row's text through the request's tool-call parser: content rows and one tool-call row per whole call."""
+        pieces = parser.feed(row.text) if row.text else []
+        if row.ended:
+            pieces += parser.flush()
+        for piece in pieces:
+            if isinstance(piece, str):
+                self.sender.send(job.request_id, piece)
+            else:
+                self.sender.send_tool_call(job.request_id, job.tool_calls, piece.arguments, call_id=piece.id, name=piece.name)
+                job.tool_calls += 1
 
     def _on_batch_done(self, batch: list[Job], error: str | None) -> None:
         """A ``generate()`` batch returned: rows it left open (it raised) end with the error."""
