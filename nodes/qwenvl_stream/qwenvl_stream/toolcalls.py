@@ -28,12 +28,13 @@ class ToolCallParser:
     """Incremental: ``feed`` each decoded piece, ``flush`` at the end; both return content strings and ``ToolCall``s in order.
 
     ``max_calls`` (``parallel_tool_calls: false`` gives 1): later complete
-    calls are dropped. Whitespace is held until text follows: whitespace
-    just before a call is dropped (Qwen puts a line break between two
-    calls), and so is whitespace at the end of an answer that made a call.
+    calls are dropped. Whitespace is held until text follows; whitespace
+    that follows only calls (Qwen puts a line break between two calls and
+    may end with one) is dropped. How the text is split into pieces does
+    not change what comes out, apart from where content pieces break.
     """
 
-    __slots__ = ("buffer", "inside", "calls", "max_calls", "new_id", "_blank")
+    __slots__ = ("buffer", "inside", "calls", "max_calls", "new_id", "_blank", "_after_text")
 
     def __init__(self, *, max_calls: int | None = None, new_id: Callable[[], str] = new_tool_call_id) -> None:
         self.buffer = ""
@@ -42,7 +43,8 @@ class ToolCallParser:
         """Calls emitted so far."""
         self.max_calls = max_calls
         self.new_id = new_id
-        self._blank = ""  # whitespace, held until text (it goes out first) or a call (it is dropped) follows
+        self._blank = ""  # whitespace, held until text or a call follows
+        self._after_text = False  # the last thing out was text (not a call): held whitespace belongs to it
 
     def feed(self, text: str) -> list[Piece]:
         out: list[Piece] = []
@@ -77,8 +79,8 @@ class ToolCallParser:
             self._content(OPEN_TAG + held, out)
         else:
             self._content(held, out)
-        if self._blank and not self.calls:
-            out.append(self._blank)
+        if self._blank and (self._after_text or not self.calls):
+            _append(out, self._blank)
         self._blank = ""
         return out
 
@@ -87,7 +89,9 @@ class ToolCallParser:
         if call is None:
             self._content(OPEN_TAG + body + CLOSE_TAG, out)
             return
-        self._blank = ""
+        if self._after_text and self._blank:
+            _append(out, self._blank)
+        self._blank, self._after_text = "", False
         if self.max_calls is None or self.calls < self.max_calls:
             self.calls += 1
             out.append(call)
@@ -98,11 +102,15 @@ class ToolCallParser:
         if not text.strip():
             self._blank += text
             return
-        text, self._blank = self._blank + text, ""
-        if out and isinstance(out[-1], str):
-            out[-1] += text
-        else:
-            out.append(text)
+        _append(out, self._blank + text)
+        self._blank, self._after_text = "", True
+
+
+def _append(out: list[Piece], text: str) -> None:
+    if out and isinstance(out[-1], str):
+        out[-1] += text
+    else:
+        out.append(text)
 
 
 def parse_call(body: str, new_id: Callable[[], str] = new_tool_call_id) -> ToolCall | None:
