@@ -53,8 +53,9 @@ async def chunk_events(
         sent = 0
         if retry_ms:
             yield b"retry: %d\n\n" % retry_ms
-        if after is None:
-            yield encoder.role()
+        opening = encoder.role() if after is None else None
+        if opening is not None:  # chat's role chunk; /v1/completions has none
+            yield opening
             sent += 1
         while True:
             pieces = state.pieces
@@ -91,9 +92,15 @@ async def chunk_events(
 
 
 class ChunkEncoder:
-    """Renders one completion's chunks; the constant parts of the JSON are built once per stream."""
+    """Renders one completion's chunks; the constant parts of the JSON are built once per stream.
+
+    ``completions.TextCompletionEncoder`` renders the ``text_completion`` chunks of /v1/completions
+    for the same ``chunk_events`` loop: another ``OBJECT``, no role chunk, the text in ``choices[0].text``.
+    """
 
     __slots__ = ("_head", "_tail", "_resumable", "include_usage", "relay_sent_at")
+
+    OBJECT = "chat.completion.chunk"
 
     def __init__(
         self,
@@ -105,7 +112,7 @@ class ChunkEncoder:
         resumable: bool = False,
         relay_sent_at: bool = False,
     ) -> None:
-        head = orjson.dumps({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model})[:-1]
+        head = orjson.dumps({"id": request_id, "object": self.OBJECT, "created": created, "model": model})[:-1]
         self._head = head + b',"system_fingerprint":null'
         self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
         self._resumable = resumable
@@ -118,7 +125,8 @@ class ChunkEncoder:
             return b"id: " + number + b"\ndata: " + self._head + b',"sequence_number":' + number + body
         return b"data: " + self._head + body
 
-    def role(self) -> bytes:
+    def role(self) -> bytes | None:
+        """The opening chunk, sent once before the content; None where the surface has none."""
         return self._event(
             None,
             b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]'
