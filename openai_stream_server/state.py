@@ -16,7 +16,7 @@ import enum
 import time
 from dataclasses import dataclass
 
-from openai_stream_protocol import Chunk
+from openai_stream_protocol import Chunk, ToolCall, ToolCallDelta
 
 from .backend import DownstreamRequest
 from .errors import ChatCompletionError, UpstreamError, UpstreamTimeout
@@ -101,6 +101,10 @@ class StreamState:
         """The API surface that opened it (``api/``): a label for metrics and the log line only."""
         self.pieces: list[str] = []
         self.sent_at: dict[int, float] = {}
+        self.tool_calls: dict[int, ToolCallDelta] = {}
+        """Piece index -> the tool call that piece belongs to, for pieces that are tool-call argument deltas
+        (docs/architecture.md, "Tool calls"); every other piece is answer text. Empty for most answers, so a
+        renderer that finds it empty takes the text-only path."""
         """The node's ``sent_at`` per piece, for chunks that carry it (benchmarks: ``relay_sent_at``)."""
         self.nbytes = 0
         """UTF-8 bytes of the answer text in ``pieces``."""
@@ -152,7 +156,49 @@ class StreamState:
 
     @property
     def text(self) -> str:
-        return "".join(self.pieces)
+        """The answer text: every piece that is not a tool-call delta."""
+        if not self.tool_calls:
+            return "".join(self.pieces)
+        calls = self.tool_calls
+        return "".join(piece for i, piece in enumerate(self.pieces) if i not in calls)
+
+    def calls(self) -> list[ToolCall]:
+        """The tool calls so far, whole, in index order: id and name from their deltas, arguments joined."""
+        found: dict[int, list[str | None]] = {}
+        pieces = self.pieces
+        for i, delta in sorted(self.tool_calls.items()):
+            call = found.setdefault(delta.index, [None, None, ""])
+            if call[0] is None and delta.id:
+                call[0] = delta.id
+            if call[1] is None and delta.name:
+                call[1] = delta.name
+            call[2] = (call[2] or "") + pieces[i]
+        return [
+            ToolCall(call_id or f"call_{self.request_id[-8:]}_{index}", name or "", arguments or "")
+            for index, (call_id, name, arguments) in sorted(found.items())
+        ]
+
+    def segments(self, start: int, end: int) -> list[tuple[ToolCallDelta | None, str, int]]:
+        """Pieces ``start:end`` as runs ``(delta, text, last piece index)``: ``delta`` None for answer text, else
+        the call whose argument pieces the run joins.
+
+        Consecutive pieces of the same kind (text, or the same call) are joined, as the renderers coalesce; a
+        run's delta carries the call's id and name when the run holds the call's first chunk.
+        """
+        runs: list[tuple[ToolCallDelta | None, str, int]] = []
+        calls, pieces = self.tool_calls, self.pieces
+        for i in range(start, end):
+            delta = calls.get(i)
+            if runs:
+                last, text, _ = runs[-1]
+                if delta is None and last is None:
+                    runs[-1] = (None, text + pieces[i], i)
+                    continue
+                if delta is not None and last is not None and last.index == delta.index:
+                    runs[-1] = (ToolCallDelta(delta.index, last.id or delta.id, last.name or delta.name), text + pieces[i], i)
+                    continue
+            runs.append((delta, pieces[i], i))
+        return runs
 
     @property
     def usage(self) -> dict[str, int]:
@@ -245,6 +291,8 @@ class StreamState:
         self.last_chunk_at = now
         if chunk.sent_at is not None:
             self.sent_at[len(self.pieces)] = chunk.sent_at
+        if chunk.tool_call is not None:
+            self.tool_calls[len(self.pieces)] = chunk.tool_call
         text = chunk.text
         self.pieces.append(text)
         size = len(text) if text.isascii() else len(text.encode())

@@ -18,6 +18,7 @@ from .chat_request import ChatCompletionRequest, parse_chat_request
 from .chat_stream import ChunkEncoder, chunk_events
 from .common import end_error, error_response, path_id, read_body, sequence_number
 from .dispatch import Dispatcher, sampling_metadata
+from .tools import call_dict, tool_metadata
 
 SURFACE = "chat"
 
@@ -40,7 +41,7 @@ def completion_body(state: StreamState) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": state.text, "refusal": None},
+                "message": _message(state),
                 "logprobs": None,
                 "finish_reason": state.finish_reason,
             }
@@ -51,6 +52,15 @@ def completion_body(state: StreamState) -> dict[str, Any]:
     if state.status in (Status.FAILED, Status.CANCELLED):
         body["error"] = end_error(state).to_dict()["error"]
     return body
+
+
+def _message(state: StreamState) -> dict[str, Any]:
+    """The assistant message: its text, and its tool calls when it made any (content is then null if empty)."""
+    if not state.tool_calls:
+        return {"role": "assistant", "content": state.text, "refusal": None}
+    text = state.text
+    calls = [call_dict(call) for call in state.calls()]
+    return {"role": "assistant", "content": text or None, "refusal": None, "tool_calls": calls}
 
 
 class ChatCompletions:
@@ -111,7 +121,8 @@ class ChatCompletions:
 
     @staticmethod
     def _metadata(body: ChatCompletionRequest, model: str, request_id: str) -> dict[str, Any]:
-        return sampling_metadata(
+        tools = tool_metadata(body.tools, body.tool_choice, body.parallel_tool_calls)
+        return tools | sampling_metadata(
             request_id,
             model,
             stream=body.stream or body.background,

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from openai_stream_protocol import Part
 
 from ..schema import I64_MAX, I64_MIN, MAX_MODEL_CHARS, StrictModel, field_names, parse_json
+from .tools import AssistantToolCall, CalledFunction, Function, FunctionName_, FunctionTool, NamedToolChoice, ToolChoice
 
 
 class ImageUrl(StrictModel):
@@ -34,12 +35,17 @@ class Message(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_call_id: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None
+    tool_call_id: Annotated[str, Field(min_length=1, pattern=r"^[^\r\n]*$")] | None = None
 
     @model_validator(mode="after")
     def _content_allowed(self) -> Message:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs 'content'")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message may hold 'tool_calls'")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs 'tool_call_id'")
         if isinstance(self.content, list) and self.role != "user":
             for part in self.content:
                 if part.type != "text":
@@ -48,6 +54,12 @@ class Message(StrictModel):
 
     def parts(self) -> list[Part]:
         role = "system" if self.role == "developer" else self.role
+        if self.role == "tool":
+            text = self.content if isinstance(self.content, str) else "".join(p.text or "" for p in self.content or ())
+            return [Part("tool", "text", text, tool_call_id=self.tool_call_id)]
+        if self.tool_calls:
+            calls = Part.of_tool_calls(call.call() for call in self.tool_calls)
+            return [*Message(role=self.role, content=self.content).parts(), calls]
         if self.content is None:
             return []
         if isinstance(self.content, str):
@@ -77,6 +89,9 @@ class ChatCompletionRequest(StrictModel):
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: Annotated[int, Field(ge=I64_MIN, le=I64_MAX)] | None = None
     background: bool = False
+    tools: list[FunctionTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -96,7 +111,19 @@ class ChatCompletionRequest(StrictModel):
         return [part for message in self.messages for part in message.parts()]
 
 
-_FIELDS = field_names(ImageUrl, ContentPart, Message, StreamOptions, ChatCompletionRequest)
+_FIELDS = field_names(
+    ImageUrl,
+    ContentPart,
+    Message,
+    StreamOptions,
+    ChatCompletionRequest,
+    AssistantToolCall,
+    CalledFunction,
+    Function,
+    FunctionTool,
+    FunctionName_,
+    NamedToolChoice,
+)
 
 
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:

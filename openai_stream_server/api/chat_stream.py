@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from openai_stream_protocol import ToolCallDelta
+
 from ..metrics import Metrics
 from ..sse import DONE, error_event
 from ..state import Status, StreamState
@@ -60,6 +62,17 @@ async def chunk_events(
         while True:
             pieces = state.pieces
             end = len(pieces)
+            if cursor < end and state.tool_calls:  # tool-call deltas among them: one event per run
+                for delta, text, last in state.segments(cursor, end):
+                    if delta is None and not text:
+                        continue
+                    metrics.events.inc()
+                    yield encoder.content(text, last) if delta is None else encoder.tool_call(delta, text, last)
+                    sent += 1
+                cursor = end
+                if max_events and sent >= max_events:
+                    return
+                continue
             if cursor < end:
                 text = pieces[cursor] if end - cursor == 1 else "".join(pieces[cursor:end])
                 oldest = cursor
@@ -142,6 +155,25 @@ class ChunkEncoder:
             + orjson.dumps(text)
             + b'},"logprobs":null,"finish_reason":null}]'
             + stamp
+            + self._tail,
+        )
+
+    def tool_call(self, delta: ToolCallDelta, arguments: str, seq: int | None = None) -> bytes:
+        """A ``delta.tool_calls`` chunk: id, type and name when ``delta`` starts the call, then argument text."""
+        call: dict[str, Any] = {"index": delta.index}
+        if delta.id is not None:
+            call["id"] = delta.id
+            call["type"] = "function"
+        function: dict[str, str] = {}
+        if delta.name is not None:
+            function["name"] = delta.name
+        function["arguments"] = arguments
+        call["function"] = function
+        return self._event(
+            seq,
+            b',"choices":[{"index":0,"delta":{"tool_calls":['
+            + orjson.dumps(call)
+            + b']},"logprobs":null,"finish_reason":null}]'
             + self._tail,
         )
 
