@@ -150,6 +150,16 @@ class StreamRegistry:
         self._ended(state)
         return True
 
+    def delete(self, request_id: str) -> bool:
+        """Forget a completion: cancel it if in flight (a ``cancel`` goes downstream), then drop it; False if unknown."""
+        self.cancel(request_id)
+        state = self.retained.pop(request_id, None)
+        if state is None:
+            return False
+        self._retained_bytes -= state.nbytes
+        self._ledger.nbytes -= state.held_bytes
+        return True
+
     def fail(self, state: StreamState, error: ChatCompletionError) -> None:
         if state.request_id in self.active:
             state.fail(error)

@@ -16,7 +16,7 @@ import enum
 import time
 from dataclasses import dataclass
 
-from openai_stream_protocol import Chunk, ToolCall, ToolCallDelta
+from openai_stream_protocol import Chunk, Part, ToolCall, ToolCallDelta
 
 from .backend import DownstreamRequest
 from .errors import ChatCompletionError, UpstreamError, UpstreamTimeout
@@ -115,6 +115,14 @@ class StreamState:
         """Set once the request went downstream: only those are sent a ``cancel`` when they end early."""
         self.request: DownstreamRequest | None = None
         """What was sent, kept while in flight so that it can be re-sent when its replica dies unanswered."""
+        self.parts: list[Part] = []
+        """The conversation that was sent, as parts, kept for as long as the completion is (in flight or
+        retained) when the surface asks (``Dispatcher.submit(keep_parts=True)``): the Responses API
+        continues a conversation from it (``previous_response_id``). Empty otherwise. Not counted in the
+        byte limits: it is bounded by ``max_body_bytes`` per completion."""
+        self.context: object | None = None
+        """Opaque to the state and the registry: what the surface that opened it keeps to render it again
+        (the Responses API: the request fields its response object echoes back)."""
         self.wire_id = request_id
         """The id the node answers under: ``request_id``, then ``<request_id>~<n>`` after the n-th re-send, so
         that a late chunk of an earlier attempt (a dead or restarted replica) never mixes in."""

@@ -75,9 +75,20 @@ class Dispatcher:
         return requested
 
     async def submit(
-        self, request_id: str, surface: str, model: str, parts: Sequence[Part], metadata: dict[str, Any]
+        self,
+        request_id: str,
+        surface: str,
+        model: str,
+        parts: Sequence[Part],
+        metadata: dict[str, Any],
+        *,
+        keep_parts: bool = False,
     ) -> StreamState:
-        """Open the completion and send it downstream; raises (and records nothing in flight) when it cannot."""
+        """Open the completion and send it downstream; raises (and records nothing in flight) when it cannot.
+
+        ``keep_parts``: keep the conversation on the state (``StreamState.parts``) for as long as the
+        completion is retained, for a later request that continues it.
+        """
         # No replica live (one is restarting): wait a little for one rather than fail at once
         # (docs/architecture.md, "Replicas and failover"); returns at once while one is live.
         await self.backend.wait_live(self.settings.model_wait_s)
@@ -90,6 +101,8 @@ class Dispatcher:
             raise
         state.submitted = True
         state.request = downstream
+        if keep_parts:
+            state.parts = list(parts)
         return state
 
     async def first_chunk(self, request: Request, state: StreamState) -> None:
