@@ -56,7 +56,9 @@ class InputMessage(StrictModel):
         if isinstance(self.content, str):
             return [Part(role, "text", self.content)]
         return [
-            Part(role, "image", p.image_url) if p.type == "input_image" and p.image_url is not None else Part(role, "text", p.text or "")
+            Part(role, "image", p.image_url)
+            if p.type == "input_image" and p.image_url is not None
+            else Part(role, "text", p.text or "")
             for p in self.content
         ]
 
@@ -73,7 +75,10 @@ class ResponsesRequest(StrictModel):
     background: bool = False
     store: bool = True
     metadata: (
-        Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]], Field(max_length=MAX_METADATA_PAIRS)]
+        Annotated[
+            dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+            Field(max_length=MAX_METADATA_PAIRS),
+        ]
         | None
     ) = None
     previous_response_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
