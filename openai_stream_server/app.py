@@ -26,6 +26,7 @@ from .api.chat import ChatCompletions
 from .api.common import error_response
 from .api.completions import Completions
 from .api.dispatch import Dispatcher
+from .api.messages import Messages
 from .api.responses import Responses
 from .backend import Backend
 from .errors import BackendUnavailable, ChatCompletionError, ModelNotFound
@@ -103,7 +104,12 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
     )
     metrics.replicas_from(lambda: getattr(backend, "replica_stats", list)())
     dispatcher = Dispatcher(settings, backend, registry)
-    surfaces = [ChatCompletions(dispatcher, metrics), Completions(dispatcher, metrics), Responses(dispatcher, metrics)]
+    surfaces = [
+        ChatCompletions(dispatcher, metrics),
+        Completions(dispatcher, metrics),
+        Responses(dispatcher, metrics),
+        Messages(dispatcher, metrics),
+    ]
     resending: set[asyncio.Task[None]] = set()
 
     def on_orphaned(wire_ids: list[str], error: ChatCompletionError, replica_id: str) -> None:

@@ -1,0 +1,242 @@
+"""The /v1/messages request models (Anthropic Messages API) and their translation into parts and tools.
+
+Validation follows ``schema`` (strict types, unknown fields ignored), but errors name the field
+the way Anthropic does, with dots: ``messages.0.content.1.type: Input should be 'text', ...``.
+A content block is one model with a ``type`` and the fields of every kind (as chat's
+``ContentPart``) rather than a tagged union, whose tags would mix into the field path; what a kind
+needs is checked after, and the missing field is still named (``messages.0.content.0.source``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from openai_stream_protocol import Part, ToolCall
+
+from ..errors import InvalidRequest
+from ..schema import I64_MAX, MAX_MODEL_CHARS, StrictModel, field_names
+from .tools import Function, FunctionName, FunctionName_, FunctionTool, NamedToolChoice, ToolChoice
+
+ToolUseId = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,256}$")]
+"""Anthropic's rule for ``tool_use`` ids; our nodes' ``call_...`` ids pass through it unchanged."""
+
+MediaType = Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
+
+
+def _missing(field: str, why: str = "Field required") -> PydanticCustomError:
+    """A check's error naming a field below the model it runs on (``_dotted`` appends ``field``)."""
+    return PydanticCustomError("missing", "{why}", {"field": field, "why": why})
+
+
+class TextBlock(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageSource(StrictModel):
+    type: Literal["base64", "url"]
+    media_type: MediaType | None = None
+    data: Annotated[str, Field(min_length=1)] | None = None
+    url: Annotated[str, Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _has_payload(self) -> ImageSource:
+        if self.type == "base64":
+            if self.media_type is None:
+                raise _missing("media_type")
+            if self.data is None:
+                raise _missing("data")
+        elif self.url is None:
+            raise _missing("url")
+        return self
+
+    def url_or_data(self) -> str:
+        """What an image part carries: the URL, or the base64 data as a ``data:`` URL."""
+        if self.type == "base64":
+            return f"data:{self.media_type};base64,{self.data}"
+        return self.url or ""
+
+
+class ContentBlock(StrictModel):
+    """One block of a message's content: ``text``, ``image``, ``tool_use`` or ``tool_result``."""
+
+    type: Literal["text", "image", "tool_use", "tool_result"]
+    text: str | None = None
+    source: ImageSource | None = None
+    id: ToolUseId | None = None
+    name: FunctionName | None = None
+    input: dict[str, Any] | None = None
+    tool_use_id: ToolUseId | None = None
+    content: str | list[TextBlock] | None = None
+    is_error: bool | None = None
+
+    @model_validator(mode="after")
+    def _has_payload(self) -> ContentBlock:
+        needed = {"text": ("text",), "image": ("source",), "tool_use": ("id", "name", "input"), "tool_result": ("tool_use_id",)}
+        for name in needed[self.type]:
+            if getattr(self, name) is None:
+                raise _missing(name)
+        return self
+
+    def result_text(self) -> str:
+        """A ``tool_result``'s content as one text."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(block.text for block in self.content or ())
+
+
+_ALLOWED = {"user": ("text", "image", "tool_result"), "assistant": ("text", "tool_use")}
+
+
+class Message(StrictModel):
+    role: Literal["user", "assistant"]
+    content: str | list[ContentBlock]
+
+    @model_validator(mode="after")
+    def _blocks_fit_the_role(self) -> Message:
+        if isinstance(self.content, list):
+            for i, block in enumerate(self.content):
+                if block.type not in _ALLOWED[self.role]:
+                    raise _missing(f"content.{i}.type", f"a {block.type} block is not allowed in the {self.role} role")
+        return self
+
+    def parts(self) -> list[Part]:
+        """The turn as parts, in block order; consecutive ``tool_use`` blocks become one tool-calls part."""
+        role = self.role
+        if isinstance(self.content, str):
+            return [Part(role, "text", self.content)]
+        parts: list[Part] = []
+        calls: list[ToolCall] = []
+        for block in self.content:
+            if block.type == "tool_use":
+                calls.append(ToolCall(block.id or "", block.name or "", json.dumps(block.input, ensure_ascii=False)))
+                continue
+            if calls:
+                parts.append(Part.of_tool_calls(calls))
+                calls = []
+            if block.type == "text":
+                parts.append(Part(role, "text", block.text or ""))
+            elif block.type == "image" and block.source is not None:
+                parts.append(Part(role, "image", block.source.url_or_data()))
+            elif block.type == "tool_result":
+                parts.append(Part("tool", "text", block.result_text(), tool_call_id=block.tool_use_id))
+        if calls:
+            parts.append(Part.of_tool_calls(calls))
+        return parts
+
+
+class Tool(StrictModel):
+    """A client tool (``type`` absent or ``custom``); Anthropic's server tools are not served here."""
+
+    type: Literal["custom"] | None = None
+    name: FunctionName
+    description: str | None = None
+    input_schema: dict[str, Any]
+
+    def function_tool(self) -> FunctionTool:
+        return FunctionTool(
+            type="function", function=Function(name=self.name, description=self.description, parameters=self.input_schema)
+        )
+
+
+class MessagesToolChoice(StrictModel):
+    type: Literal["auto", "any", "tool", "none"]
+    name: FunctionName | None = None
+    disable_parallel_tool_use: bool | None = None
+
+    @model_validator(mode="after")
+    def _named(self) -> MessagesToolChoice:
+        if self.type == "tool" and self.name is None:
+            raise _missing("name")
+        return self
+
+    def openai(self) -> ToolChoice:
+        """``auto`` / ``any`` / ``tool`` / ``none`` as chat's ``auto`` / ``required`` / named / ``none``."""
+        if self.type == "tool":
+            return NamedToolChoice(type="function", function=FunctionName_(name=self.name or ""))
+        return {"auto": "auto", "any": "required", "none": "none"}[self.type]  # type: ignore[return-value]
+
+
+class Metadata(StrictModel):
+    user_id: Annotated[str, Field(max_length=256)] | None = None
+
+
+class PromptRequest(StrictModel):
+    """What /v1/messages/count_tokens reads: the prompt without the sampling options."""
+
+    model: Annotated[str, Field(min_length=1, max_length=MAX_MODEL_CHARS)]
+    messages: list[Message]
+    system: str | list[TextBlock] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: MessagesToolChoice | None = None
+
+    def parts(self) -> list[Part]:
+        system: list[Part] = []
+        if isinstance(self.system, str):
+            system = [Part("system", "text", self.system)] if self.system else []
+        elif self.system is not None:
+            system = [Part("system", "text", block.text) for block in self.system]
+        return system + [part for message in self.messages for part in message.parts()]
+
+    def function_tools(self) -> list[FunctionTool] | None:
+        return None if self.tools is None else [tool.function_tool() for tool in self.tools]
+
+    @property
+    def choice_param(self) -> str:
+        """The field a tool-choice error names."""
+        return "tool_choice.name" if self.tool_choice is not None and self.tool_choice.type == "tool" else "tool_choice.type"
+
+    @property
+    def parallel_tool_calls(self) -> bool | None:
+        disable = None if self.tool_choice is None else self.tool_choice.disable_parallel_tool_use
+        return None if disable is None else not disable
+
+
+class MessagesRequest(PromptRequest):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1, le=I64_MAX)]
+    stop_sequences: list[str] | None = None
+    temperature: Annotated[float, Field(ge=0, le=1)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=I64_MAX)] | None = None
+    stream: bool = False
+    metadata: Metadata | None = None
+
+
+_FIELDS = field_names(TextBlock, ImageSource, ContentBlock, Message, Tool, MessagesToolChoice, Metadata, MessagesRequest)
+
+
+def _dotted(error: Any) -> str | None:
+    """A pydantic error's location as Anthropic names fields: ``messages.0.content.1.type``."""
+    names = [str(item) for item in error["loc"] if isinstance(item, int) or item in _FIELDS]
+    extra = (error.get("ctx") or {}).get("field")
+    if extra:
+        names.append(extra)
+    return ".".join(names) or None
+
+
+def parse_request(model: type[PromptRequest], body: bytes) -> Any:
+    """Validate a body as ``model``; raises ``InvalidRequest`` whose message leads with the offending field."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        error = max(exc.errors(include_url=False), key=lambda e: len(e["loc"]))  # a union's deepest alternative
+        if error["type"] in ("json_invalid", "json_type"):
+            raise InvalidRequest("The request body is not a valid JSON object.", code="invalid_json") from None
+        param = _dotted(error)
+        message = error["msg"]
+        raise InvalidRequest(f"{param}: {message}" if param else message, param=param) from None
+
+
+def parse_messages_request(body: bytes) -> MessagesRequest:
+    result: MessagesRequest = parse_request(MessagesRequest, body)
+    return result
+
+
+def parse_count_tokens_request(body: bytes) -> PromptRequest:
+    result: PromptRequest = parse_request(PromptRequest, body)
+    return result
