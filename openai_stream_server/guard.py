@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from . import anthropic_errors
 from .errors import ChatCompletionError, ForbiddenOrigin, MisdirectedRequest, Unauthorized, UnsupportedMediaType
 
 _STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -119,7 +120,7 @@ class RequestGuard:
         if scope["type"] == "http":
             error = self.check(scope)
             if error is not None:
-                await JSONResponse(error.to_dict(), status_code=error.status)(scope, receive, send)
+                await _error_response(scope, error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -174,7 +175,7 @@ class RequestGuard:
 
 
 class ApiKeyMiddleware:
-    """Every /v1 route (and /metrics unless ``public_metrics``) needs ``Authorization: Bearer <key>``.
+    """Every /v1 route (and /metrics unless ``public_metrics``) needs ``Authorization: Bearer <key>`` or ``x-api-key: <key>``.
 
     ``EventSource`` cannot send headers, so the reattach stream (a GET ending in
     ``/stream``) also takes the key as ``?api_key=``. /health and the demo page
@@ -194,8 +195,12 @@ class ApiKeyMiddleware:
         return path.startswith("/v1") or (path == "/metrics" and not self.public_metrics)
 
     def _authorized(self, scope: Scope) -> bool:
-        given = dict(scope["headers"]).get(b"authorization", b"")
+        headers = dict(scope["headers"])
+        given = headers.get(b"authorization", b"")
         if hmac.compare_digest(bytes(given), self.expected):
+            return True
+        x_api_key = headers.get(b"x-api-key")  # the anthropic SDK's header; any route takes it
+        if x_api_key is not None and hmac.compare_digest(bytes(x_api_key), self.api_key):
             return True
         if scope["method"] == "GET" and scope["path"].endswith("/stream"):
             query = parse_qs(scope.get("query_string", b"").decode(errors="replace"))
@@ -205,7 +210,15 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self._protected(scope) and not self._authorized(scope):
-            error = Unauthorized("Missing or wrong API key: send 'Authorization: Bearer <key>'.")
-            await JSONResponse(error.to_dict(), status_code=401)(scope, receive, send)
+            how = "'x-api-key: <key>'" if anthropic_errors.is_messages_path(scope["path"]) else "'Authorization: Bearer <key>'"
+            error = Unauthorized(f"Missing or wrong API key: send {how}.")
+            await _error_response(scope, error)(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def _error_response(scope: Scope, error: ChatCompletionError) -> JSONResponse:
+    """The refusal in the shape of the route's API: Anthropic's on /v1/messages, OpenAI's elsewhere."""
+    if anthropic_errors.is_messages_path(scope["path"]):
+        return anthropic_errors.error_response(error)
+    return JSONResponse(error.to_dict(), status_code=error.status)
