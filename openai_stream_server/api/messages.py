@@ -212,6 +212,10 @@ async def message_events(
             on_early_close()
 
 
+_ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+"""A function route answers GET (and HEAD) alone unless given its methods."""
+
+
 class MethodNotAllowed(ChatCompletionError):
     status, error_type, code = 405, "invalid_request_error", "method_not_allowed"
 
@@ -234,8 +238,8 @@ class Messages:
             Route("/v1/messages", self.create, methods=["POST"]),
             Route("/v1/messages/count_tokens", self.count_tokens, methods=["POST"]),
             # Starlette prefers a full match (path and method) to these, which take everything else.
-            Route("/v1/messages", self.unrouted),
-            Route("/v1/messages/{rest:path}", self.unrouted),
+            Route("/v1/messages", self.unrouted, methods=_ANY_METHOD),
+            Route("/v1/messages/{rest:path}", self.unrouted, methods=_ANY_METHOD),
         ]
 
     async def create(self, request: Request) -> Response:
