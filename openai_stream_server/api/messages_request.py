@@ -27,9 +27,9 @@ ToolUseId = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,256}$")]
 MediaType = Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
 
 
-def _missing(field: str, why: str = "Field required") -> PydanticCustomError:
+def _error_at(field: str, why: str = "Field required") -> PydanticCustomError:
     """A check's error naming a field below the model it runs on (``_dotted`` appends ``field``)."""
-    return PydanticCustomError("missing", "{why}", {"field": field, "why": why})
+    return PydanticCustomError("invalid_field", "{why}", {"field": field, "why": why})
 
 
 class TextBlock(StrictModel):
@@ -47,11 +47,11 @@ class ImageSource(StrictModel):
     def _has_payload(self) -> ImageSource:
         if self.type == "base64":
             if self.media_type is None:
-                raise _missing("media_type")
+                raise _error_at("media_type")
             if self.data is None:
-                raise _missing("data")
+                raise _error_at("data")
         elif self.url is None:
-            raise _missing("url")
+            raise _error_at("url")
         return self
 
     def url_or_data(self) -> str:
@@ -79,7 +79,7 @@ class ContentBlock(StrictModel):
         needed = {"text": ("text",), "image": ("source",), "tool_use": ("id", "name", "input"), "tool_result": ("tool_use_id",)}
         for name in needed[self.type]:
             if getattr(self, name) is None:
-                raise _missing(name)
+                raise _error_at(name)
         return self
 
     def result_text(self) -> str:
@@ -101,7 +101,7 @@ class Message(StrictModel):
         if isinstance(self.content, list):
             for i, block in enumerate(self.content):
                 if block.type not in _ALLOWED[self.role]:
-                    raise _missing(f"content.{i}.type", f"a {block.type} block is not allowed in the {self.role} role")
+                    raise _error_at(f"content.{i}.type", f"a {block.type} block is not allowed in the {self.role} role")
         return self
 
     def parts(self) -> list[Part]:
@@ -151,7 +151,7 @@ class MessagesToolChoice(StrictModel):
     @model_validator(mode="after")
     def _named(self) -> MessagesToolChoice:
         if self.type == "tool" and self.name is None:
-            raise _missing("name")
+            raise _error_at("name")
         return self
 
     def openai(self) -> ToolChoice:
