@@ -24,7 +24,7 @@ from ..state import StreamState
 from .common import error_response, path_id, read_body, sequence_number
 from .dispatch import Dispatcher, sampling_metadata
 from .responses_request import ResponsesRequest, parse_responses_request
-from .responses_stream import Echo, EventRenderer, response_body, response_events
+from .responses_stream import Echo, EventRenderer, answer_parts, response_body, response_events
 
 SURFACE = "responses"
 
@@ -93,6 +93,9 @@ class Responses:
             background=body.background,
             store=body.store,
             instruction_parts=len(instructions),
+            tools=[tool.echo() for tool in body.tools or ()],
+            tool_choice=body.echoed_tool_choice(),
+            parallel_tool_calls=True if body.parallel_tool_calls is None else body.parallel_tool_calls,
         )
         state = await self.dispatcher.submit(
             response_id, SURFACE, model, parts, self._metadata(body, model, response_id), keep_parts=body.store
@@ -133,7 +136,8 @@ class Responses:
         return SseResponse(events, headers=headers, ping_interval_s=self.settings.ping_interval_s)
 
     def _previous(self, previous_id: str | None) -> list[Part]:
-        """The conversation a ``previous_response_id`` continues: its input (less its instructions) and its answer."""
+        """The conversation a ``previous_response_id`` continues: its input (less its instructions) and its answer
+        (text, and its function calls as a tool-calls part)."""
         if previous_id is None:
             return []
         state = self.registry.get(previous_id) if _RESPONSE_ID.fullmatch(previous_id) else None
@@ -144,11 +148,11 @@ class Responses:
                 f"Previous response {previous_id!r} is still in progress; continue it once it has ended.",
                 param="previous_response_id",
             )
-        return state.parts[echo_of(state).instruction_parts :] + [Part("assistant", "text", state.text)]
+        return state.parts[echo_of(state).instruction_parts :] + answer_parts(state)
 
     @staticmethod
     def _metadata(body: ResponsesRequest, model: str, response_id: str) -> dict[str, Any]:
-        return sampling_metadata(
+        return body.tool_metadata() | sampling_metadata(
             response_id,
             model,
             stream=body.stream or body.background,

@@ -1,20 +1,29 @@
 """The /v1/responses request model (validation rules: ``schema``).
 
-``input`` is a string (one user message) or a list of message items; each item's content is a
-string or a list of parts: ``input_text`` and ``input_image`` for user, system and developer
-messages, ``output_text`` (and ``input_text``) for assistant ones. Other item types (function
-calls, reasoning, ...) are refused with a 400 naming ``input[i].type``.
+``input`` is a string (one user message) or a list of items: messages, whose content is a
+string or a list of parts (``input_text`` and ``input_image`` for user, system and developer
+messages, ``output_text`` and ``input_text`` for assistant ones), the assistant's earlier
+``function_call`` items and the ``function_call_output`` items that answer them. Other item
+types (reasoning, ...) are refused with a 400 naming ``input[i].type``.
+
+``tools`` are Responses-shaped function tools (``{"type": "function", "name", "description",
+"parameters", "strict"}``, flat) and ``tool_choice`` names one as ``{"type": "function", "name"}``;
+both are turned into ``api/tools.py``'s chat-shaped models, so they are checked and sent to the
+node as every surface's tools are (docs/architecture.md, "Tool calls").
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
-from openai_stream_protocol import Part
+from openai_stream_protocol import Part, ToolCall
 
 from ..schema import I64_MAX, MAX_MODEL_CHARS, StrictModel, field_names, parse_json
+from .tools import Function, FunctionName, FunctionName_, FunctionTool, NamedToolChoice, ToolChoice, tool_metadata
+
+CallId = Annotated[str, Field(min_length=1, pattern=r"^[^\r\n]*$")]
 
 MAX_METADATA_PAIRS = 16
 """As the OpenAI API: at most 16 pairs, keys up to 64 characters, values up to 512."""
@@ -63,9 +72,86 @@ class InputMessage(StrictModel):
         ]
 
 
+class FunctionCallItem(StrictModel):
+    """A call the assistant made earlier in the conversation (an output item of an earlier response)."""
+
+    type: Literal["function_call"]
+    call_id: CallId
+    name: FunctionName
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+    def call(self) -> ToolCall:
+        return ToolCall(self.call_id, self.name, self.arguments)
+
+
+class OutputTextPart(StrictModel):
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class FunctionCallOutputItem(StrictModel):
+    """A function's result, for the call ``call_id``: text, or a list of text parts."""
+
+    type: Literal["function_call_output"]
+    call_id: CallId
+    output: str | list[OutputTextPart]
+    id: str | None = None
+    status: str | None = None
+
+    def part(self) -> Part:
+        text = self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
+        return Part("tool", "text", text, tool_call_id=self.call_id)
+
+
+def _item_kind(value: Any) -> str:
+    """Which item model validates an ``input`` entry: a function call (output) by its ``type``; anything else,
+    and anything with a ``role``, as a message (whose ``type`` must then be ``message``)."""
+    if isinstance(value, dict) and "role" not in value and value.get("type") in ("function_call", "function_call_output"):
+        return str(value["type"])
+    return "message"
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    Discriminator(_item_kind),
+]
+
+
+class ResponsesFunctionTool(StrictModel):
+    """A function tool as the Responses API writes it: flat, not nested under ``function``."""
+
+    type: Literal["function"]
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def chat(self) -> FunctionTool:
+        function = Function(name=self.name, description=self.description, parameters=self.parameters, strict=self.strict)
+        return FunctionTool(type="function", function=function)
+
+    def echo(self) -> dict[str, Any]:
+        return {
+            "type": "function",
+            "name": self.name,
+            "description": self.description,
+            "parameters": self.parameters,
+            "strict": self.strict,
+        }
+
+
+class ResponsesNamedToolChoice(StrictModel):
+    type: Literal["function"]
+    name: FunctionName
+
+
 class ResponsesRequest(StrictModel):
     # The list first: an empty list's error (too short) is then the one reported, not "not a string".
-    input: Annotated[list[InputMessage], Field(min_length=1)] | str
+    input: Annotated[list[InputItem], Field(min_length=1)] | str
     model: Annotated[str, Field(max_length=MAX_MODEL_CHARS)] | None = None
     instructions: str | None = None
     max_output_tokens: Annotated[int, Field(ge=1, le=I64_MAX)] | None = None
@@ -82,18 +168,62 @@ class ResponsesRequest(StrictModel):
         | None
     ) = None
     previous_response_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    tools: list[ResponsesFunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponsesNamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def instruction_parts(self) -> list[Part]:
         """``instructions`` as the conversation's first (system) part; not carried over by ``previous_response_id``."""
         return [] if self.instructions is None else [Part("system", "text", self.instructions)]
 
     def input_parts(self) -> list[Part]:
+        """The conversation: messages as their parts, consecutive ``function_call`` items as one assistant tool-calls
+        part, each ``function_call_output`` as a tool part naming its call."""
         if isinstance(self.input, str):
             return [Part("user", "text", self.input)]
-        return [part for message in self.input for part in message.parts()]
+        parts: list[Part] = []
+        calls: list[ToolCall] = []
+        for item in self.input:
+            if isinstance(item, FunctionCallItem):
+                calls.append(item.call())
+                continue
+            if calls:
+                parts.append(Part.of_tool_calls(calls))
+                calls = []
+            parts.extend(item.parts() if isinstance(item, InputMessage) else [item.part()])
+        if calls:
+            parts.append(Part.of_tool_calls(calls))
+        return parts
+
+    def chat_tool_choice(self) -> ToolChoice | None:
+        choice = self.tool_choice
+        if isinstance(choice, ResponsesNamedToolChoice):
+            return NamedToolChoice(type="function", function=FunctionName_(name=choice.name))
+        return choice
+
+    def tool_metadata(self) -> dict[str, Any]:
+        """The tools' request metadata (the chat wire form); 400 naming ``tool_choice`` for a choice without its tool."""
+        tools = None if self.tools is None else [tool.chat() for tool in self.tools]
+        return tool_metadata(tools, self.chat_tool_choice(), self.parallel_tool_calls)
+
+    def echoed_tool_choice(self) -> str | dict[str, Any]:
+        """``tool_choice`` as the response object shows it (``auto`` when not given)."""
+        choice = self.tool_choice
+        if choice is None:
+            return "auto"
+        return choice if isinstance(choice, str) else choice.model_dump()
 
 
-_FIELDS = field_names(ContentPart, InputMessage, ResponsesRequest)
+_FIELDS = field_names(
+    ContentPart,
+    InputMessage,
+    FunctionCallItem,
+    OutputTextPart,
+    FunctionCallOutputItem,
+    ResponsesFunctionTool,
+    ResponsesNamedToolChoice,
+    ResponsesRequest,
+)
 
 
 def parse_responses_request(body: bytes) -> ResponsesRequest:

@@ -2,7 +2,8 @@
 
 The events of a response and their ``sequence_number`` are a pure function of the state, so a
 stream resumed with ``starting_after=N`` gets exactly the events the first one would have sent
-after N, with the same numbers (docs/architecture.md, "Responses API"):
+after N, with the same numbers (docs/architecture.md, "Responses API"). For an answer that is
+text only (no tool-call pieces) they are:
 
 ====================  ==========================================================
 ``0``                 ``response.created`` (status ``queued`` in background, else ``in_progress``)
@@ -15,17 +16,25 @@ after N, with the same numbers (docs/architecture.md, "Responses API"):
                       ``response.failed`` (failed, and cancelled: its ``response.status`` says which)
 ====================  ==========================================================
 
-where ``n`` is the number of pieces. Deltas are never coalesced here (the chat stream joins what
-piled up into one event): joining would make the numbering depend on when a reader woke up. A slow
-reader therefore gets one event per chunk; that costs more per token than chat's coalesced events
-on a backlog (not measured). No ``id:`` lines and no ``[DONE]``, as OpenAI streams them.
+where ``n`` is the number of pieces. With tool calls the pieces are split into output items in
+order of appearance (``OutputWalk``): a run of answer text is a ``message`` item, each call a
+``function_call`` item; an item opens with its ``added`` events where its first piece is, each
+piece is one delta event, and an item closes with its ``done`` events where the next item opens
+(or at the end). The numbering is still a running count over the pieces, so still a pure
+function of them. Deltas are never coalesced here (the chat stream joins what piled up into one
+event): joining would make the numbering depend on when a reader woke up. A slow reader
+therefore gets one event per chunk; that costs more per token than chat's coalesced events on a
+backlog (not measured). No ``id:`` lines and no ``[DONE]``, as OpenAI streams them.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from openai_stream_protocol import Part, ToolCall
 
 from ..metrics import Metrics
 from ..sse import named_event
@@ -33,7 +42,13 @@ from ..state import Status, StreamState
 from .common import end_error
 
 HEAD = 4
-"""Events before the first delta: created, in_progress, output_item.added, content_part.added."""
+"""Events before the first delta of a text answer: created, in_progress, output_item.added, content_part.added."""
+
+OPENING = 2
+"""Events before the first item: created, in_progress."""
+
+BATCH = 256
+"""At most this many pieces are walked (and their events rendered) before the stream yields them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,11 +65,22 @@ class Echo:
     store: bool = True
     instruction_parts: int = 0
     """How many leading parts of ``StreamState.parts`` are the instructions (not carried over by a continuation)."""
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    """The request's function tools, Responses-shaped (``{"type": "function", "name", ...}``)."""
+    tool_choice: str | dict[str, Any] = "auto"
+    parallel_tool_calls: bool = True
 
 
-def message_id(response_id: str) -> str:
-    """The output message's id: derived from the response's, so that every rendering agrees."""
-    return "msg_" + response_id.removeprefix("resp_")
+def message_id(response_id: str, nth: int = 0) -> str:
+    """The ``nth`` output message's id (0: the first, usually the only one): derived from the response's, so that
+    every rendering agrees."""
+    base = "msg_" + response_id.removeprefix("resp_")
+    return base if nth == 0 else f"{base}_{nth}"
+
+
+def function_call_item_id(response_id: str, index: int) -> str:
+    """The output item id of the response's call ``index`` (the node's ``tool_call_index``)."""
+    return f"fc_{response_id.removeprefix('resp_')}_{index}"
 
 
 def response_status(state: StreamState, echo: Echo) -> str:
@@ -75,15 +101,268 @@ def output_text(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def message_item(response_id: str, status: str, text: str | None) -> dict[str, Any]:
-    """The assistant message item; ``text`` None: no content part yet (as ``output_item.added`` has it)."""
+def message_item(item_id: str, status: str, text: str | None) -> dict[str, Any]:
+    """An assistant message item; ``text`` None: no content part yet (as ``output_item.added`` has it)."""
     return {
-        "id": message_id(response_id),
+        "id": item_id,
         "type": "message",
         "status": status,
         "role": "assistant",
         "content": [] if text is None else [output_text(text)],
     }
+
+
+def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments, "status": status}
+
+
+@dataclass(slots=True)
+class Item:
+    """One output item and the pieces it spans: from ``first`` to ``end`` (the piece that opened the next item;
+    None while it is the last one)."""
+
+    kind: str
+    """``message`` or ``function_call``."""
+    output_index: int
+    id: str
+    first: int
+    end: int | None = None
+    call: int = -1
+    """A function call's index (the node's ``tool_call_index``)."""
+    call_id: str = ""
+    name: str = ""
+
+
+class OutputWalk:
+    """A response's output items and its events' sequence numbers, found by walking its pieces in order.
+
+    Answer text opens a ``message`` item unless one is open; a tool-call piece of a call not seen
+    yet opens its ``function_call`` item. Opening an item closes the one before. Empty text while no
+    message is open is held back: it joins the message that non-empty text opens next, is dropped
+    when a call comes first (an answer of calls only has no message item, as OpenAI's), and at the
+    end of an answer that has no item at all it opens the message (a text answer's events do not
+    depend on it having empty pieces). A piece of a call whose item was closed already (the node
+    interleaved its calls) is a delta on that item. Everything here depends only on the pieces
+    walked, so the events and numbers of a replay or resume are those of the first stream.
+
+    ``advance`` and ``finish`` return the rendered events numbered above ``last`` (none when it is
+    ``sys.maxsize``: the walk then only finds the items, for the response object).
+    """
+
+    __slots__ = ("state", "renderer", "last", "seq", "cursor", "items", "current", "held", "by_call", "messages", "out")
+
+    def __init__(self, state: StreamState, renderer: EventRenderer | None = None, last: int = sys.maxsize) -> None:
+        self.state = state
+        self.renderer = renderer
+        self.last = last
+        self.seq = OPENING
+        self.cursor = 0
+        self.items: list[Item] = []
+        self.current: Item | None = None
+        self.held: int | None = None
+        """The first of the empty text pieces held back, if any are."""
+        self.by_call: dict[int, Item] = {}
+        self.messages = 0
+        self.out: list[bytes] = []
+
+    # -- walking -----------------------------------------------------------------
+
+    def advance(self, end: int) -> list[bytes]:
+        """Walk pieces ``cursor:end``; the events they make."""
+        self.out = []
+        state = self.state
+        pieces, calls = state.pieces, state.tool_calls
+        i = self.cursor
+        while i < end:
+            delta = calls.get(i) if calls else None
+            current = self.current
+            if delta is None:
+                if current is not None and current.kind == "message":
+                    if not calls:  # text only so far: every piece to ``end`` is a delta (the common path)
+                        self._text_deltas(current, i, end)
+                        i = end
+                        break
+                    self._text_deltas(current, i, i + 1)
+                elif not pieces[i]:
+                    if self.held is None:
+                        self.held = i
+                else:
+                    start = i if self.held is None else self.held
+                    self._open_message(start)
+                    self._text_deltas(self.current, start, i + 1)  # type: ignore[arg-type]
+                i += 1
+                continue
+            self.held = None
+            item = self.by_call.get(delta.index)
+            if item is None:
+                item = self._open_call(i, delta.index, delta.id, delta.name)
+            self._argument_delta(item, i)
+            i += 1
+        self.cursor = max(self.cursor, end)
+        return self.out
+
+    def finish(self) -> list[bytes]:
+        """Once the state has ended and every piece was walked: close the last item, then the terminal event."""
+        self.out = []
+        state = self.state
+        end = len(state.pieces)
+        if not self.items:  # no pieces, or only empty ones: the text answer's message, as ever
+            start = end if self.held is None else self.held
+            self._open_message(start)
+            self._text_deltas(self.current, start, end)  # type: ignore[arg-type]
+        self.held = None
+        assert self.renderer is not None, "a walk that renders nothing has no end events"
+        body = response_body(state, self.renderer.echo)
+        status = body["status"]
+        self._close(_item_status(status), end)
+        terminal = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(status, "response.failed")
+        self._emit(terminal, response=body)
+        return self.out
+
+    # -- items ---------------------------------------------------------------------
+
+    def _wanted(self) -> bool:
+        """Whether the next event is to be rendered (numbered above ``last``)."""
+        return self.seq > self.last and self.renderer is not None
+
+    def _emit(self, kind: str, **fields: Any) -> None:
+        if self.seq > self.last and self.renderer is not None:
+            self.out.append(self.renderer.event(kind, self.seq, **fields))
+        self.seq += 1
+
+    def _open(self, item: Item) -> None:
+        if self.current is not None:
+            self._close("completed", item.first)
+        self.items.append(item)
+        self.current = item
+
+    def _open_message(self, first: int) -> None:
+        item = Item("message", len(self.items), message_id(self.state.request_id, self.messages), first)
+        self.messages += 1
+        self.held = None
+        self._open(item)
+        self._emit("response.output_item.added", output_index=item.output_index, item=message_item(item.id, "in_progress", None))
+        part = {"item_id": item.id, "output_index": item.output_index, "content_index": 0}
+        self._emit("response.content_part.added", **part, part=output_text(""))
+
+    def _open_call(self, first: int, index: int, call_id: str | None, name: str | None) -> Item:
+        rid = self.state.request_id
+        item = Item(
+            "function_call",
+            len(self.items),
+            function_call_item_id(rid, index),
+            first,
+            call=index,
+            call_id=call_id or f"call_{rid[-8:]}_{index}",
+            name=name or "",
+        )
+        self.by_call[index] = item
+        self._open(item)
+        added = function_call_item(item.id, item.call_id, item.name, "", "in_progress")
+        self._emit("response.output_item.added", output_index=item.output_index, item=added)
+        return item
+
+    def _close(self, status: str, end: int) -> None:
+        item = self.current
+        if item is None:
+            return
+        item.end = end
+        self.current = None
+        count = 3 if item.kind == "message" else 2
+        if self.renderer is None or self.seq + count - 1 <= self.last:  # none of its events to render: only count them
+            self.seq += count
+            return
+        if item.kind == "message":
+            text = self.text(item)
+            part = {"item_id": item.id, "output_index": item.output_index, "content_index": 0}
+            self._emit("response.output_text.done", **part, text=text, logprobs=[])
+            self._emit("response.content_part.done", **part, part=output_text(text))
+            self._emit("response.output_item.done", output_index=item.output_index, item=message_item(item.id, status, text))
+            return
+        arguments = self.arguments(item, end)
+        self._emit(
+            "response.function_call_arguments.done",
+            item_id=item.id,
+            output_index=item.output_index,
+            name=item.name,
+            arguments=arguments,
+        )
+        done = function_call_item(item.id, item.call_id, item.name, arguments, status)
+        self._emit("response.output_item.done", output_index=item.output_index, item=done)
+
+    def _text_deltas(self, item: Item, start: int, end: int) -> None:
+        renderer = self.renderer
+        first = self.seq
+        if renderer is not None and end > start:
+            pieces = self.state.pieces
+            for i in range(max(start, start + self.last - first + 1), end):
+                self.out.append(renderer.text_delta(item, first + i - start, pieces[i]))
+        self.seq = first + end - start
+
+    def _argument_delta(self, item: Item, i: int) -> None:
+        if self._wanted():
+            self.out.append(self.renderer.argument_delta(item, self.seq, self.state.pieces[i]))  # type: ignore[union-attr]
+        self.seq += 1
+
+    # -- reading items -----------------------------------------------------------
+
+    def text(self, item: Item) -> str:
+        """A message item's text: the answer text pieces of its span."""
+        state = self.state
+        end = len(state.pieces) if item.end is None else item.end
+        calls = state.tool_calls
+        if not calls:
+            return "".join(state.pieces[item.first : end])
+        return "".join(state.pieces[i] for i in range(item.first, end) if i not in calls)
+
+    def arguments(self, item: Item, end: int | None = None) -> str:
+        """A call's arguments: its pieces before ``end`` (None: all of them)."""
+        state = self.state
+        calls, pieces = state.tool_calls, state.pieces
+        stop = len(pieces) if end is None else end
+        return "".join(pieces[i] for i in range(item.first, stop) if (d := calls.get(i)) is not None and d.index == item.call)
+
+    def output(self, status: str) -> list[dict[str, Any]]:
+        """The output items walked so far: closed ones ``completed``, the last one by the response's ``status``."""
+        items = []
+        for item in self.items:
+            item_status = "completed" if item is not self.items[-1] else _item_status(status)
+            if item.kind == "message":
+                items.append(message_item(item.id, item_status, self.text(item)))
+            else:
+                items.append(function_call_item(item.id, item.call_id, item.name, self.arguments(item), item_status))
+        return items
+
+    def call(self, item: Item) -> ToolCall:
+        return ToolCall(item.call_id, item.name, self.arguments(item))
+
+
+def walked(state: StreamState) -> OutputWalk:
+    """The items of every piece so far (no events rendered)."""
+    walk = OutputWalk(state)
+    walk.advance(len(state.pieces))
+    return walk
+
+
+def answer_parts(state: StreamState) -> list[Part]:
+    """The answer as the assistant parts of a continued conversation (``previous_response_id``): each message's
+    text, and each run of function calls as one tool-calls part."""
+    if not state.tool_calls:
+        return [Part("assistant", "text", state.text)]
+    walk = walked(state)
+    parts: list[Part] = []
+    run: list[ToolCall] = []
+    for item in walk.items:
+        if item.kind == "function_call":
+            run.append(walk.call(item))
+            continue
+        if run:
+            parts.append(Part.of_tool_calls(run))
+            run = []
+        parts.append(Part("assistant", "text", walk.text(item)))
+    if run:
+        parts.append(Part.of_tool_calls(run))
+    return parts
 
 
 def response_body(state: StreamState, echo: Echo, *, status: str | None = None) -> dict[str, Any]:
@@ -105,6 +384,12 @@ def response_body(state: StreamState, echo: Echo, *, status: str | None = None) 
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": used["total_tokens"],
         }
+    if opening:
+        output: list[dict[str, Any]] = []
+    elif not state.tool_calls:
+        output = [message_item(message_id(state.request_id), _item_status(status), state.text)]
+    else:
+        output = walked(state).output(status)
     return {
         "id": state.request_id,
         "object": "response",
@@ -117,14 +402,14 @@ def response_body(state: StreamState, echo: Echo, *, status: str | None = None) 
         "max_output_tokens": echo.max_output_tokens,
         "metadata": echo.metadata,
         "model": state.model,
-        "output": [] if opening else [message_item(state.request_id, _item_status(status), state.text)],
-        "parallel_tool_calls": True,
+        "output": output,
+        "parallel_tool_calls": echo.parallel_tool_calls,
         "previous_response_id": echo.previous_response_id,
         "store": echo.store,
         "temperature": echo.temperature,
         "text": {"format": {"type": "text"}},
-        "tool_choice": "auto",
-        "tools": [],
+        "tool_choice": echo.tool_choice,
+        "tools": echo.tools,
         "top_p": echo.top_p,
         "truncation": "disabled",
         "usage": usage,
@@ -135,64 +420,41 @@ def response_body(state: StreamState, echo: Echo, *, status: str | None = None) 
 class EventRenderer:
     """One response's events, each a ``named_event`` with ``type`` and ``sequence_number``."""
 
-    __slots__ = ("state", "echo", "item_id")
+    __slots__ = ("state", "echo")
 
     def __init__(self, state: StreamState, echo: Echo) -> None:
         self.state = state
         self.echo = echo
-        self.item_id = message_id(state.request_id)
 
     @staticmethod
-    def _event(kind: str, seq: int, **fields: Any) -> bytes:
+    def event(kind: str, seq: int, **fields: Any) -> bytes:
         return named_event(kind, {"type": kind, "sequence_number": seq, **fields})
 
-    def head(self) -> list[bytes]:
-        """Events 0 to 3: fixed, whatever the state is by the time they are rendered."""
+    def opening(self) -> list[bytes]:
+        """Events 0 and 1: fixed, whatever the state is by the time they are rendered."""
         state, echo = self.state, self.echo
-        part = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         return [
-            self._event(
+            self.event(
                 "response.created", 0, response=response_body(state, echo, status="queued" if echo.background else "in_progress")
             ),
-            self._event("response.in_progress", 1, response=response_body(state, echo, status="in_progress")),
-            self._event(
-                "response.output_item.added", 2, output_index=0, item=message_item(state.request_id, "in_progress", None)
-            ),
-            self._event("response.content_part.added", 3, **part, part=output_text("")),
+            self.event("response.in_progress", 1, response=response_body(state, echo, status="in_progress")),
         ]
 
-    def delta(self, index: int, text: str) -> bytes:
-        """Piece ``index``'s delta, event ``HEAD + index``."""
-        return self._event(
+    def text_delta(self, item: Item, seq: int, text: str) -> bytes:
+        return self.event(
             "response.output_text.delta",
-            HEAD + index,
-            item_id=self.item_id,
-            output_index=0,
+            seq,
+            item_id=item.id,
+            output_index=item.output_index,
             content_index=0,
             delta=text,
             logprobs=[],
         )
 
-    def tail(self) -> list[bytes]:
-        """The four closing events, numbered from ``HEAD + n``; only once the state has ended."""
-        state, echo = self.state, self.echo
-        seq = HEAD + len(state.pieces)
-        text = "".join(state.pieces)
-        body = response_body(state, echo)
-        status = body["status"]
-        part = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-        terminal = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(status, "response.failed")
-        return [
-            self._event("response.output_text.done", seq, **part, text=text, logprobs=[]),
-            self._event("response.content_part.done", seq + 1, **part, part=output_text(text)),
-            self._event(
-                "response.output_item.done",
-                seq + 2,
-                output_index=0,
-                item=message_item(state.request_id, _item_status(status), text),
-            ),
-            self._event(terminal, seq + 3, response=body),
-        ]
+    def argument_delta(self, item: Item, seq: int, text: str) -> bytes:
+        return self.event(
+            "response.function_call_arguments.delta", seq, item_id=item.id, output_index=item.output_index, delta=text
+        )
 
 
 async def response_events(
@@ -209,23 +471,23 @@ async def response_events(
     """
     state = renderer.state
     last = -1 if after is None else after
+    walk = OutputWalk(state, renderer, last)
     try:
-        for seq, event in enumerate(renderer.head()):
+        for seq, event in enumerate(renderer.opening()):
             if seq > last:
                 yield event
-        cursor = max(0, last - HEAD + 1)  # the first piece whose delta comes after ``after``
         while True:
-            pieces = state.pieces
-            while cursor < len(pieces):
-                metrics.events.inc()
-                yield renderer.delta(cursor, pieces[cursor])
-                cursor += 1
+            end = len(state.pieces)
+            if walk.cursor < end:  # a bounded batch at a time: a long backlog is not rendered all at once
+                for event in walk.advance(min(end, walk.cursor + BATCH)):
+                    metrics.events.inc()
+                    yield event
+                continue
             if state.done:
                 break
-            await state.wait(cursor)
-        for seq, event in enumerate(renderer.tail(), start=HEAD + len(state.pieces)):
-            if seq > last:
-                yield event
+            await state.wait(walk.cursor)
+        for event in walk.finish():
+            yield event
     finally:
         if on_close is not None:
             on_close()
