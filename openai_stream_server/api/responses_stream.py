@@ -140,8 +140,8 @@ class OutputWalk:
     yet opens its ``function_call`` item. Opening an item closes the one before. Empty text while no
     message is open is held back: it joins the message that non-empty text opens next, is dropped
     when a call comes first (an answer of calls only has no message item, as OpenAI's), and at the
-    end of an answer that has no item at all it opens the message (a text answer's events do not
-    depend on it having empty pieces). A piece of a call whose item was closed already (the node
+    end of an answer that has no item at all it opens the message (so an answer of text only has
+    the events it always had, empty pieces or not). A piece of a call whose item was closed already (the node
     interleaved its calls) is a delta on that item. Everything here depends only on the pieces
     walked, so the events and numbers of a replay or resume are those of the first stream.
 
