@@ -11,13 +11,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ChatCompletionError, NotFound
-from ..metrics import Metrics
-from ..sse_response import SseResponse
 from ..state import Status, StreamState
 from .chat_request import ChatCompletionRequest, parse_chat_request
 from .chat_stream import ChunkEncoder, chunk_events
 from .common import end_error, error_response, path_id, read_body, sequence_number
-from .dispatch import Dispatcher, sampling_metadata
+from .dispatch import sampling_metadata
+from .surface import Surface
 from .tools import call_dict, tool_metadata
 
 SURFACE = "chat"
@@ -63,14 +62,11 @@ def _message(state: StreamState) -> dict[str, Any]:
     return {"role": "assistant", "content": text or None, "refusal": None, "tool_calls": calls}
 
 
-class ChatCompletions:
+class ChatCompletions(Surface):
     """The chat completion routes."""
 
-    def __init__(self, dispatcher: Dispatcher, metrics: Metrics) -> None:
-        self.dispatcher = dispatcher
-        self.settings = dispatcher.settings
-        self.registry = dispatcher.registry
-        self.metrics = metrics
+    name = SURFACE
+    new_id = staticmethod(new_request_id)
 
     def routes(self) -> list[Route]:
         return [
@@ -82,17 +78,10 @@ class ChatCompletions:
 
     # -- POST /v1/chat/completions -----------------------------------------
 
-    async def create(self, request: Request) -> Response:
-        request_id = new_request_id()
-        try:
-            return await self._create(request, request_id)
-        except ChatCompletionError as error:
-            return error_response(error, request_id)
-
     async def _create(self, request: Request, request_id: str) -> Response:
         body = parse_chat_request(await read_body(request, self.settings.max_body_bytes))
         model = self.dispatcher.model(body.model)
-        state = await self.dispatcher.submit(request_id, SURFACE, model, body.parts(), self._metadata(body, model, request_id))
+        state = await self.dispatcher.submit(request_id, self.name, model, body.parts(), self._metadata(body, model, request_id))
         headers = {"X-Request-Id": request_id}
         if body.background:
             return JSONResponse(
@@ -117,7 +106,7 @@ class ChatCompletions:
             request_id, model, state.created, include_usage=body.include_usage, relay_sent_at=self.settings.relay_sent_at
         )
         events = chunk_events(state, encoder, self.metrics, on_early_close=lambda: self.dispatcher.cancel(request_id))
-        return SseResponse(events, headers=headers, ping_interval_s=self.settings.ping_interval_s)
+        return self.sse(events, headers)
 
     @staticmethod
     def _metadata(body: ChatCompletionRequest, model: str, request_id: str) -> dict[str, Any]:
@@ -159,7 +148,7 @@ class ChatCompletions:
             max_events=self.settings.close_stream_after_events,
             retry_ms=self.settings.sse_retry_ms,
         )
-        return SseResponse(events, headers={"X-Request-Id": state.request_id}, ping_interval_s=self.settings.ping_interval_s)
+        return self.sse(events, {"X-Request-Id": state.request_id})
 
     async def retrieve(self, request: Request) -> Response:
         try:

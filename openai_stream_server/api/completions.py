@@ -21,15 +21,13 @@ from starlette.routing import Route
 
 from openai_stream_protocol import Part
 
-from ..errors import ChatCompletionError
-from ..metrics import Metrics
 from ..schema import I64_MAX, I64_MIN, MAX_MODEL_CHARS, StrictModel, field_names, parse_json
-from ..sse_response import SseResponse
 from ..state import StreamState
 from .chat_request import StreamOptions
 from .chat_stream import ChunkEncoder, chunk_events
-from .common import error_response, read_body
-from .dispatch import Dispatcher, sampling_metadata
+from .common import read_body
+from .dispatch import sampling_metadata
+from .surface import Surface
 
 SURFACE = "completions"
 
@@ -149,29 +147,20 @@ class TextCompletionEncoder(ChunkEncoder):
 # -- the route -------------------------------------------------------------------
 
 
-class Completions:
+class Completions(Surface):
     """The /v1/completions route."""
 
-    def __init__(self, dispatcher: Dispatcher, metrics: Metrics) -> None:
-        self.dispatcher = dispatcher
-        self.settings = dispatcher.settings
-        self.metrics = metrics
+    name = SURFACE
+    new_id = staticmethod(new_request_id)
 
     def routes(self) -> list[Route]:
         return [Route("/v1/completions", self.create, methods=["POST"])]
-
-    async def create(self, request: Request) -> Response:
-        request_id = new_request_id()
-        try:
-            return await self._create(request, request_id)
-        except ChatCompletionError as error:
-            return error_response(error, request_id)
 
     async def _create(self, request: Request, request_id: str) -> Response:
         body = parse_completion_request(await read_body(request, self.settings.max_body_bytes))
         model = self.dispatcher.model(body.model)
         parts = [Part("user", "text", body.prompt)]
-        state = await self.dispatcher.submit(request_id, SURFACE, model, parts, self._metadata(body, model, request_id))
+        state = await self.dispatcher.submit(request_id, self.name, model, parts, self._metadata(body, model, request_id))
         headers = {"X-Request-Id": request_id}
         if not body.stream:
             await self.dispatcher.gathered(request, state)
@@ -181,7 +170,7 @@ class Completions:
             request_id, model, state.created, include_usage=body.include_usage, relay_sent_at=self.settings.relay_sent_at
         )
         events = chunk_events(state, encoder, self.metrics, on_early_close=lambda: self.dispatcher.cancel(request_id))
-        return SseResponse(events, headers=headers, ping_interval_s=self.settings.ping_interval_s)
+        return self.sse(events, headers)
 
     @staticmethod
     def _metadata(body: CompletionRequest, model: str, request_id: str) -> dict[str, Any]:

@@ -31,11 +31,11 @@ from ..anthropic_errors import error_event, error_response
 from ..errors import ChatCompletionError, InvalidRequest, NotFound
 from ..metrics import Metrics
 from ..sse import named_event
-from ..sse_response import SseResponse
 from ..state import Status, StreamState
 from .common import end_error, read_body
-from .dispatch import Dispatcher, prompt_tokens, sampling_metadata
+from .dispatch import prompt_tokens, sampling_metadata
 from .messages_request import MessagesRequest, PromptRequest, parse_count_tokens_request, parse_messages_request
+from .surface import Surface
 from .tools import tool_metadata
 
 SURFACE = "messages"
@@ -225,13 +225,12 @@ class MethodNotAllowed(ChatCompletionError):
         return {"Allow": self.ALLOW}
 
 
-class Messages:
+class Messages(Surface):
     """The /v1/messages routes; any other method or path under it gets an Anthropic-shaped 405 or 404."""
 
-    def __init__(self, dispatcher: Dispatcher, metrics: Metrics) -> None:
-        self.dispatcher = dispatcher
-        self.settings = dispatcher.settings
-        self.metrics = metrics
+    name = SURFACE
+    new_id = staticmethod(new_message_id)
+    error_response = staticmethod(error_response)
 
     def routes(self) -> list[Route]:
         return [
@@ -241,13 +240,6 @@ class Messages:
             Route("/v1/messages", self.unrouted, methods=_ANY_METHOD),
             Route("/v1/messages/{rest:path}", self.unrouted, methods=_ANY_METHOD),
         ]
-
-    async def create(self, request: Request) -> Response:
-        message_id = new_message_id()
-        try:
-            return await self._create(request, message_id)
-        except ChatCompletionError as error:
-            return error_response(error, message_id)
 
     async def _create(self, request: Request, message_id: str) -> Response:
         body = parse_messages_request(await read_body(request, self.settings.max_body_bytes))
@@ -261,14 +253,14 @@ class Messages:
             top_p=body.top_p,
             stop=body.stop_sequences,
         )
-        state = await self.dispatcher.submit(message_id, SURFACE, model, body.parts(), metadata)
+        state = await self.dispatcher.submit(message_id, self.name, model, body.parts(), metadata)
         headers = {"X-Request-Id": message_id, "request-id": message_id}
         if not body.stream:
             await self.dispatcher.gathered(request, state)
             return JSONResponse(message_body(state), headers=headers)
         await self.dispatcher.first_chunk(request, state)
         events = message_events(state, self.metrics, on_early_close=lambda: self.dispatcher.cancel(message_id))
-        return SseResponse(events, headers=headers, ping_interval_s=self.settings.ping_interval_s)
+        return self.sse(events, headers)
 
     @staticmethod
     def _tools(body: PromptRequest) -> dict[str, Any]:

@@ -18,13 +18,12 @@ from starlette.routing import Route
 from openai_stream_protocol import Part
 
 from ..errors import Cancelled, ChatCompletionError, InvalidRequest, NotFound
-from ..metrics import Metrics
-from ..sse_response import SseResponse
 from ..state import StreamState
 from .common import error_response, path_id, read_body, sequence_number
-from .dispatch import Dispatcher, sampling_metadata
+from .dispatch import sampling_metadata
 from .responses_request import ResponsesRequest, parse_responses_request
 from .responses_stream import Echo, EventRenderer, answer_parts, response_body, response_events
+from .surface import Surface
 
 SURFACE = "responses"
 
@@ -50,14 +49,11 @@ def _flag(raw: str | None, param: str) -> bool:
     raise InvalidRequest(f"'{raw[:20]}' is not a boolean", param=param)
 
 
-class Responses:
+class Responses(Surface):
     """The Responses API routes."""
 
-    def __init__(self, dispatcher: Dispatcher, metrics: Metrics) -> None:
-        self.dispatcher = dispatcher
-        self.settings = dispatcher.settings
-        self.registry = dispatcher.registry
-        self.metrics = metrics
+    name = SURFACE
+    new_id = staticmethod(new_response_id)
 
     def routes(self) -> list[Route]:
         return [
@@ -68,13 +64,6 @@ class Responses:
         ]
 
     # -- POST /v1/responses -------------------------------------------------
-
-    async def create(self, request: Request) -> Response:
-        response_id = new_response_id()
-        try:
-            return await self._create(request, response_id)
-        except ChatCompletionError as error:
-            return error_response(error, response_id)
 
     async def _create(self, request: Request, response_id: str) -> Response:
         body = parse_responses_request(await read_body(request, self.settings.max_body_bytes))
@@ -98,16 +87,14 @@ class Responses:
             parallel_tool_calls=True if body.parallel_tool_calls is None else body.parallel_tool_calls,
         )
         state = await self.dispatcher.submit(
-            response_id, SURFACE, model, parts, self._metadata(body, model, response_id), keep_parts=body.store
+            response_id, self.name, model, parts, self._metadata(body, model, response_id), keep_parts=body.store
         )
         state.context = echo
         headers = {"X-Request-Id": response_id}
         renderer = EventRenderer(state, echo)
         if body.background:
             if body.stream:  # no header hold-back: a background response outlives this connection
-                return SseResponse(
-                    response_events(renderer, self.metrics), headers=headers, ping_interval_s=self.settings.ping_interval_s
-                )
+                return self.sse(response_events(renderer, self.metrics), headers)
             return JSONResponse(response_body(state, echo), headers=headers)
         if not body.stream:
             try:
@@ -133,7 +120,7 @@ class Responses:
                 self.registry.delete(response_id)
 
         events = response_events(renderer, self.metrics, on_close=on_close)
-        return SseResponse(events, headers=headers, ping_interval_s=self.settings.ping_interval_s)
+        return self.sse(events, headers)
 
     def _previous(self, previous_id: str | None) -> list[Part]:
         """The conversation a ``previous_response_id`` continues: its input (less its instructions) and its answer
@@ -183,7 +170,7 @@ class Responses:
         if not stream:
             return JSONResponse(response_body(state, echo_of(state)), headers=headers)
         events = response_events(EventRenderer(state, echo_of(state)), self.metrics, after=after)
-        return SseResponse(events, headers=headers, ping_interval_s=self.settings.ping_interval_s)
+        return self.sse(events, headers)
 
     async def cancel(self, request: Request) -> Response:
         """POST .../cancel: cancel downstream if still in flight (harmless once ended); answers the response."""
