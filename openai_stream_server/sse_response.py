@@ -10,7 +10,7 @@ That per-stream cost sat in every streamed request's time to first chunk.
 What it keeps from sse-starlette, because the server relies on it:
 
 - the client's disconnect is noticed at once (a task waits on ``receive``)
-  and ends the stream: the iterator is closed, so ``streams.chunk_events`` sends
+  and ends the stream: the iterator is closed, so ``api.chat_stream.chunk_events`` sends
   ``cancel`` downstream;
 - a comment ping on a quiet stream every ``ping_interval_s`` (one line,
   ``sse.PING``, docs/architecture.md: no blank line after it);
@@ -27,7 +27,7 @@ Body messages skip the ``send`` wrappers (``RAW_SEND``): Starlette's
 routing and exception middleware, ``ServerErrorMiddleware``, our request
 counter and CORS each wrap ``send`` with a function that looks only at
 ``http.response.start``. The start message still goes through all of them;
-every later message goes to the server's own ``send``, which ``app._App``
+every later message goes to the server's own ``send``, which ``middleware.RawSendApp``
 puts in the scope. Four wrapper calls cost ~1.5 us per event, where 1,000
 streams x 30 tokens/s in step mode were spending ~31 us per event against
 the raw SSE app's ~18 us (benchmarks/README.md, "Step mode"). A middleware
@@ -49,7 +49,7 @@ from starlette.types import Receive, Scope, Send
 from .sse import PING
 
 RAW_SEND = "oss.raw_send"
-"""Scope key of the server's own ``send``, below every middleware (set by ``app._App``); optional."""
+"""Scope key of the server's own ``send``, below every middleware (set by ``middleware.RawSendApp``); optional."""
 
 
 class SseResponse(Response):

@@ -67,7 +67,7 @@ async def test_client_leaving_a_quiet_stream_closes_the_iterator_at_once() -> No
             await asyncio.sleep(60)  # a quiet stream: the model thinks
             yield b"data: never\n\n"
         finally:
-            closed.set()  # streams.chunk_events sends cancel downstream here
+            closed.set()  # chunk_events sends cancel downstream here
 
     client = Client()
     response = asyncio.ensure_future(SseResponse(events(), ping_interval_s=0)(scope(), client.receive, client.send))
