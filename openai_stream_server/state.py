@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from openai_stream_protocol import Chunk, Part, ToolCall, ToolCallDelta
@@ -153,7 +154,8 @@ class StreamState:
         """UTF-8 bytes of the answer text in ``pieces``."""
         self.held_bytes = 0
         """What this completion holds for the byte limits: text bytes plus a per-chunk overhead, for
-        chunks in ``pieces`` and chunks held back (``LOGGED_CHUNK_OVERHEAD_BYTES``, ``HELD_CHUNK_OVERHEAD_BYTES``)."""
+        chunks in ``pieces`` and chunks held back (``LOGGED_CHUNK_OVERHEAD_BYTES``, ``HELD_CHUNK_OVERHEAD_BYTES``),
+        and the conversation when it is kept (``keep_parts``)."""
         self.submitted = False
         """Set once the request went downstream: only those are sent a ``cancel`` when they end early."""
         self.request: DownstreamRequest | None = None
@@ -161,8 +163,8 @@ class StreamState:
         self.parts: list[Part] = []
         """The conversation that was sent, as parts, kept for as long as the completion is (in flight or
         retained) when the surface asks (``Dispatcher.submit(keep_parts=True)``): the Responses API
-        continues a conversation from it (``previous_response_id``). Empty otherwise. Not counted in the
-        byte limits: it is bounded by ``max_body_bytes`` per completion."""
+        continues a conversation from it (``previous_response_id``). Empty otherwise. Counted in
+        ``held_bytes`` (``keep_parts``), so the byte limits see it."""
         self.context: object | None = None
         """Opaque to the state and the registry: what the surface that opened it keeps to render it again
         (the Responses API: the request fields its response object echoes back)."""
@@ -293,6 +295,13 @@ class StreamState:
                 waiter.set_result(None)
 
     # -- writing -----------------------------------------------------------
+
+    def keep_parts(self, parts: Iterable[Part]) -> None:
+        """Keep the conversation that was sent (``parts``), counting its bytes like the answer's."""
+        self.parts = list(parts)
+        size = sum(_utf8_len(part.content) + LOGGED_CHUNK_OVERHEAD_BYTES for part in self.parts)
+        self.held_bytes += size
+        self._ledger.nbytes += size
 
     def accept(self, chunk: Chunk, now: float) -> Outcome:
         """Take one chunk from the node, in whatever order it came."""

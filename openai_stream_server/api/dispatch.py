@@ -102,7 +102,7 @@ class Dispatcher:
         state.submitted = True
         state.request = downstream
         if keep_parts:
-            state.parts = list(parts)
+            state.keep_parts(parts)
         return state
 
     async def first_chunk(self, request: Request, state: StreamState) -> None:

@@ -383,3 +383,18 @@ async def test_surface_label_on_metrics() -> None:
         metrics = (await client.get("/metrics")).text
     assert 'oss_requests_total{status="200",surface="responses"} 1.0' in metrics
     assert 'oss_completions_total{status="completed",surface="responses"} 1.0' in metrics
+
+
+async def test_a_stored_conversation_counts_in_the_byte_bounds() -> None:
+    """``previous_response_id`` needs the input kept: its bytes count in ``held_bytes`` until it is gone."""
+    long_input = "word " * 4000  # 20,000 bytes in, echoed back
+    async with make_client() as (client, _):
+        chat = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": long_input}]})
+        answer_only = (await client.get("/health")).json()["held_bytes"]  # a retained chat completion: its answer
+        stored = await client.post("/v1/responses", json={"model": "m", "input": long_input})
+        with_response = (await client.get("/health")).json()["held_bytes"]
+        await client.delete(f"/v1/responses/{stored.json()['id']}")
+        after_delete = (await client.get("/health")).json()["held_bytes"]
+    assert chat.status_code == stored.status_code == 200
+    assert with_response - 2 * answer_only >= len(long_input)  # the same answer again, plus the kept input
+    assert after_delete == answer_only
