@@ -15,7 +15,9 @@ Request (server -> node), output ``v1/chat/completions``:
 Chunk (node -> server): data is a string array whose elements joined are the
 delta text; metadata ``request_id``/``session_id``, ``seq`` (0, 1, 2, ...),
 ``fin: true`` on the last chunk, optional ``finish_reason``, ``error``,
-``prompt_tokens`` and ``completion_tokens``.
+``prompt_tokens``, ``completion_tokens`` and ``stop_sequence`` (the stop
+string that ended the answer, which is cut before it; ``finish_reason`` stays
+``stop``).
 
 Tool calls (docs/architecture.md, "Tool calls"):
     request: ``encode_tools`` writes the metadata entries (server);
@@ -38,7 +40,7 @@ Batch (node -> server): one message, data a struct array with one row per
 chunk of many requests (``request_id``, ``seq``, ``text``, ``fin`` and the
 optional ``finish_reason``, ``error``, ``prompt_tokens``,
 ``completion_tokens``, ``sent_at``, ``tool_call_index``, ``tool_call_id``,
-``tool_call_name``); told apart by its type. ``BatchSender``
+``tool_call_name``, ``stop_sequence``); told apart by its type. ``BatchSender``
 builds it, ``parse_batch`` reads it.
 
 Cancel (server -> node), output ``cancel``: ``pa.array([request_id])`` with

@@ -42,10 +42,12 @@ OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
     "tool_call_index": pa.int64(),
     "tool_call_id": pa.string(),
     "tool_call_name": pa.string(),
+    "stop_sequence": pa.string(),
 }
 """Columns a batch may leave out, nullable: null means "not given" for that row.
 
 A row with a ``tool_call_index`` is a tool-call delta (its ``text`` a piece of the arguments).
+``stop_sequence`` (read on ``fin`` rows only): the stop string that ended that answer.
 """
 
 
@@ -75,7 +77,12 @@ _TYPE_CHECKS = {
     "tool_call_index": (pa.types.is_integer, "an integer"),
     "tool_call_id": (_is_string, "a string"),
     "tool_call_name": (_is_string, "a string"),
+    "stop_sequence": (_is_string, "a string"),
 }
+
+_SPARSE_COLUMNS = frozenset({"stop_sequence"})
+"""Optional columns that are null on almost every row: read after the rows are built, and only when
+some row has a value, so that a batch without them costs nothing more per row."""
 
 
 def parse_batch(value: pa.Array) -> list[Chunk]:
@@ -86,7 +93,8 @@ def parse_batch(value: pa.Array) -> list[Chunk]:
     Malformed: not a struct array, a required column missing or null, a column
     of the wrong type, a null row, an unknown ``finish_reason``, a negative
     ``tool_call_index``, or a ``tool_call_id``/``tool_call_name`` on a row
-    without a ``tool_call_index``. One bad row
+    without a ``tool_call_index``. A ``stop_sequence`` on a row that is not
+    ``fin`` is ignored (empty: none). One bad row
     makes the whole message malformed: its rows arrive together or not at all.
     """
     if not isinstance(value, pa.StructArray):
@@ -100,15 +108,21 @@ def parse_batch(value: pa.Array) -> list[Chunk]:
         raise ValueError(f"batch without column(s) {', '.join(missing)}")
     columns: dict[str, list[Any]] = {}
     n = len(value)
+    stop_sequences: pa.Array | None = None
     for name, (check, expected) in _TYPE_CHECKS.items():
         if name not in names:
-            columns[name] = [None] * n
+            if name not in _SPARSE_COLUMNS:
+                columns[name] = [None] * n
             continue
         column = value.field(name)
         if not check(column.type):
             raise ValueError(f"batch column {name} must be {expected}, got {column.type}")
         if name in REQUIRED_COLUMNS and column.null_count:
             raise ValueError(f"batch column {name} has {column.null_count} null(s)")
+        if name in _SPARSE_COLUMNS:
+            if column.null_count < n:  # only stop_sequence today
+                stop_sequences = column
+            continue
         columns[name] = column.to_pylist()
     unknown = {reason for reason in columns["finish_reason"] if reason} - FINISH_REASONS
     if unknown:
@@ -144,6 +158,10 @@ def parse_batch(value: pa.Array) -> list[Chunk]:
                 tool_call,
             )
         )
+    if stop_sequences is not None:
+        for chunk, stop_sequence in zip(chunks, stop_sequences.to_pylist(), strict=True):
+            if stop_sequence and chunk.fin:
+                chunk.stop_sequence = stop_sequence
     return chunks
 
 
@@ -175,7 +193,7 @@ class BatchSender:
     at the send), for the benchmarks' added delay.
     """
 
-    __slots__ = ("node", "output", "stamp", "_seq", "_ids", "_seqs", "_texts", "_fins", "_extra", "_tools")
+    __slots__ = ("node", "output", "stamp", "_seq", "_ids", "_seqs", "_texts", "_fins", "_extra", "_tools", "_stops")
 
     def __init__(self, node: OutputSender, output: str = "chunks", *, stamp: bool = False) -> None:
         self.node = node
@@ -190,6 +208,8 @@ class BatchSender:
         self._extra: dict[int, tuple[str, str | None, int | None, int | None]] = {}
         # Row index -> (tool_call_index, tool_call_id, tool_call_name): only tool-call rows have them.
         self._tools: dict[int, tuple[int, str | None, str | None]] = {}
+        # Row index -> (stop_sequence,): only finish rows that a stop string ended have it.
+        self._stops: dict[int, tuple[str]] = {}
 
     def open(self, request_metadata: Mapping[str, Any]) -> str:
         """Register a request (``seq`` starts at 0; again for an id already open) and return its id."""
@@ -233,11 +253,17 @@ class BatchSender:
         error: str | None = None,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        stop_sequence: str | None = None,
     ) -> None:
-        """Queue the request's last row (``fin``) with its finish reason and token counts, and forget it."""
+        """Queue the request's last row (``fin``) with its finish reason and token counts, and forget it.
+
+        ``stop_sequence``: the stop string that ended the answer (the text is cut before it).
+        """
         if finish_reason not in FINISH_REASONS:
             raise ValueError(f"unknown finish_reason: {finish_reason!r}")
         seq = self._seq.pop(request_id)
+        if stop_sequence:
+            self._stops[len(self._ids)] = (stop_sequence,)
         self._extra[len(self._ids)] = (finish_reason, error, prompt_tokens, completion_tokens)
         self._ids.append(request_id)
         self._seqs.append(seq)
@@ -250,13 +276,14 @@ class BatchSender:
             return
         if request_id in self._ids:
             keep = [i for i, rid in enumerate(self._ids) if rid != request_id]
-            extra, tools = self._extra, self._tools
+            extra, tools, stops = self._extra, self._tools, self._stops
             self._ids = [self._ids[i] for i in keep]
             self._seqs = [self._seqs[i] for i in keep]
             self._texts = [self._texts[i] for i in keep]
             self._fins = [self._fins[i] for i in keep]
             self._extra = {new: extra[old] for new, old in enumerate(keep) if old in extra}
             self._tools = {new: tools[old] for new, old in enumerate(keep) if old in tools}
+            self._stops = {new: stops[old] for new, old in enumerate(keep) if old in stops}
 
     @property
     def queued(self) -> int:
@@ -275,13 +302,14 @@ class BatchSender:
             pa.array(self._texts, type=pa.string()),
             pa.array(self._fins, type=pa.bool_()),
         ]
-        # The optional columns travel only in a step where some request finished, or sent a tool call.
+        # The optional columns travel only in a step where some request finished, sent a tool call, or hit a stop string.
         _add_columns(names, arrays, n, ("finish_reason", "error", "prompt_tokens", "completion_tokens"), self._extra)
         _add_columns(names, arrays, n, ("tool_call_index", "tool_call_id", "tool_call_name"), self._tools)
+        _add_columns(names, arrays, n, ("stop_sequence",), self._stops)
         if self.stamp:
             names.append("sent_at")
             arrays.append(pa.array([time.time()] * n, type=pa.float64()))
-        self._ids, self._seqs, self._texts, self._fins, self._extra, self._tools = [], [], [], [], {}, {}
+        self._ids, self._seqs, self._texts, self._fins, self._extra, self._tools, self._stops = [], [], [], [], {}, {}, {}
         self.node.send_output(self.output, pa.StructArray.from_arrays(arrays, names=names), {})
         return n
 

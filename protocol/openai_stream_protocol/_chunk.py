@@ -24,6 +24,9 @@ class Chunk:
 
     With ``tool_call`` set, ``text`` is the next piece of that call's
     arguments (JSON text), not content.
+
+    ``stop_sequence`` (finish chunks only): the stop string that ended the
+    answer; the text is cut before it and ``finish_reason`` is ``stop``.
     """
 
     request_id: str | None
@@ -36,6 +39,7 @@ class Chunk:
     completion_tokens: int | None = None
     sent_at: float | None = None
     tool_call: ToolCallDelta | None = None
+    stop_sequence: str | None = None
 
 
 def tool_call_delta(index: Any, call_id: Any = None, name: Any = None) -> ToolCallDelta | None:
@@ -64,6 +68,7 @@ def parse_chunk(texts: list[str], metadata: Mapping[str, Any]) -> Chunk:
     fin = as_bool(metadata.get("fin", False)) or finish_reason is not None
     error = metadata.get("error")
     sent_at = metadata.get("sent_at")
+    stop_sequence = metadata.get("stop_sequence") if fin else None
     return Chunk(
         request_id=request_id_of(metadata),
         seq=seq,
@@ -77,6 +82,8 @@ def parse_chunk(texts: list[str], metadata: Mapping[str, Any]) -> Chunk:
         tool_call=tool_call_delta(
             metadata.get(TOOL_CALL_INDEX_KEY), metadata.get(TOOL_CALL_ID_KEY), metadata.get(TOOL_CALL_NAME_KEY)
         ),
+        # Lenient: anything but a non-empty string (dora's "None" included) is no stop sequence.
+        stop_sequence=stop_sequence if isinstance(stop_sequence, str) and stop_sequence not in ("", "None") else None,
     )
 
 
@@ -137,9 +144,13 @@ class ChunkSender:
         error: str | None = None,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        stop_sequence: str | None = None,
         **extra: Any,
     ) -> None:
-        """Send the last chunk: ``fin: true`` with its finish reason and token counts."""
+        """Send the last chunk: ``fin: true`` with its finish reason and token counts.
+
+        ``stop_sequence``: the stop string that ended the answer (the text is cut before it).
+        """
         if finish_reason not in FINISH_REASONS:
             raise ValueError(f"unknown finish_reason: {finish_reason!r}")
         metadata: dict[str, Any] = {"fin": True, "finish_reason": finish_reason, **extra}
@@ -149,5 +160,7 @@ class ChunkSender:
             metadata["prompt_tokens"] = prompt_tokens
         if completion_tokens is not None:
             metadata["completion_tokens"] = completion_tokens
+        if stop_sequence:
+            metadata["stop_sequence"] = stop_sequence
         self.send(text, **metadata)
         self.finished = True

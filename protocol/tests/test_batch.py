@@ -95,6 +95,54 @@ def test_discard_forgets_a_request_and_its_queued_rows() -> None:
         sender.send(a, "after the cancel")
 
 
+def test_a_finish_with_a_stop_sequence_round_trips_in_its_own_column() -> None:
+    node = Recorder()
+    sender = BatchSender(node)
+    a, b, c = (sender.open({"request_id": rid}) for rid in "abc")
+    sender.send(c, "c0")
+    sender.finish(a, "stop", "one two ", stop_sequence="STOP")
+    sender.finish(b, "length", "x")
+    sender.emit()
+    data = node.sent[0][1]
+    assert data.type.field("stop_sequence").type == pa.string()
+    got = parse_batch(data)
+    assert [(c.request_id, c.fin, c.finish_reason, c.stop_sequence) for c in got] == [
+        ("c", False, None, None),
+        ("a", True, "stop", "STOP"),
+        ("b", True, "length", None),
+    ]
+    # The next step's finishes carry no stop_sequence: the column is not sent then.
+    sender.finish(c, "stop")
+    sender.emit()
+    names = {node.sent[1][1].type.field(i).name for i in range(node.sent[1][1].type.num_fields)}
+    assert "finish_reason" in names and "stop_sequence" not in names
+    assert parse_batch(node.sent[1][1])[0].stop_sequence is None
+
+
+def test_discard_drops_a_queued_stop_sequence_and_keeps_the_others() -> None:
+    node = Recorder()
+    sender = BatchSender(node)
+    a, b = sender.open({"request_id": "a"}), sender.open({"request_id": "b"})
+    sender.finish(a, "stop", stop_sequence="A")
+    sender.finish(b, "stop", stop_sequence="B")
+    sender.discard(a)
+    sender.emit()
+    assert [(c.request_id, c.stop_sequence) for c in parse_batch(node.sent[0][1])] == [("b", "B")]
+
+
+def test_a_hand_built_stop_sequence_column_is_read_on_fin_rows_only() -> None:
+    data = batch(
+        request_id=pa.array(["a", "b", "c", "d"], type=pa.string()),
+        seq=pa.array([0, 0, 0, 0], type=pa.int64()),
+        text=pa.array(["", "", "", ""], type=pa.string()),
+        fin=pa.array([True, False, True, True], type=pa.bool_()),
+        stop_sequence=pa.array(["X", "Y", "", None], type=pa.large_string()),
+    )
+    assert [c.stop_sequence for c in parse_batch(data)] == ["X", None, None, None]
+    all_null = batch(**GOOD, stop_sequence=pa.array([None], type=pa.string()))
+    assert parse_batch(all_null)[0].stop_sequence is None
+
+
 def test_open_needs_an_id_and_finish_a_known_reason() -> None:
     sender = BatchSender(Recorder())
     with pytest.raises(ValueError):
@@ -151,6 +199,7 @@ def test_a_hand_built_batch_reads_like_the_single_chunk_form() -> None:
         pytest.param(batch(**{**GOOD, "request_id": pa.array([None], type=pa.string())}), id="null-request_id"),
         pytest.param(batch(**{**GOOD, "prompt_tokens": pa.array([1.5], type=pa.float64())}), id="float-tokens"),
         pytest.param(batch(**{**GOOD, "finish_reason": pa.array(["bogus"], type=pa.string())}), id="unknown-reason"),
+        pytest.param(batch(**{**GOOD, "stop_sequence": pa.array([1], type=pa.int64())}), id="stop_sequence-as-int"),
         pytest.param(pa.StructArray.from_arrays(list(GOOD.values()), names=list(GOOD), mask=pa.array([True])), id="null-row"),
         pytest.param(pa.array([{"x": 1}]), id="struct-of-something-else"),
         pytest.param(pa.array(["not", "a", "batch"], type=pa.string()), id="string-array"),

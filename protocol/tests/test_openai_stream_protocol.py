@@ -34,10 +34,7 @@ FORBIDDEN = ("starlette", "uvicorn", "pydantic", "httpx", "anyio", "openai_strea
 
 
 def test_importing_the_protocol_pulls_in_pyarrow_only() -> None:
-    code = (
-        "import sys, openai_stream_protocol; "
-        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}))"
-    )
+    code = f"import sys, openai_stream_protocol; print(sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 
@@ -108,6 +105,37 @@ def test_chunk_sender_numbers_and_finishes_without_flush() -> None:
     assert [parse_chunk(d, m).text for _, d, m in node.sent] == ["a", "b", ""]
     with pytest.raises(RuntimeError):
         sender.send("late")
+
+
+def test_chunk_sender_finish_carries_the_stop_sequence_and_parse_chunk_reads_it() -> None:
+    node = Recorder()
+    sender = ChunkSender(node, {"request_id": "r1"})
+    sender.send("one two ")
+    sender.finish("stop", stop_sequence="STOP", completion_tokens=2)
+    first, last = (parse_chunk(d, m) for _, d, m in node.sent)
+    assert "stop_sequence" not in node.sent[0][2] and first.stop_sequence is None
+    assert node.sent[1][2]["stop_sequence"] == "STOP"
+    assert (last.fin, last.finish_reason, last.stop_sequence) == (True, "stop", "STOP")
+    # Without one, the key is not sent at all.
+    plain = Recorder()
+    ChunkSender(plain, {"request_id": "r2"}).finish("stop")
+    assert "stop_sequence" not in plain.sent[0][2]
+
+
+@pytest.mark.parametrize(
+    "metadata, expected",
+    [
+        pytest.param({"fin": True, "stop_sequence": "END"}, "END", id="string"),
+        pytest.param({"fin": True, "stop_sequence": 7}, None, id="not-a-string"),
+        pytest.param({"fin": True, "stop_sequence": ["END"]}, None, id="a-list"),
+        pytest.param({"fin": True, "stop_sequence": ""}, None, id="empty"),
+        pytest.param({"fin": True, "stop_sequence": "None"}, None, id="dora-none"),
+        pytest.param({"stop_sequence": "END"}, None, id="not-the-fin-chunk"),
+    ],
+)
+def test_parse_chunk_reads_stop_sequence_leniently(metadata: dict[str, Any], expected: str | None) -> None:
+    chunk = parse_chunk(["x"], {"request_id": "r", "seq": 2, **metadata})
+    assert chunk.stop_sequence == expected
 
 
 def test_texts_and_cancel_helpers() -> None:
