@@ -124,13 +124,16 @@ class Generation:
     pos: int = 0
     deltas: list[Delta] | None = None
     """Tool mode: the tool-call chunks to send instead of ``tokens`` (then a ``tool_calls`` finish)."""
+    stop_sequence: str | None = None
+    """The stop string that cut ``tokens``: the ``stop`` finish chunk says so (``stop_sequence``)."""
 
 
-def plan(texts: list[str], metadata: Mapping[str, Any]) -> tuple[list[str], int, str, int]:
-    """The tokens to echo, how many to send, the finish reason and the prompt's token count."""
+def plan(texts: list[str], metadata: Mapping[str, Any]) -> tuple[list[str], int, str, int, str | None]:
+    """The tokens to echo, how many to send, the finish reason, the prompt's token count and the stop
+    string that ended the answer (``None`` unless the finish reason is ``stop`` because of one)."""
     parts = parse_request_texts(texts)
     prompt_tokens = sum(len(split_tokens(part.content)) for part in parts if part.kind != "image")
-    text = _cut_at_stop(answer_text(parts), metadata.get("stop"))
+    text, stop_sequence = _cut_at_stop(answer_text(parts), metadata.get("stop"))
     tokens = split_tokens(text)
     try:
         max_tokens = as_int(metadata.get("max_tokens"))
@@ -138,8 +141,8 @@ def plan(texts: list[str], metadata: Mapping[str, Any]) -> tuple[list[str], int,
         # dora turns a None metadata value into the string "None": read as unset.
         max_tokens = None
     if max_tokens is not None and 0 < max_tokens < len(tokens):
-        return tokens, max_tokens, "length", prompt_tokens
-    return tokens, len(tokens), "stop", prompt_tokens
+        return tokens, max_tokens, "length", prompt_tokens, None
+    return tokens, len(tokens), "stop", prompt_tokens, stop_sequence
 
 
 def answer_text(parts: list[Part]) -> str:
@@ -152,12 +155,20 @@ def answer_text(parts: list[Part]) -> str:
     return "\n".join(reversed(results)) if results else last_user_text(parts)
 
 
-def _cut_at_stop(text: str, stop: Any) -> str:
-    """OpenAI ``stop``: the answer ends before the first stop sequence, which is not sent."""
+def _cut_at_stop(text: str, stop: Any) -> tuple[str, str | None]:
+    """OpenAI ``stop``: the answer ends before the first stop sequence, which is not sent.
+
+    Returns the text and the stop sequence that cut it (``None``: none did). The first is the one
+    found earliest in the text; of two found at the same place, the shorter, which a model streaming
+    the text would have completed first.
+    """
     sequences = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
-    cuts = [text.find(s) for s in sequences if isinstance(s, str) and s]
-    cuts = [cut for cut in cuts if cut >= 0]
-    return text[: min(cuts)] if cuts else text
+    cuts = [(text.find(s), len(s), s) for s in sequences if isinstance(s, str) and s]
+    found = [cut for cut in cuts if cut[0] >= 0]
+    if not found:
+        return text, None
+    at, _, sequence = min(found)
+    return text[:at], sequence
 
 
 class EchoStream:
@@ -206,14 +217,14 @@ class EchoStream:
         except ValueError:
             logger.warning("dropping a request without request_id or session_id")
             return
-        tokens, limit, finish_reason, prompt_tokens = plan(texts, metadata)
+        tokens, limit, finish_reason, prompt_tokens, stop_sequence = plan(texts, metadata)
         if sender.request_id in self.active:
             logger.warning("request %s arrived again: restarting it", sender.request_id)
         # Nobody watches a non-streaming answer arrive: send it whole, as one message, after the
         # same delay (a model node would too; it saves a dora message per token).
         whole = "stream" in metadata and not as_bool(metadata["stream"])
         per_chunk = max(limit, 1) if whole else self.settings.tokens_per_chunk
-        generation = Generation(sender, tokens, limit, finish_reason, prompt_tokens, per_chunk)
+        generation = Generation(sender, tokens, limit, finish_reason, prompt_tokens, per_chunk, stop_sequence=stop_sequence)
         if TOOLS_KEY in metadata:  # only then: no cost for the others
             calls = requested_calls(parse_request_texts(texts), metadata)
             if calls:
@@ -283,6 +294,7 @@ class EchoStream:
             text,
             prompt_tokens=generation.prompt_tokens,
             completion_tokens=generation.limit,
+            stop_sequence=generation.stop_sequence,
             **extra,
         )
         return False

@@ -51,6 +51,7 @@ class BatchRequest(ChunkSender):
         error: str | None = None,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        stop_sequence: str | None = None,
         **extra: Any,
     ) -> None:
         self.batch.finish(
@@ -60,6 +61,7 @@ class BatchRequest(ChunkSender):
             error=error,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
+            stop_sequence=stop_sequence,
         )
         self.seq += 1
         self.finished = True

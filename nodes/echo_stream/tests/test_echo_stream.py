@@ -125,7 +125,40 @@ def test_hub_spelling_of_the_request_input() -> None:
 def test_stop_sequences_cut_the_answer() -> None:
     recorder = run([request("r1", user("keep this STOP not this END"), stop=["END", "STOP"])])
     assert recorder.text("r1") == "keep this "
-    assert recorder.chunks("r1")[-1].finish_reason == "stop"
+    last = recorder.chunks("r1")[-1]
+    assert (last.finish_reason, last.stop_sequence) == ("stop", "STOP")  # the one found first, not the first listed
+    assert all(chunk.stop_sequence is None for chunk in recorder.chunks("r1")[:-1])
+
+
+@pytest.mark.parametrize(
+    "text, stop, expected_text, expected_stop",
+    [
+        pytest.param("one two STOP three", "STOP", "one two ", "STOP", id="a-string"),
+        pytest.param("a XY b", ["XY", "X"], "a ", "X", id="same-place-the-shorter"),
+        pytest.param("STOP at once", ["STOP"], "", "STOP", id="nothing-before-it"),
+        pytest.param("no stop here", ["STOP"], "no stop here", None, id="not-found"),
+        pytest.param("one STOP", [], "one STOP", None, id="no-stop-strings"),
+    ],
+)
+def test_the_finish_names_the_stop_sequence_that_cut_the_echo(
+    text: str, stop: Any, expected_text: str, expected_stop: str | None
+) -> None:
+    recorder = run([request("r1", user(text), stop=stop)])
+    assert recorder.text("r1") == expected_text
+    last = recorder.chunks("r1")[-1]
+    assert (last.fin, last.finish_reason, last.stop_sequence) == (True, "stop", expected_stop)
+    assert ("stop_sequence" in recorder.sent[-1][2]) is (expected_stop is not None)
+
+
+def test_max_tokens_before_the_stop_sequence_is_length_without_one() -> None:
+    recorder = run([request("r1", user("one two three STOP four"), stop=["STOP"], max_tokens=2)])
+    last = recorder.chunks("r1")[-1]
+    assert (recorder.text("r1"), last.finish_reason, last.stop_sequence) == ("one two", "length", None)
+
+
+def test_a_non_streaming_answer_names_its_stop_sequence_too() -> None:
+    recorder = run([request("r1", user("one two STOP three"), stop=["STOP"], stream=False)])
+    assert [(c.text, c.fin, c.stop_sequence) for c in recorder.chunks("r1")] == [("one two ", True, "STOP")]
 
 
 @pytest.mark.parametrize("per_chunk, expected", [(2, ["a b", " c d", " e"]), (5, ["a b c d e"]), (9, ["a b c d e"])])

@@ -84,9 +84,11 @@ def test_stop_strings_max_tokens_and_tokens_per_chunk_as_in_the_normal_mode() ->
     echo.handle(request("len", "w1 w2 w3 w4 w5", max_tokens=3))
     steps(echo, clock)
     assert [c.text for c in recorder.chunks("cut")] == ["one two", " "]
-    assert recorder.chunks("cut")[-1].finish_reason == "stop"
+    assert (recorder.chunks("cut")[-1].finish_reason, recorder.chunks("cut")[-1].stop_sequence) == ("stop", "STOP")
+    assert [c.stop_sequence for c in recorder.chunks("cut")[:-1]] == [None]
     assert [c.text for c in recorder.chunks("len")] == ["w1 w2", " w3"]
     assert recorder.chunks("len")[-1].finish_reason == "length" and recorder.chunks("len")[-1].completion_tokens == 3
+    assert recorder.chunks("len")[-1].stop_sequence is None
 
 
 def test_a_non_streaming_request_is_one_row() -> None:
