@@ -105,14 +105,16 @@ class StopFilter:
 
     Text that could be the start of a stop string is held back until the
     next piece shows whether it is; ``flush`` releases it at the end.
+    ``matched`` is the stop string that cut the text, once one did.
     """
 
-    __slots__ = ("stops", "held", "hit", "_longest")
+    __slots__ = ("stops", "held", "hit", "matched", "_longest")
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = tuple(s for s in stops if s)
         self.held = ""
         self.hit = False
+        self.matched: str | None = None
         self._longest = max((len(s) for s in self.stops), default=0)
 
     def feed(self, text: str) -> str:
@@ -122,10 +124,11 @@ class StopFilter:
         if not self.stops:
             return text
         buffer = self.held + text
-        cuts = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        cuts = [(i, len(s), s) for i, s in ((buffer.find(s), s) for s in self.stops) if i >= 0]
         if cuts:
+            at, _, self.matched = min(cuts)  # the earliest; at the same place, the shorter (as echo_stream)
             self.hit, self.held = True, ""
-            return buffer[: min(cuts)]
+            return buffer[:at]
         keep = 0
         for k in range(min(len(buffer), self._longest - 1), 0, -1):
             tail = buffer[-k:]
@@ -146,6 +149,8 @@ class Outcome:
     """``stop`` (end of text, a stop string, or halted) or ``length`` (``max_tokens`` reached)."""
     prompt_tokens: int
     completion_tokens: int
+    stop_sequence: str | None = None
+    """The stop string that ended the text (then ``finish_reason`` is ``stop``)."""
 
 
 class Engine(Protocol):
@@ -288,7 +293,7 @@ class RowStream:
             text += self.stops.feed(self.detok.flush()) + self.stops.flush()
         if self.stops.hit:
             finish_reason = "stop"
-        return StepRow(self.request_id, text, Outcome(finish_reason, self.prompt_tokens, self.count))
+        return StepRow(self.request_id, text, Outcome(finish_reason, self.prompt_tokens, self.count, self.stops.matched))
 
 
 class BatchRow(Protocol):
@@ -373,5 +378,5 @@ class SerialEngine:
             on_step([StepRow(row.request_id, error=str(exc))])
             return
         if stops.hit:
-            outcome = Outcome("stop", outcome.prompt_tokens, outcome.completion_tokens)
+            outcome = Outcome("stop", outcome.prompt_tokens, outcome.completion_tokens, stops.matched)
         on_step([StepRow(row.request_id, stops.flush(), outcome)])

@@ -379,6 +379,7 @@ class Scheduler:
                 text,
                 prompt_tokens=row.outcome.prompt_tokens,
                 completion_tokens=row.outcome.completion_tokens,
+                stop_sequence=row.outcome.stop_sequence if finish_reason == "stop" else None,
             )
             self._log_completion(job, finish_reason, row.outcome.completion_tokens)
         self._emit()

@@ -88,8 +88,15 @@ def test_stop_string_is_cut_out_and_halts_the_generation() -> None:
     recorder = run(engine, [request("r1", [USER + "hi"], stop=["END"])])
     chunks = recorder.chunks("r1")
     assert "".join(text for text, _ in chunks) == "hello world "
-    assert check_stream(chunks)["finish_reason"] == "stop"
+    last = check_stream(chunks)
+    assert (last["finish_reason"], last["stop_sequence"]) == ("stop", "END")
     assert engine.emitted[USER + "hi"] < 6
+
+
+def test_an_answer_no_stop_string_ended_names_none() -> None:
+    recorder = run(FakeEngine(["hello ", "world"]), [request("r1", [USER + "hi"], stop=["END"])])
+    last = check_stream(recorder.chunks("r1"))
+    assert last["finish_reason"] == "stop" and "stop_sequence" not in last
 
 
 def test_the_hub_input_spelling_is_accepted_and_other_inputs_ignored() -> None:

@@ -17,7 +17,7 @@ import yaml
 from qwenvl_helpers import png_data_uri
 from qwenvl_stream.chat import to_chat
 from qwenvl_stream.fetch import UrlFetcher
-from qwenvl_stream.generation import GenerationParams, RequestError, StopFilter, sampling_kwargs
+from qwenvl_stream.generation import GenerationParams, RequestError, RowStream, StopFilter, sampling_kwargs
 from qwenvl_stream.images import ImageError, ImageLimits, load_image
 from qwenvl_stream.settings import Settings
 
@@ -87,20 +87,53 @@ def test_sampling_kwargs() -> None:
 
 
 @pytest.mark.parametrize(
-    "stops, pieces, sent, hit",
+    "stops, pieces, sent, matched",
     [
-        pytest.param([], ["a", "b"], "ab", False, id="no-stops"),
-        pytest.param(["END"], ["hello E", "N", "D more"], "hello ", True, id="split-over-pieces"),
-        pytest.param(["END"], ["hello E", "NX"], "hello ENX", False, id="held-then-released"),
-        pytest.param(["b", "abc"], ["xab"], "xa", True, id="earliest-wins"),
-        pytest.param(["\n\n"], ["one\n", "\ntwo"], "one", True, id="newlines"),
-        pytest.param(["zz"], ["abc", "z"], "abcz", False, id="flushed-at-end"),
+        pytest.param([], ["a", "b"], "ab", None, id="no-stops"),
+        pytest.param(["END"], ["hello E", "N", "D more"], "hello ", "END", id="split-over-pieces"),
+        pytest.param(["END"], ["hello E", "NX"], "hello ENX", None, id="held-then-released"),
+        pytest.param(["b", "abc"], ["xab"], "xa", "b", id="earliest-wins"),
+        pytest.param(["XY", "X"], ["a XY b"], "a ", "X", id="same-place-the-shorter"),
+        pytest.param(["\n\n"], ["one\n", "\ntwo"], "one", "\n\n", id="newlines"),
+        pytest.param(["zz"], ["abc", "z"], "abcz", None, id="flushed-at-end"),
     ],
 )
-def test_stop_filter(stops: list[str], pieces: list[str], sent: str, hit: bool) -> None:
+def test_stop_filter(stops: list[str], pieces: list[str], sent: str, matched: str | None) -> None:
     stop_filter = StopFilter(stops)
     out = "".join(stop_filter.feed(piece) for piece in pieces) + stop_filter.flush()
-    assert (out, stop_filter.hit) == (sent, hit)
+    assert (out, stop_filter.hit, stop_filter.matched) == (sent, matched is not None, matched)
+
+
+class CharTokenizer:
+    """A token is one character (its code point); 0 is the end of text."""
+
+    def decode(self, token_ids: list[int], *, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(t) for t in token_ids if t)
+
+
+@pytest.mark.parametrize(
+    "text, max_tokens, expected",
+    [
+        pytest.param("ab STOP cd", 50, ("ab ", "stop", "STOP"), id="a-stop-string"),
+        pytest.param("ab\0", 50, ("ab", "stop", None), id="end-of-text"),
+        pytest.param("abcdef STOP", 3, ("abc", "length", None), id="max-tokens-first"),
+    ],
+)
+def test_a_row_stream_outcome_names_the_stop_string_that_ended_it(
+    text: str, max_tokens: int, expected: tuple[str, str, str | None]
+) -> None:
+    params = GenerationParams(max_tokens, stop=("STOP",))
+    stream = RowStream("r", params, threading.Event(), CharTokenizer(), frozenset({0}), prompt_tokens=1)
+    sent, outcome = "", None
+    for char in text:
+        row = stream.push(ord(char))
+        if row is not None:
+            sent += row.text
+            if row.ended:
+                outcome = row.outcome
+                break
+    assert outcome is not None
+    assert (sent, outcome.finish_reason, outcome.stop_sequence) == expected
 
 
 def test_chat_from_request_texts_keeps_turns_and_image_order() -> None:
