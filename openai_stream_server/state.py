@@ -111,6 +111,7 @@ class StreamState:
         "_ledger",
         "_pending_bytes",
         "finish_reason",
+        "stop_sequence",
         "error",
         "timed_out",
         "prompt_tokens",
@@ -175,6 +176,9 @@ class StreamState:
         self._ledger = ByteLedger() if ledger is None else ledger
         self._pending_bytes = 0
         self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None
+        """The stop string that ended the answer, when the node's finish chunk names one (``stop_sequence``):
+        Anthropic's ``stop_reason: "stop_sequence"``. The text is cut before it; ``finish_reason`` is ``stop``."""
         self.error: ChatCompletionError | None = None
         self.timed_out: str | None = None
         """Which timeout ended it, if one did: ``first_chunk``, ``idle`` or ``gap`` (the ``oss_timeouts`` label)."""
@@ -376,6 +380,7 @@ class StreamState:
                 self.finish_reason = "error"
                 self.fail(UpstreamError(chunk.error or "the model node reported an error"))
             else:
+                self.stop_sequence = chunk.stop_sequence
                 self._finish(chunk.finish_reason or "stop")
 
     def _too_large(self) -> ChatCompletionError:

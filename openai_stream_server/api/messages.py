@@ -41,8 +41,9 @@ from .tools import tool_metadata
 SURFACE = "messages"
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal"}
-"""The node's ``finish_reason`` -> Anthropic's ``stop_reason``. The node does not say whether a stop
-sequence ended the text (it is cut before it), so ``stop`` is always ``end_turn``."""
+"""The node's ``finish_reason`` -> Anthropic's ``stop_reason``. ``stop`` is ``end_turn`` unless the node's
+finish chunk named the stop string that ended the text (``stop_sequence``, docs/architecture.md, "Dora wire
+protocol"): then ``stop_sequence``, with that string as the message's ``stop_sequence`` (``stop_reason``)."""
 
 PING = named_event("ping", {"type": "ping"})
 """Sent once after ``message_start``, as Anthropic does; a quiet stream also gets the ``: ping`` comment."""
@@ -52,8 +53,17 @@ def new_message_id() -> str:
     return "msg_" + secrets.token_hex(12)
 
 
-def stop_reason(finish_reason: str | None) -> str:
-    return STOP_REASONS.get(finish_reason or "stop", "end_turn")
+def stop_reason(finish_reason: str | None, stop_sequence: str | None = None) -> str:
+    reason = finish_reason or "stop"
+    if reason == "stop" and stop_sequence:
+        return "stop_sequence"
+    return STOP_REASONS.get(reason, "end_turn")
+
+
+def stop_fields(state: StreamState) -> dict[str, Any]:
+    """``stop_reason`` and ``stop_sequence`` of a finished message (``stop_sequence`` null unless one ended it)."""
+    sequence = state.stop_sequence if (state.finish_reason or "stop") == "stop" else None
+    return {"stop_reason": stop_reason(state.finish_reason, sequence), "stop_sequence": sequence}
 
 
 def tool_input(arguments: str) -> dict[str, Any]:
@@ -112,8 +122,7 @@ def message_body(state: StreamState, content: list[dict[str, Any]] | None = None
         "role": "assistant",
         "model": state.model,
         "content": content_blocks(state) if content is None else content,
-        "stop_reason": stop_reason(state.finish_reason) if done else None,
-        "stop_sequence": None,
+        **(stop_fields(state) if done else {"stop_reason": None, "stop_sequence": None}),
         "usage": usage(state) if done else {"input_tokens": state.prompt_tokens, "output_tokens": 0},
     }
 
@@ -199,7 +208,7 @@ async def message_events(
         if state.status is Status.COMPLETED:
             ending = {
                 "type": "message_delta",
-                "delta": {"stop_reason": stop_reason(state.finish_reason), "stop_sequence": None},
+                "delta": stop_fields(state),
                 "usage": usage(state),
             }
             last = blocks.close() + named_event("message_delta", ending) + named_event("message_stop", {"type": "message_stop"})

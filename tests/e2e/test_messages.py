@@ -53,6 +53,23 @@ def test_max_tokens_stops_the_echo(echo_flow: Dataflow) -> None:
 
 
 @pytest.mark.parametrize("streamed", [False, True])
+def test_a_stop_sequence_ends_the_echo_and_is_named(echo_flow: Dataflow, streamed: bool) -> None:
+    request: Any = {
+        "model": "m",
+        "max_tokens": 100,
+        "stop_sequences": ["END", "STOP"],
+        "messages": [{"role": "user", "content": "one two STOP three"}],
+    }
+    if streamed:
+        with sdk(echo_flow).messages.stream(**request) as stream:
+            message = stream.get_final_message()
+    else:
+        message = sdk(echo_flow).messages.create(**request)
+    assert [block.to_dict() for block in message.content] == [{"type": "text", "text": "one two "}]
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "STOP")
+
+
+@pytest.mark.parametrize("streamed", [False, True])
 def test_tool_use_round_trip(echo_flow: Dataflow, streamed: bool) -> None:
     client = sdk(echo_flow)
     question: Any = {"role": "user", "content": 'call get_weather {"city": "Paris"}'}

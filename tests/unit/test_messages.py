@@ -151,6 +151,50 @@ async def test_stop_reason_from_finish_reason(finish: str, stop: str) -> None:
     assert ending["delta"] == {"stop_reason": stop, "stop_sequence": None}
 
 
+def stopped_by(reason: str, stop_sequence: str) -> FakeBackend:
+    """The node cut its answer at ``stop_sequence`` and says so on the finish chunk."""
+
+    def plan(request: DownstreamRequest, chunks: list[Chunk]) -> list[Chunk]:
+        rid = request.request_id
+        fin = Chunk(rid, 1, "", fin=True, finish_reason=reason, stop_sequence=stop_sequence)
+        return [Chunk(rid, 0, "one two "), fin]
+
+    return FakeBackend(plan=plan)
+
+
+async def test_a_stop_sequence_the_node_names_is_stop_reason_stop_sequence() -> None:
+    async with make_client(backend=stopped_by("stop", "STOP")) as (client, _):
+        api = sdk(client)
+        message = await api.messages.create(**BASE, stop_sequences=["STOP"])
+        async with api.messages.stream(**BASE, stop_sequences=["STOP"]) as stream:
+            final = await stream.get_final_message()
+        raw = events_of((await client.post("/v1/messages", json={**BASE, "stream": True})).text)
+        whole = (await client.post("/v1/messages", json=BASE)).json()
+    for got in (message, final):
+        assert (got.stop_reason, got.stop_sequence) == ("stop_sequence", "STOP")
+        assert [b.to_dict() for b in got.content] == [{"type": "text", "text": "one two "}]
+    assert (whole["stop_reason"], whole["stop_sequence"]) == ("stop_sequence", "STOP")
+    [start] = [data for name, data in raw if name == "message_start"]
+    assert (start["message"]["stop_reason"], start["message"]["stop_sequence"]) == (None, None)
+    [ending] = [data for name, data in raw if name == "message_delta"]
+    assert ending["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "STOP"}
+
+
+async def test_a_stop_sequence_on_another_finish_reason_is_not_reported() -> None:
+    async with make_client(backend=stopped_by("length", "STOP")) as (client, _):
+        whole = (await client.post("/v1/messages", json=BASE)).json()
+        raw = events_of((await client.post("/v1/messages", json={**BASE, "stream": True})).text)
+    assert (whole["stop_reason"], whole["stop_sequence"]) == ("max_tokens", None)
+    [ending] = [data for name, data in raw if name == "message_delta"]
+    assert ending["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
+
+
+async def test_chat_completions_still_say_stop_for_a_stop_sequence() -> None:
+    async with make_client(backend=stopped_by("stop", "STOP")) as (client, _):
+        body = (await client.post("/v1/chat/completions", json={"model": "m", "messages": HELLO, "stop": ["STOP"]})).json()
+    assert body["choices"][0]["finish_reason"] == "stop" and body["choices"][0]["message"]["content"] == "one two "
+
+
 async def test_max_tokens_cuts_the_echo() -> None:
     async with make_client() as (client, backend):
         message = await sdk(client).messages.create(**{**BASE, "max_tokens": 2})
