@@ -22,7 +22,7 @@ from ..state import StreamState
 from .common import error_response, path_id, read_body, sequence_number
 from .dispatch import sampling_metadata
 from .responses_request import ResponsesRequest, parse_responses_request
-from .responses_stream import Echo, EventRenderer, answer_parts, response_body, response_events
+from .responses_stream import Echo, EventRenderer, answer_parts, input_item_list, response_body, response_events
 from .surface import Surface
 
 SURFACE = "responses"
@@ -61,6 +61,7 @@ class Responses(Surface):
             Route("/v1/responses/{request_id}", self.retrieve, methods=["GET"]),
             Route("/v1/responses/{request_id}", self.delete, methods=["DELETE"]),
             Route("/v1/responses/{request_id}/cancel", self.cancel, methods=["POST"]),
+            Route("/v1/responses/{request_id}/input_items", self.input_items, methods=["GET"]),
         ]
 
     # -- POST /v1/responses -------------------------------------------------
@@ -71,7 +72,8 @@ class Responses(Surface):
             raise InvalidRequest("background responses must be stored: 'store' cannot be false with 'background'", param="store")
         model = self.dispatcher.model(body.model)
         instructions = body.instruction_parts()
-        parts = instructions + self._previous(body.previous_response_id) + body.input_parts()
+        previous = self._previous(body.previous_response_id)
+        parts = instructions + previous + body.input_parts()
         echo = Echo(
             instructions=body.instructions,
             metadata=dict(body.metadata or {}),
@@ -82,6 +84,7 @@ class Responses(Surface):
             background=body.background,
             store=body.store,
             instruction_parts=len(instructions),
+            input_from=len(instructions) + len(previous),
             tools=[tool.echo() for tool in body.tools or ()],
             tool_choice=body.echoed_tool_choice(),
             parallel_tool_calls=True if body.parallel_tool_calls is None else body.parallel_tool_calls,
@@ -191,3 +194,40 @@ class Responses(Surface):
         return JSONResponse(
             {"id": state.request_id, "object": "response.deleted", "deleted": True}, headers={"X-Request-Id": state.request_id}
         )
+
+    async def input_items(self, request: Request) -> Response:
+        """GET .../input_items: this request's own input as items (not its instructions, not what
+        ``previous_response_id`` carried over), paged as OpenAI pages them (``order``, ``limit``, ``after``)."""
+        try:
+            state = self._state(request)
+            order = request.query_params.get("order", "desc")
+            if order not in ("asc", "desc"):
+                raise InvalidRequest(f"'{order[:20]}' is not 'asc' or 'desc'", param="order")
+            limit = _limit(request.query_params.get("limit"))
+        except ChatCompletionError as error:
+            return error_response(error, path_id(request, _RESPONSE_ID))
+        items = input_item_list(state, echo_of(state))
+        if order == "desc":
+            items.reverse()
+        after = request.query_params.get("after")
+        if after is not None:
+            ids = [item["id"] for item in items]
+            items = items[ids.index(after) + 1 :] if after in ids else []
+        page = items[:limit]
+        body = {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit,
+        }
+        return JSONResponse(body, headers={"X-Request-Id": state.request_id})
+
+
+def _limit(raw: str | None) -> int:
+    """``limit``: 1 to 100, 20 when absent (OpenAI's list rules)."""
+    if raw is None:
+        return 20
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= 100:
+        raise InvalidRequest(f"'{raw[:20]}' is not a number from 1 to 100", param="limit")
+    return int(raw)

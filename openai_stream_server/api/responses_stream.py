@@ -65,6 +65,9 @@ class Echo:
     store: bool = True
     instruction_parts: int = 0
     """How many leading parts of ``StreamState.parts`` are the instructions (not carried over by a continuation)."""
+    input_from: int = 0
+    """Where this request's own input starts in ``StreamState.parts`` (after the instructions and what
+    ``previous_response_id`` carried over): what ``GET .../input_items`` lists."""
     tools: list[dict[str, Any]] = field(default_factory=list)
     """The request's function tools, Responses-shaped (``{"type": "function", "name", ...}``)."""
     tool_choice: str | dict[str, Any] = "auto"
@@ -342,6 +345,43 @@ def walked(state: StreamState) -> OutputWalk:
     walk = OutputWalk(state)
     walk.advance(len(state.pieces))
     return walk
+
+
+def input_item_list(state: StreamState, echo: Echo) -> list[dict[str, Any]]:
+    """The request's own input as Responses items, in order: consecutive text and image parts of one role are one
+    message, each call of a tool-calls part a ``function_call`` item, each tool result a ``function_call_output``.
+
+    Item ids are derived from the response id and the item's place, so every listing agrees.
+    """
+    base = state.request_id.removeprefix("resp_")
+    items: list[dict[str, Any]] = []
+
+    def next_id(prefix: str) -> str:
+        return f"{prefix}_{base}_in{len(items)}"
+
+    for part in state.parts[echo.input_from :]:
+        if part.kind == "tool_calls":
+            for call in part.calls():
+                items.append(function_call_item(next_id("fc"), call.id, call.name, call.arguments, "completed"))
+            continue
+        if part.role == "tool":
+            output = {"type": "function_call_output", "call_id": part.tool_call_id or "", "output": part.content}
+            items.append({"id": next_id("fco"), **output, "status": "completed"})
+            continue
+        if part.role == "assistant":
+            content = output_text(part.content)
+        elif part.kind == "image":
+            content = {"type": "input_image", "image_url": part.content, "detail": "auto"}
+        else:
+            content = {"type": "input_text", "text": part.content}
+        last = items[-1] if items else None
+        if last is not None and last["type"] == "message" and last["role"] == part.role:
+            last["content"].append(content)
+        else:
+            items.append(
+                {"id": next_id("msg"), "type": "message", "role": part.role, "status": "completed", "content": [content]}
+            )
+    return items
 
 
 def answer_parts(state: StreamState) -> list[Part]:

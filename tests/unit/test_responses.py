@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import openai
 import pydantic
 import pytest
 from openai.types.responses import Response as SdkResponse
@@ -398,3 +399,46 @@ async def test_a_stored_conversation_counts_in_the_byte_bounds() -> None:
     assert chat.status_code == stored.status_code == 200
     assert with_response - 2 * answer_only >= len(long_input)  # the same answer again, plus the kept input
     assert after_delete == answer_only
+
+
+async def test_input_items_list_this_requests_own_input_through_the_sdk() -> None:
+    first_input: Any = [{"role": "user", "content": "call it"}]
+    second_input: Any = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_text", "text": "look"},
+                {"type": "input_image", "image_url": "data:image/png;base64,AAAA"},
+            ],
+        },
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "4 C"},
+        {"role": "developer", "content": "be brief"},
+    ]
+    async with make_client() as (client, _):
+        sdk = openai.AsyncOpenAI(base_url="http://localhost/v1", api_key="unused", http_client=client, max_retries=0)
+        first = await sdk.responses.create(model="m", input=first_input, instructions="not an input item")
+        second = await sdk.responses.create(model="m", input=second_input, previous_response_id=first.id)
+        asc = [item async for item in sdk.responses.input_items.list(second.id, order="asc")]
+        desc = await sdk.responses.input_items.list(second.id)
+        page = await sdk.responses.input_items.list(second.id, order="asc", limit=2)
+        rest = await sdk.responses.input_items.list(second.id, order="asc", after=page.data[-1].id)
+        first_items = await sdk.responses.input_items.list(first.id)
+        bad = await client.get(f"/v1/responses/{second.id}/input_items?order=sideways")
+        missing = await client.get("/v1/responses/resp_00/input_items")
+    assert [item.type for item in asc] == ["message", "function_call", "function_call_output", "message"]
+    user, call, output, developer = (item.model_dump() for item in asc)
+    assert user["role"] == "user" and [c["type"] for c in user["content"]] == ["input_text", "input_image"]
+    assert user["content"][1]["image_url"] == "data:image/png;base64,AAAA"
+    assert (call["call_id"], call["name"], call["arguments"]) == ("call_1", "get_weather", '{"city": "Oslo"}')
+    assert (output["call_id"], output["output"]) == ("call_1", "4 C")
+    assert developer["role"] == "system" and developer["content"][0]["text"] == "be brief"
+    assert [item.id for item in desc.data] == [item.id for item in reversed(asc)]
+    assert len({item.id for item in asc}) == 4
+    assert [item.id for item in page.data] == [item.id for item in asc[:2]] and page.has_more
+    assert [item.id for item in rest.data] == [item.id for item in asc[2:]] and not rest.has_more
+    # the first response's input, without its instructions; the chained one lists only its own
+    assert [item.type for item in first_items.data] == ["message"]
+    assert first_items.data[0].model_dump()["content"][0]["text"] == "call it"
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "order"
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "response_id"
