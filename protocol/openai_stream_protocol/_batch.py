@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from ._chunk import FINISH_REASONS, Chunk, OutputSender
-from ._tools import ToolCallDelta
+from ._tools import ToolCallDelta, checked_tool_call_index
 from ._wire import request_id_of
 
 REQUIRED_COLUMNS: dict[str, pa.DataType] = {
@@ -238,8 +238,7 @@ class BatchSender:
         name: str | None = None,
     ) -> None:
         """Queue a piece of the request's tool call ``index`` (its first carries ``call_id`` and ``name``), as ``ChunkSender``."""
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise ValueError(f"tool call index must be an int >= 0, got {index!r}")
+        checked_tool_call_index(index)
         row = len(self._ids)
         self.send(request_id, arguments_delta)
         self._tools[row] = (index, call_id, name)

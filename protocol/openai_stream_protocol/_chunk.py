@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from ._tools import TOOL_CALL_ID_KEY, TOOL_CALL_INDEX_KEY, TOOL_CALL_NAME_KEY, ToolCallDelta
+from ._tools import TOOL_CALL_ID_KEY, TOOL_CALL_INDEX_KEY, TOOL_CALL_NAME_KEY, ToolCallDelta, checked_tool_call_index
 from ._wire import as_bool, as_int, request_id_of, string_array
 
 FINISH_REASONS = frozenset({"stop", "length", "content_filter", "error", "tool_calls"})
@@ -127,9 +127,7 @@ class ChunkSender:
 
         A call may start and end in one chunk (id, name and the whole arguments).
         """
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise ValueError(f"tool call index must be an int >= 0, got {index!r}")
-        metadata: dict[str, Any] = {TOOL_CALL_INDEX_KEY: index, **extra}
+        metadata: dict[str, Any] = {TOOL_CALL_INDEX_KEY: checked_tool_call_index(index), **extra}
         if call_id is not None:
             metadata[TOOL_CALL_ID_KEY] = call_id
         if name is not None:

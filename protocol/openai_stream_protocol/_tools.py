@@ -57,6 +57,13 @@ class ToolCallDelta:
     name: str | None = None
 
 
+def checked_tool_call_index(index: int) -> int:
+    """``index`` if it is an int >= 0 (a sender's argument); ``ValueError`` otherwise."""
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"tool call index must be an int >= 0, got {index!r}")
+    return index
+
+
 def new_tool_call_id() -> str:
     """A fresh call id: ``call_`` and 12 hex digits."""
     return "call_" + secrets.token_hex(6)
