@@ -12,6 +12,7 @@ started here is ever signalled.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,10 +29,23 @@ SERVER_NODE = "openai-stream-server"
 BIN_DIR = Path(sys.executable).parent
 
 
+_PORTS = (20000, 32000)
+"""Where ``free_port`` looks: below Linux's ephemeral range (32768-60999). A port the kernel hands out
+for ``bind(0)`` is an ephemeral one, and in the seconds before the dataflow binds it an outgoing
+connection of another test could take it (uvicorn then exits: "address already in use")."""
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port on 127.0.0.1 that is free now, outside the ephemeral range (at most 200 tries)."""
+    for _ in range(200):
+        port = random.randrange(*_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORTS} after 200 tries")
 
 
 class Dataflow:
@@ -58,6 +72,7 @@ class Dataflow:
         self.port_from_environ = port_from_environ
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "dora-run.log"
+        self.start_attempts = 1
 
     @property
     def base_url(self) -> str:
@@ -96,7 +111,15 @@ class Dataflow:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except RuntimeError:
+            if self.start_attempts >= 3 or "address already in use" not in self.log_path.read_text(errors="replace"):
+                raise
+            self.stop()  # someone took the port meanwhile: once more on another
+            self.start_attempts += 1
+            self.port = free_port()
+            return self.start()
         return self
 
     def wait_ready(self) -> None:

@@ -6,6 +6,7 @@ the YAML must not name the port; this runs it with the port in the environment o
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import httpx
@@ -25,3 +26,17 @@ def test_the_port_comes_from_the_environment_of_dora_run(tmp_path: Path) -> None
         response = httpx.post(f"{flow.base_url}/v1/chat/completions", json=body, timeout=30)
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == "port from the environment"
+
+
+def test_a_port_taken_before_the_server_binds_it_is_retried_on_another(tmp_path: Path) -> None:
+    """The test harness's own guard against the port race (tests/dataflow.py): a port free when chosen
+    may be taken before the server binds it; the dataflow then starts again on another."""
+    flow = Dataflow(ROOT / "dataflow-stream.yml", tmp_path)
+    taken = flow.port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        with flow:
+            response = httpx.get(f"{flow.base_url}/health", timeout=10)
+    assert flow.start_attempts == 2 and flow.port != taken
+    assert response.status_code == 200
