@@ -8,7 +8,7 @@ per chunk. dora's Python receive costs ~17 us per message whatever it carries
 (docs/architecture.md, "Facts measured"), so this is what lets 1,000 paced
 streams through. Everything else (stop strings, ``max_tokens``, finish
 reasons, token counts, a non-streaming request answered in one row, cancel)
-is ``EchoStream``'s.
+is ``EchoStream``'s: the ``Plan`` is the same, only the pacing differs.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any
 
 from openai_stream_protocol import BatchSender, ChunkSender, OutputSender
 
-from .main import CHUNKS_OUTPUT, EARLY_S, EchoStream, Settings
+from .engine import CHUNKS_OUTPUT, EARLY_S, EchoStream, Generation
+from .settings import Settings
 
 
 class BatchRequest(ChunkSender):
@@ -90,10 +91,9 @@ class StepEcho(EchoStream):
     def open_sender(self, metadata: Mapping[str, Any]) -> ChunkSender:
         return BatchRequest(self.batch, metadata)
 
-    def on_request(self, texts: list[str], metadata: Mapping[str, Any]) -> None:
-        super().on_request(texts, metadata)
-        self._heap.clear()  # the per-request due times of the normal mode: a step paces every request here
-        if self._next_step is None and self.active:
+    def schedule(self, generation: Generation) -> None:
+        # No due time of its own: the next step paces every request; a first request starts the clock.
+        if self._next_step is None:
             self._next_step = self.clock() + self.step_s
 
     def on_cancel(self, request_id: str) -> None:
@@ -103,11 +103,13 @@ class StepEcho(EchoStream):
     def step(self, now: float) -> float | None:
         """At a step's time, queue the next chunk of every active request; send what is queued as one message."""
         if self._next_step is not None and now + EARLY_S >= self._next_step:
-            for generation in list(self.active.values()):
-                if not self._send_next(generation):
-                    del self.active[generation.sender.request_id]
+            active = self.active
+            # No per-row ``sent_at``: the batch stamps the whole message when it is sent.
+            for generation in list(active.values()):
+                if not generation.send_next():
+                    del active[generation.sender.request_id]
             # Behind schedule (a busy machine), the next step follows at once, as the normal mode's heap does.
-            self._next_step = max(self._next_step + self.step_s, now) if self.active else None
+            self._next_step = max(self._next_step + self.step_s, now) if active else None
         # Rows queued outside a step (none today) go now rather than wait for a step that may never come.
         if self.batch.emit():
             self.steps += 1

@@ -4,7 +4,9 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from echo_stream.main import EchoStream, ListSource, Settings, main
+from echo_stream.engine import EchoStream, ListSource
+from echo_stream.main import main
+from echo_stream.settings import Settings
 
 from openai_stream_protocol import USER_TEXT_PREFIX, Chunk, parse_chunk, texts_of
 

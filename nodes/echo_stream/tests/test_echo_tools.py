@@ -8,7 +8,8 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from echo_stream.main import EchoStream, Settings
+from echo_stream.engine import EchoStream
+from echo_stream.settings import Settings
 from echo_stream.step import StepEcho
 
 from openai_stream_protocol import (

@@ -6,7 +6,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from echo_stream.main import Settings
+from echo_stream.settings import Settings
 from echo_stream.step import StepEcho
 
 from openai_stream_protocol import USER_TEXT_PREFIX, Chunk, parse_batch
