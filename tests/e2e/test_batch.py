@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from openai_stream_protocol.testing import wait_until_async
 from tests.dataflow import ROOT, SERVER_NODE, Dataflow
 from tests.live import metric
 
@@ -97,6 +97,10 @@ async def metrics_of(client: httpx.AsyncClient) -> str:
     return (await client.get("/metrics")).text
 
 
+async def dropped_at_least(count: Callable[[], Awaitable[float]], n: float) -> bool:
+    return await count() >= n
+
+
 async def test_batch_single_and_legacy_answers_in_one_dataflow(mixed_flow: Dataflow) -> None:
     prompts = [
         f"{mode} {' '.join(f'{mode}{i}w{j}' for j in range(8))}" for i in range(10) for mode in ("batch", "single", "legacy")
@@ -116,14 +120,13 @@ async def test_a_batch_row_for_an_unknown_request_is_dropped_and_counted(mixed_f
         before = metric(await metrics_of(client), 'oss_dropped_chunks_total{reason="unknown"}', 0)
         text, _, finish = await asyncio.wait_for(stream_text(client, prompt), 60)
         assert (text, finish) == (prompt, "stop")  # the rows beside the stray ones all arrived
-        deadline = time.monotonic() + 10
-        dropped = 0.0
-        while time.monotonic() < deadline:  # the last stray row travels with the fin row: already counted; bounded anyway
-            dropped = metric(await metrics_of(client), 'oss_dropped_chunks_total{reason="unknown"}', 0) - before
-            if dropped >= 7:
-                break
-            await asyncio.sleep(0.05)
-    assert dropped == 7
+
+        async def dropped() -> float:
+            return metric(await metrics_of(client), 'oss_dropped_chunks_total{reason="unknown"}', 0) - before
+
+        # The last stray row travels with the fin row: already counted; waited for (bounded) anyway.
+        await wait_until_async(lambda: dropped_at_least(dropped, 7), 10, interval_s=0.05, what="7 unknown rows dropped")
+        assert await dropped() == 7
 
 
 async def test_batch_rows_for_a_cancelled_request_are_dropped_as_late(mixed_flow: Dataflow) -> None:
@@ -135,21 +138,19 @@ async def test_batch_rows_for_a_cancelled_request_are_dropped_as_late(mixed_flow
         r = await client.post("/v1/chat/completions", json=body)
         assert r.status_code == 202, r.text
         request_id = r.json()["id"]
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # the deaf request's first row, then it waits for the cancel
-            completion = (await client.get(f"/v1/chat/completions/{request_id}")).json()
-            if completion["choices"][0]["message"]["content"]:
-                break
-            await asyncio.sleep(0.02)
-        assert completion["choices"][0]["message"]["content"] == "deaf"
+
+        async def content() -> str:
+            return (await client.get(f"/v1/chat/completions/{request_id}")).json()["choices"][0]["message"]["content"]
+
+        # The deaf request's first row, then it waits for the cancel.
+        assert await wait_until_async(content, 20, interval_s=0.02, what="the first row") == "deaf"
         assert (await client.post(f"/v1/chat/completions/{request_id}/cancel")).status_code == 200
-        late = 0.0
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # the node sends the other 4 rows and a fin row anyway
-            late = metric(await metrics_of(client), 'oss_dropped_chunks_total{reason="late"}', 0) - late_before
-            if late >= len(tokens):
-                break
-            await asyncio.sleep(0.05)
+
+        async def late() -> float:
+            return metric(await metrics_of(client), 'oss_dropped_chunks_total{reason="late"}', 0) - late_before
+
+        # The node sends the other 4 rows and a fin row anyway.
+        await wait_until_async(lambda: dropped_at_least(late, len(tokens)), 20, interval_s=0.05, what="the late rows dropped")
+        assert await late() == len(tokens)  # 4 rows and the fin row, none delivered
         completion = (await client.get(f"/v1/chat/completions/{request_id}")).json()
-    assert late == len(tokens)  # 4 rows and the fin row, none delivered
     assert completion["status"] == "cancelled" and completion["choices"][0]["message"]["content"] == "deaf"

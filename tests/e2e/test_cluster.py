@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from tests import waiting
+from openai_stream_protocol.testing import wait_until_async
 from tests.dataflow import BIN_DIR, ROOT, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -197,7 +197,7 @@ def test_two_daemons_serve_50_concurrent_streams_exactly_and_a_node_restart_is_p
         except httpx.HTTPError:
             return False
 
-    asyncio.run(waiting.wait_for(healthy, timeout_s=90, interval_s=0.2, what=f"the server on {base}\n{c.logs()}"))
+    asyncio.run(wait_until_async(healthy, timeout_s=90, interval_s=0.2, what=f"the server on {base}\n{c.logs()}"))
     nodes = {node_id_of(pid): pid for pid in c.record_nodes()}
     assert {"openai-stream-server", "echo-stream-1", "echo-stream-2"} <= set(nodes), (nodes, c.logs())
     prompts = [" ".join(f"c{i}w{j}" for j in range(20)) for i in range(50)]
@@ -217,14 +217,14 @@ def test_two_daemons_serve_50_concurrent_streams_exactly_and_a_node_restart_is_p
                 pids = [pid for pid in c.record_nodes() if node_id_of(pid) == "echo-stream-1" and pid != old_pid]
                 return bool(pids)
 
-            await waiting.wait_for(new_process, timeout_s=30, interval_s=0.1, what="a new echo-stream-1 process")
+            await wait_until_async(new_process, timeout_s=30, interval_s=0.1, what="a new echo-stream-1 process")
             before = {r["id"]: r["served"] for r in (await client.get("/health")).json()["replicas"]}["echo-stream-1"]
 
             async def serves_again() -> bool:
                 await asyncio.gather(*(stream_text(client, f"again {i}") for i in range(4)))
                 return {r["id"]: r["served"] for r in (await client.get("/health")).json()["replicas"]}["echo-stream-1"] > before
 
-            await waiting.wait_for(serves_again, timeout_s=30, interval_s=0.1, what="echo-stream-1 serving after its restart")
+            await wait_until_async(serves_again, timeout_s=30, interval_s=0.1, what="echo-stream-1 serving after its restart")
             after = (await client.get("/health")).json()
         return texts, health, during, after
 

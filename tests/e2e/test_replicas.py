@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import waiting
+from openai_stream_protocol.testing import wait_until_async
 from tests.dataflow import ROOT, Dataflow
 from tests.live import metric
 
@@ -146,14 +146,14 @@ def test_a_killed_replica_hands_its_unanswered_requests_to_the_others_and_comes_
                 held[:] = [rows[victim]["in_flight"]]
                 return held[0] >= 2 * MAX_CONCURRENT and sum(o.streamed for o in outcomes) >= MAX_CONCURRENT
 
-            await waiting.wait_for(victim_busy, timeout_s=30, interval_s=0.02, what=f"{victim} to hold a queue")
+            await wait_until_async(victim_busy, timeout_s=30, interval_s=0.02, what=f"{victim} to hold a queue")
             pid = node_pid(flow, victim)
             assert pid is not None, flow.node_pids()
             os.kill(pid, signal.SIGKILL)
             await asyncio.wait_for(asyncio.gather(*tasks), 90)  # none hangs
-            assert await waiting.wait_for(lambda: _active_is_zero(client), timeout_s=10, what="oss_active_streams back to 0")
+            assert await wait_until_async(lambda: _active_is_zero(client), timeout_s=10, what="oss_active_streams back to 0")
             # dora restarts it (a new pid) and it serves again
-            await waiting.wait_for(
+            await wait_until_async(
                 lambda: (p := node_pid(flow, victim)) is not None and p != pid, timeout_s=30, what=f"{victim} restarted"
             )
             before = served((await client.get("/health")).json())[victim]
@@ -162,7 +162,7 @@ def test_a_killed_replica_hands_its_unanswered_requests_to_the_others_and_comes_
                 await asyncio.gather(*(stream_one(client, prompt(2000 + i, 3), Outcome()) for i in range(6)))
                 return served((await client.get("/health")).json())[victim] > before
 
-            await waiting.wait_for(victim_serves, timeout_s=20, interval_s=0.1, what=f"{victim} to serve again")
+            await wait_until_async(victim_serves, timeout_s=20, interval_s=0.1, what=f"{victim} to serve again")
             metrics = (await client.get("/metrics")).text
             health = (await client.get("/health")).json()
         return outcomes, metrics + "\n" + _prefixed(start), health
@@ -209,7 +209,7 @@ def test_a_single_model_node_killed_under_a_restart_policy_is_used_again_and_hea
             async with httpx.AsyncClient(base_url=flow.base_url, timeout=60) as client:
                 cut = Outcome()
                 task = asyncio.ensure_future(stream_one(client, prompt(1, 60), cut))
-                await waiting.wait_for(lambda: cut.streamed, timeout_s=20, what="the first stream to stream")
+                await wait_until_async(lambda: cut.streamed, timeout_s=20, what="the first stream to stream")
                 pid = node_pid(flow, "echo-stream")
                 assert pid is not None
                 os.kill(pid, signal.SIGKILL)

@@ -7,13 +7,13 @@ so that a background response is still streaming when a test drops or cancels it
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 
 import openai
 import pytest
 from openai.types.responses import ResponseStreamEvent
 
+from openai_stream_protocol.testing import wait_until
 from openai_stream_server.protocol import split_tokens
 from tests.dataflow import ROOT, Dataflow
 
@@ -93,15 +93,11 @@ def test_background_cancel_stops_the_node(responses_flow: Dataflow) -> None:
     client = sdk(responses_flow)
     created = client.responses.create(model="m", input=LONG, background=True)
     assert created.status in ("queued", "in_progress") and created.background is True
-    deadline = time.monotonic() + 20
-    while not client.responses.retrieve(created.id).output_text:  # wait for the node to have started
-        assert time.monotonic() < deadline, "no text within 20 s"
-        time.sleep(0.05)
+    wait_until(lambda: client.responses.retrieve(created.id).output_text, 20, interval_s=0.05, what="text (the node started)")
     cancelled = client.responses.cancel(created.id)
     assert cancelled.status == "cancelled"
-    while f"request {created.id} cancelled" not in responses_flow.log_path.read_text(errors="replace"):
-        assert time.monotonic() < deadline + 10, "the node never logged the cancel"
-        time.sleep(0.05)
+    log, line = responses_flow.log_path, f"request {created.id} cancelled"
+    wait_until(lambda: line in log.read_text(errors="replace"), 10, interval_s=0.05, what="the node to log the cancel")
     got = client.responses.retrieve(created.id)
     assert got.status == "cancelled" and LONG.startswith(got.output_text) and got.output_text != LONG
     events = list(client.responses.retrieve(created.id, stream=True))

@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
+from openai_stream_protocol.testing import wait_until_async
 from openai_stream_server.protocol import split_tokens
 from tests.dataflow import Dataflow
 from tests.sse_events import Event, Parsed, parse
-from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -119,7 +119,7 @@ async def test_background_then_reattach_after_it_finished(echo_flow: Dataflow) -
             return None if got["status"] == "in_progress" else got
 
         # the echo takes about 1.3 s for this prompt
-        got = await wait_for(ended, timeout_s=15, interval_s=0.05, what=f"{body['id']} to end")
+        got = await wait_until_async(ended, timeout_s=15, interval_s=0.05, what=f"{body['id']} to end")
         assert got["status"] == "completed" and got["choices"][0]["message"]["content"] == PROMPT
         url = stream_url(echo_flow, body["id"])
         whole = await read_events(client, url)

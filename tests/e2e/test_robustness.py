@@ -24,7 +24,7 @@ import httpx
 import openai
 import pytest
 
-from tests import waiting
+from openai_stream_protocol.testing import wait_for, wait_until_async
 from tests.dataflow import ROOT, SERVER_NODE, Dataflow
 from tests.live import Events, metric, wait_metric
 
@@ -52,14 +52,7 @@ def cancels(flow: Dataflow) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
-def wait_for(predicate: Any, timeout_s: float = 10.0) -> bool:
-    """Poll ``predicate`` (bounded in time)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
+POLL_S = 0.05  # the predicates read files the dataflow writes (its log, the cancel list): not every 5 ms
 
 
 def completion_lines(flow: Dataflow) -> dict[str, list[str]]:
@@ -112,7 +105,7 @@ async def test_20_streams_closed_early_are_cancelled_downstream(slow_echo_flow: 
 
         ids = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(20))), 60)
         assert await wait_metric(client, "oss_active_streams", 0, timeout_s=5) == 0
-        assert wait_for(lambda: set(ids) <= echo_cancelled(flow), 10), flow.log()
+        assert wait_for(lambda: set(ids) <= echo_cancelled(flow), 10, interval_s=POLL_S), flow.log()
         # echo_stream really stopped: no more late chunks arrive for those requests
         late = metric((await client.get("/metrics")).text, "oss_dropped_chunks_total", 0)
         await asyncio.sleep(1.0)
@@ -127,7 +120,7 @@ async def test_20_streams_closed_early_are_cancelled_downstream(slow_echo_flow: 
     assert increase('oss_completions_total{status="cancelled",surface="chat"}') == 20
     assert increase('oss_completions_total{status="completed",surface="chat"}') == 0
     # The dora log is written by the daemon a little after the node prints it.
-    assert wait_for(lambda: set(ids) <= completion_lines(flow).keys(), 10)
+    assert wait_for(lambda: set(ids) <= completion_lines(flow).keys(), 10, interval_s=POLL_S)
     logged = completion_lines(flow)
     assert all(len(logged[i]) == 1 and "status=cancelled" in logged[i][0] for i in ids)
 
@@ -144,7 +137,7 @@ async def test_cancel_endpoint_stops_the_stream_and_echo(slow_echo_flow: Dataflo
         assert await wait_metric(client, "oss_active_streams", 0) == 0
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     assert rest[-1] == "[DONE]" and json.loads(rest[-2])["error"]["code"] == "cancelled"
-    assert wait_for(lambda: request_id in echo_cancelled(flow), 10)
+    assert wait_for(lambda: request_id in echo_cancelled(flow), 10, interval_s=POLL_S)
 
 
 # -- downstream silent, stalled, dead ----------------------------------------------------
@@ -170,8 +163,8 @@ def test_silent_node_gets_504_within_the_first_chunk_timeout(silent_flow: Datafl
     assert info.value.code == "upstream_timeout" and info.value.type == "timeout"
     request_id = info.value.response.headers["x-request-id"]
     assert 1.5 <= elapsed < 1.5 + MARGIN_S
-    assert wait_for(lambda: request_id in cancels(silent_flow), 5)  # cancel sent downstream
-    assert wait_for(lambda: request_id in completion_lines(silent_flow), 10)  # the log lags the answer
+    assert wait_for(lambda: request_id in cancels(silent_flow), 5, interval_s=POLL_S)  # cancel sent downstream
+    assert wait_for(lambda: request_id in completion_lines(silent_flow), 10, interval_s=POLL_S)  # the log lags the answer
     [line] = completion_lines(silent_flow)[request_id]
     assert "status=failed" in line and "no answer from the model node within 1.5 s" in line
 
@@ -198,7 +191,7 @@ def test_stalled_node_gets_an_error_event_then_done(stall_flow: Dataflow) -> Non
         "code": "upstream_timeout",
     }
     assert 1.5 <= elapsed < 1.5 + MARGIN_S
-    assert wait_for(lambda: request_id in cancels(stall_flow), 5)
+    assert wait_for(lambda: request_id in cancels(stall_flow), 5, interval_s=POLL_S)
 
 
 def test_stalled_node_makes_the_sdk_raise_api_error(stall_flow: Dataflow) -> None:
@@ -310,7 +303,7 @@ def test_api_key_cors_body_and_concurrency_limits_from_the_dataflow_env(tmp_path
     assert sdk_error is not None and sdk_error.status_code == 401
     assert metric(metrics, "oss_active_streams") == 0
     assert metric(metrics, 'oss_requests_total{status="401",surface="chat"}') == 1  # /v1/models is not counted
-    assert wait_for(lambda: len(cancels(flow)) == 4, 5)
+    assert wait_for(lambda: len(cancels(flow)) == 4, 5, interval_s=POLL_S)
 
 
 # -- chaos ordering ----------------------------------------------------------------------
@@ -344,7 +337,7 @@ def test_50_concurrent_streams_through_chaos_reassemble_exactly(tmp_path: Path) 
     with node_flow("chaos", tmp_path, {"OPENAI_STREAM_SERVER_GAP_TIMEOUT_S": "3"}, {"CHAOS_SEED": "7"}) as flow:
         results = asyncio.run(many_streams(flow, PROMPTS))
         metrics = httpx.get(flow.base_url + "/metrics").text
-        assert wait_for(lambda: {i for i, _ in results} <= completion_lines(flow).keys(), 10)
+        assert wait_for(lambda: {i for i, _ in results} <= completion_lines(flow).keys(), 10, interval_s=POLL_S)
         logged = completion_lines(flow)
     assert [text_of(events) for _, events in results] == PROMPTS
     for _, events in results:
@@ -427,7 +420,7 @@ def test_sigint_ends_in_flight_streams_with_an_error_then_everything_exits(tmp_p
     assert exited < 10, log
     assert flow.process.returncode == 0, log
     assert group_members(flow.process.pid) == []
-    assert wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in nodes), 5), nodes
+    assert wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in nodes), 5, interval_s=POLL_S), nodes
 
 
 def test_sigterm_to_the_server_ends_streams_with_an_error_and_it_exits_cleanly(tmp_path: Path) -> None:
@@ -455,13 +448,13 @@ def test_sigterm_to_the_server_ends_streams_with_an_error_and_it_exits_cleanly(t
                         return first + await events.take(100_000)
 
                 streams = [asyncio.ensure_future(one()) for _ in range(3)]
-                await waiting.wait_for(lambda: len(streaming) == 3, timeout_s=20, what="3 streams to be streaming")
+                await wait_until_async(lambda: len(streaming) == 3, timeout_s=20, what="3 streams to be streaming")
                 assert await wait_metric(client, "oss_active_streams", 3, timeout_s=10) == 3
                 os.kill(pid, signal.SIGTERM)
                 return await asyncio.wait_for(asyncio.gather(*streams), 15)
 
         results = asyncio.run(in_flight())
-        assert wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10)
+        assert wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, interval_s=POLL_S)
         flow.process.wait(15)  # echo_stream sees its inputs close and stops; the dataflow ends
         log = flow.log()
     for events in results:
@@ -469,4 +462,4 @@ def test_sigterm_to_the_server_ends_streams_with_an_error_and_it_exits_cleanly(t
         assert json.loads(events[-2])["error"]["code"] == "backend_unavailable"
     assert "exited because of signal" not in log, log
     assert flow.process.returncode == 0, log
-    assert wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in nodes), 5), nodes
+    assert wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in nodes), 5, interval_s=POLL_S), nodes

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from openai_stream_protocol.testing import wait_until_async
 from openai_stream_server.backend import DownstreamRequest
 from openai_stream_server.protocol import Chunk, split_tokens
 from openai_stream_server.settings import Settings
 from tests.fakes import FakeBackend
 from tests.unit.conftest import make_client
-from tests.waiting import wait_for
 
 USER = [{"role": "user", "content": "Hello   there,\n general  Kenobi "}]
 TEXT = USER[0]["content"]
@@ -174,7 +174,7 @@ async def test_out_of_order_and_duplicate_chunks_are_reordered(seed: int) -> Non
             dropped = sum(v for k, v in now.items() if k.startswith("oss_dropped_chunks_total"))
             return now if dropped - sum(v for k, v in before.items() if k.startswith("oss_dropped_chunks_total")) >= extra else {}
 
-        after = await wait_for(every_chunk_counted, what=f"{extra} dropped copies to be counted")
+        after = await wait_until_async(every_chunk_counted, what=f"{extra} dropped copies to be counted")
     chunks = chunks_of(r.text)
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
     assert [c["choices"][0]["finish_reason"] for c in chunks].count("stop") == 1
@@ -215,7 +215,7 @@ async def test_legacy_replies_match_by_request_id_or_fifo() -> None:
         second = asyncio.ensure_future(
             client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "two"}]})
         )
-        await wait_for(lambda: len(backend.submitted) == 2, what="both requests to reach the backend")
+        await wait_until_async(lambda: len(backend.submitted) == 2, what="both requests to reach the backend")
         one, two = backend.submitted
         backend.deliver([Chunk(two.request_id, None, "answer two", fin=True, finish_reason="stop")])  # dora-echo passes ids back
         backend.deliver([Chunk(None, None, "answer one", fin=True, finish_reason="stop")])  # no id: oldest waiting

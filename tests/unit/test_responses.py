@@ -13,12 +13,12 @@ import pytest
 from openai.types.responses import Response as SdkResponse
 from openai.types.responses import ResponseStreamEvent
 
+from openai_stream_protocol.testing import wait_until_async
 from openai_stream_server.backend import DownstreamRequest
 from openai_stream_server.protocol import Chunk, split_tokens
 from openai_stream_server.settings import Settings
 from tests.fakes import FakeBackend
 from tests.unit.conftest import make_client
-from tests.waiting import wait_for
 
 TEXT = "Hello   there,\n general  Kenobi "
 TOKENS = split_tokens(TEXT)
@@ -171,7 +171,7 @@ async def test_resume_while_live_continues_with_the_same_numbers() -> None:
             client.get(f"/v1/responses/{response_id}", params={"stream": "true", "starting_after": 5})
         )
         state = client.app.state.registry.get(response_id)  # type: ignore[attr-defined]
-        await wait_for(lambda: state._waiters, what="the resumed reader to wait on the state")  # the rest comes after
+        await wait_until_async(lambda: state._waiters, what="the resumed reader to wait on the state")  # the rest comes after
         rest = [Chunk(response_id, i, t) for i, t in enumerate(TOKENS) if i >= 3]
         backend.deliver([*rest, Chunk(response_id, len(TOKENS), "", fin=True, finish_reason="stop")])
         live = named_events((await asyncio.wait_for(resumed, 10)).text)

@@ -14,11 +14,11 @@ from openai.types.responses import Response as SdkResponse
 from openai.types.responses import ResponseStreamEvent
 
 from openai_stream_protocol import Chunk, ToolCallDelta, parse_request_texts, request_tool_choice, request_tools
+from openai_stream_protocol.testing import wait_until_async
 from openai_stream_server.backend import DownstreamRequest
 from tests.fakes import FakeBackend, Plan
 from tests.unit.conftest import make_client
 from tests.unit.test_responses import Named, named_events
-from tests.waiting import wait_for
 
 STREAM_EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
 
@@ -265,15 +265,15 @@ async def test_a_live_stream_that_saw_only_text_at_first_matches_the_replay() ->
         url = f"/v1/responses/{rid}"
         state = client.app.state.registry.get(rid)  # type: ignore[attr-defined]
         live = asyncio.ensure_future(client.get(url, params={"stream": "true"}))
-        await wait_for(lambda: state._waiters, what="the live reader to wait on the state")
+        await wait_until_async(lambda: state._waiters, what="the live reader to wait on the state")
         chunks = TEXT_AND_TWO_CALLS(DownstreamRequest(rid, [], {}), [])
         steps = [chunks[:2], chunks[2:3], chunks[3:]]
         backend.deliver(steps[0])
-        await wait_for(lambda: state._waiters, what="the live reader to wait after the text")
+        await wait_until_async(lambda: state._waiters, what="the live reader to wait after the text")
         backend.deliver(steps[1])
-        await wait_for(lambda: state._waiters, what="the live reader to wait mid-call")
+        await wait_until_async(lambda: state._waiters, what="the live reader to wait mid-call")
         resumed = asyncio.ensure_future(client.get(url, params={"stream": "true", "starting_after": 10}))
-        await wait_for(lambda: len(state._waiters) == 2, what="both readers to wait mid-call")
+        await wait_until_async(lambda: len(state._waiters) == 2, what="both readers to wait mid-call")
         backend.deliver(steps[2])
         got = named_events((await asyncio.wait_for(live, 10)).text)
         rest = named_events((await asyncio.wait_for(resumed, 10)).text)

@@ -8,13 +8,13 @@ from typing import Any
 import httpx
 import pytest
 
+from openai_stream_protocol.testing import wait_until_async
 from openai_stream_server.backend import DownstreamRequest
 from openai_stream_server.protocol import Chunk, split_tokens
 from openai_stream_server.settings import Settings
 from tests.fakes import FakeBackend
 from tests.sse_events import Parsed, parse
 from tests.unit.conftest import make_client
-from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -211,7 +211,7 @@ async def test_three_subscribers_receive_the_identical_sequence() -> None:
 async def test_a_foreground_stream_and_two_reattached_subscribers_agree() -> None:
     async with make_client(backend=FakeBackend(silent=True)) as (client, backend):
         post = asyncio.ensure_future(client.post("/v1/chat/completions", json={"messages": MESSAGES, "stream": True}))
-        await wait_for(lambda: backend.submitted, what="the POST to reach the backend")
+        await wait_until_async(lambda: backend.submitted, what="the POST to reach the backend")
         request_id = backend.submitted[0].request_id
         readers = [asyncio.ensure_future(client.get(f"/v1/chat/completions/{request_id}/stream")) for _ in range(2)]
         await deliver_one_by_one(client, backend, request_id, subscribers=3)
@@ -239,7 +239,7 @@ async def deliver_one_by_one(client: httpx.AsyncClient, backend: FakeBackend, re
     for seq, token in enumerate(TOKENS):
         backend.deliver([Chunk(request_id, seq, token)])
         written = subscribers * (seq + 1)
-        await wait_for(
+        await wait_until_async(
             lambda written=written: sse_events_written(client) == written,  # type: ignore[misc]
             what=f"{subscribers} subscribers to write seq {seq} as an event each",
         )

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from openai_stream_protocol.testing import wait_until_async
 from openai_stream_server.app import create_app
 from openai_stream_server.backend import DownstreamRequest
 from openai_stream_server.protocol import Chunk
@@ -24,7 +25,6 @@ from openai_stream_server.settings import Settings
 from tests.fakes import FakeBackend
 from tests.live import Events, LiveServer, metric, wait_metric
 from tests.unit.conftest import make_client
-from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -296,7 +296,7 @@ async def test_retained_completions_are_bounded_by_count_bytes_and_age() -> None
     async with make_client(fast(retention_s=0.1)) as (client, _):
         request_id = (await client.post("/v1/chat/completions", json={"messages": MSG})).headers["x-request-id"]
         registry = client.app.state.registry  # type: ignore[attr-defined]
-        await wait_for(lambda: len(registry.retained) == 0, what="the sweeper to expire the retained completion")
+        await wait_until_async(lambda: len(registry.retained) == 0, what="the sweeper to expire the retained completion")
         gone = await client.get(f"/v1/chat/completions/{request_id}")
     assert gone.status_code == 404
 
@@ -407,7 +407,7 @@ async def test_dataflow_stop_ends_in_flight_streams_with_an_error_event() -> Non
                 return first + await events.take(100_000)
 
         streams = [asyncio.ensure_future(one()) for _ in range(5)]
-        await wait_for(lambda: len(streaming) == 5, timeout_s=10, what="all 5 streams to have begun")
+        await wait_until_async(lambda: len(streaming) == 5, timeout_s=10, what="all 5 streams to have begun")
         server.call(backend.stop)  # what the bridge does on dora STOP
         results = await asyncio.wait_for(asyncio.gather(*streams), 10)
         health = await client.get("/health")
