@@ -8,16 +8,7 @@ import pyarrow as pa
 import pytest
 
 from openai_stream_protocol import BatchSender, Chunk, is_batch, parse_batch, parse_chunk
-
-
-class Recorder:
-    """Keeps the arrays themselves: the batch is parsed as the server would parse it."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, pa.Array, dict[str, Any]]] = []
-
-    def send_output(self, output_id: str, data: pa.Array, metadata: dict[str, Any] | None = None) -> None:
-        self.sent.append((output_id, data, dict(metadata or {})))
+from openai_stream_protocol.testing import RecordingNode
 
 
 def rows(chunks: list[Chunk]) -> list[tuple[Any, ...]]:
@@ -25,7 +16,7 @@ def rows(chunks: list[Chunk]) -> list[tuple[Any, ...]]:
 
 
 def test_one_emit_is_one_message_and_round_trips_through_parse_batch() -> None:
-    node = Recorder()
+    node = RecordingNode()
     sender = BatchSender(node, output="out")
     a = sender.open({"request_id": "a"})
     b = sender.open({"session_id": "b"})  # dora's streaming key alone is enough
@@ -52,7 +43,7 @@ def test_one_emit_is_one_message_and_round_trips_through_parse_batch() -> None:
 
 
 def test_emit_with_nothing_queued_sends_nothing() -> None:
-    node = Recorder()
+    node = RecordingNode()
     sender = BatchSender(node)
     assert sender.emit() == 0 and node.sent == []
     sender.open({"request_id": "r"})
@@ -60,7 +51,7 @@ def test_emit_with_nothing_queued_sends_nothing() -> None:
 
 
 def test_a_step_without_a_finish_carries_the_four_required_columns_only() -> None:
-    node = Recorder()
+    node = RecordingNode()
     sender = BatchSender(node)
     sender.send(sender.open({"request_id": "r"}), "x")
     sender.emit()
@@ -70,7 +61,7 @@ def test_a_step_without_a_finish_carries_the_four_required_columns_only() -> Non
 
 
 def test_stamp_puts_sent_at_on_every_row() -> None:
-    node = Recorder()
+    node = RecordingNode()
     sender = BatchSender(node, stamp=True)
     for rid in ("a", "b"):
         sender.send(sender.open({"request_id": rid}), rid)
@@ -80,7 +71,7 @@ def test_stamp_puts_sent_at_on_every_row() -> None:
 
 
 def test_discard_forgets_a_request_and_its_queued_rows() -> None:
-    node = Recorder()
+    node = RecordingNode()
     sender = BatchSender(node)
     a, b = sender.open({"request_id": "a"}), sender.open({"request_id": "b"})
     sender.send(a, "a0")
@@ -96,7 +87,7 @@ def test_discard_forgets_a_request_and_its_queued_rows() -> None:
 
 
 def test_a_finish_with_a_stop_sequence_round_trips_in_its_own_column() -> None:
-    node = Recorder()
+    node = RecordingNode()
     sender = BatchSender(node)
     a, b, c = (sender.open({"request_id": rid}) for rid in "abc")
     sender.send(c, "c0")
@@ -120,7 +111,7 @@ def test_a_finish_with_a_stop_sequence_round_trips_in_its_own_column() -> None:
 
 
 def test_discard_drops_a_queued_stop_sequence_and_keeps_the_others() -> None:
-    node = Recorder()
+    node = RecordingNode()
     sender = BatchSender(node)
     a, b = sender.open({"request_id": "a"}), sender.open({"request_id": "b"})
     sender.finish(a, "stop", stop_sequence="A")
@@ -144,7 +135,7 @@ def test_a_hand_built_stop_sequence_column_is_read_on_fin_rows_only() -> None:
 
 
 def test_open_needs_an_id_and_finish_a_known_reason() -> None:
-    sender = BatchSender(Recorder())
+    sender = BatchSender(RecordingNode())
     with pytest.raises(ValueError):
         sender.open({"model": "m"})
     rid = sender.open({"request_id": "r"})

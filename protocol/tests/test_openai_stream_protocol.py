@@ -19,15 +19,7 @@ from openai_stream_protocol import (
     split_tokens,
     texts_of,
 )
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, list[Any], dict[str, Any]]] = []
-
-    def send_output(self, output_id: str, data: pa.Array, metadata: dict[str, Any] | None = None) -> None:
-        self.sent.append((output_id, data.to_pylist(), dict(metadata or {})))
-
+from openai_stream_protocol.testing import RecordingNode
 
 # Node authors install this package without the server: importing it must not need the HTTP stack or dora.
 FORBIDDEN = ("starlette", "uvicorn", "pydantic", "httpx", "anyio", "openai_stream_server", "dora")
@@ -94,7 +86,7 @@ def test_parse_chunk_rejects_garbage() -> None:
 
 
 def test_chunk_sender_numbers_and_finishes_without_flush() -> None:
-    node = Recorder()
+    node = RecordingNode()
     sender = ChunkSender(node, {"request_id": "r1", "model": "m"})
     sender.send("a")
     sender.send("b")
@@ -102,22 +94,22 @@ def test_chunk_sender_numbers_and_finishes_without_flush() -> None:
     assert [m["seq"] for _, _, m in node.sent] == [0, 1, 2]
     assert node.sent[-1][2]["fin"] is True and node.sent[-1][2]["finish_reason"] == "length"
     assert all("flush" not in m and m["request_id"] == "r1" == m["session_id"] for _, _, m in node.sent)
-    assert [parse_chunk(d, m).text for _, d, m in node.sent] == ["a", "b", ""]
+    assert [parse_chunk(texts_of(d), m).text for _, d, m in node.sent] == ["a", "b", ""]
     with pytest.raises(RuntimeError):
         sender.send("late")
 
 
 def test_chunk_sender_finish_carries_the_stop_sequence_and_parse_chunk_reads_it() -> None:
-    node = Recorder()
+    node = RecordingNode()
     sender = ChunkSender(node, {"request_id": "r1"})
     sender.send("one two ")
     sender.finish("stop", stop_sequence="STOP", completion_tokens=2)
-    first, last = (parse_chunk(d, m) for _, d, m in node.sent)
+    first, last = (parse_chunk(texts_of(d), m) for _, d, m in node.sent)
     assert "stop_sequence" not in node.sent[0][2] and first.stop_sequence is None
     assert node.sent[1][2]["stop_sequence"] == "STOP"
     assert (last.fin, last.finish_reason, last.stop_sequence) == (True, "stop", "STOP")
     # Without one, the key is not sent at all.
-    plain = Recorder()
+    plain = RecordingNode()
     ChunkSender(plain, {"request_id": "r2"}).finish("stop")
     assert "stop_sequence" not in plain.sent[0][2]
 

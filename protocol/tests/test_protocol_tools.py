@@ -30,6 +30,7 @@ from openai_stream_protocol import (
     request_tools,
     texts_of,
 )
+from openai_stream_protocol.testing import RecordingNode
 
 
 def tool(name: str, **parameters: Any) -> dict[str, Any]:
@@ -38,14 +39,6 @@ def tool(name: str, **parameters: Any) -> dict[str, Any]:
 
 WEATHER = tool("get_weather", type="object", properties={"city": {"type": "string"}})
 TIME = tool("get_time")
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, pa.Array, dict[str, Any]]] = []
-
-    def send_output(self, output_id: str, data: pa.Array, metadata: dict[str, Any] | None = None) -> None:
-        self.sent.append((output_id, data, dict(metadata or {})))
 
 
 # -- request metadata ------------------------------------------------------------------------------
@@ -187,7 +180,7 @@ def test_tool_calls_is_a_finish_reason() -> None:
 
 
 def test_chunk_sender_streams_tool_calls_that_parse_back() -> None:
-    node = Recorder()
+    node = RecordingNode()
     sender = ChunkSender(node, {"request_id": "r"})
     sender.send("Let me look.")
     sender.send_tool_call(0, '{"city": ', call_id="call_a", name="get_weather")
@@ -210,7 +203,7 @@ def test_chunk_sender_streams_tool_calls_that_parse_back() -> None:
 
 @pytest.mark.parametrize("index", [-1, "0", 1.0, True, None])
 def test_send_tool_call_refuses_a_bad_index(index: Any) -> None:
-    node = Recorder()
+    node = RecordingNode()
     with pytest.raises(ValueError):
         ChunkSender(node, {"request_id": "r"}).send_tool_call(index, "{}")
     assert node.sent == []
@@ -252,7 +245,7 @@ def test_a_legacy_reply_ignores_tool_call_keys() -> None:
 
 
 def test_batch_with_tool_call_rows_round_trips() -> None:
-    node = Recorder()
+    node = RecordingNode()
     sender = BatchSender(node)
     a, b = sender.open({"request_id": "a"}), sender.open({"request_id": "b"})
     sender.send(a, "text")
@@ -280,7 +273,7 @@ def test_batch_with_tool_call_rows_round_trips() -> None:
 
 
 def test_discard_drops_a_request_s_tool_call_rows_and_keeps_the_others() -> None:
-    node = Recorder()
+    node = RecordingNode()
     sender = BatchSender(node)
     a, b = sender.open({"request_id": "a"}), sender.open({"request_id": "b"})
     sender.send_tool_call(a, 0, "{}", call_id="call_a", name="f")
@@ -291,7 +284,7 @@ def test_discard_drops_a_request_s_tool_call_rows_and_keeps_the_others() -> None
 
 
 def test_batch_send_tool_call_refuses_a_bad_index() -> None:
-    sender = BatchSender(Recorder())
+    sender = BatchSender(RecordingNode())
     rid = sender.open({"request_id": "r"})
     with pytest.raises(ValueError):
         sender.send_tool_call(rid, -1, "{}")
