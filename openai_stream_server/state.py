@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from openai_stream_protocol import Chunk, Part, ToolCall, ToolCallDelta
 
+from .answer_log import fallback_call_id
 from .backend import DownstreamRequest
 from .errors import ChatCompletionError, UpstreamError, UpstreamTimeout
 
@@ -231,7 +232,7 @@ class StreamState:
                 call[1] = delta.name
             call[2] = (call[2] or "") + pieces[i]
         return [
-            ToolCall(call_id or f"call_{self.request_id[-8:]}_{index}", name or "", arguments or "")
+            ToolCall(call_id or fallback_call_id(self.request_id, index), name or "", arguments or "")
             for index, (call_id, name, arguments) in sorted(found.items())
         ]
 
