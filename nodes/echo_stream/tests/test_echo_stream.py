@@ -8,7 +8,7 @@ from echo_stream.engine import EchoStream, ListSource
 from echo_stream.main import main
 from echo_stream.settings import Settings
 
-from openai_stream_protocol import USER_TEXT_PREFIX, Chunk, parse_chunk, texts_of
+from openai_stream_protocol import USER_TEXT_PREFIX, Chunk, parse_batch, parse_chunk, texts_of
 
 FAST = Settings(token_delay_s=0)
 
@@ -297,9 +297,69 @@ def test_settings_from_env() -> None:
 
 
 def test_main_outside_a_dataflow_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It gets as far as joining the dataflow, and dora refuses for the reason expected: no node config."""
     monkeypatch.delenv("DORA_NODE_CONFIG", raising=False)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="DORA_NODE_CONFIG env variable is not set"):
         main([])
+
+
+class FakeDoraNode:
+    """``dora.Node`` for ``main``: hands over two requests, then its inputs close; records what is sent."""
+
+    created: list[FakeDoraNode] = []
+
+    def __init__(self, node_id: str | None = None) -> None:
+        self.node_id = node_id
+        self.source = ListSource([request("r1", user("one two three")), request("r2", user("four"))])
+        self.hellos: list[tuple[str, dict[str, Any]]] = []
+        self.chunks: list[Chunk] = []
+        self.batches = 0
+        FakeDoraNode.created.append(self)
+
+    def send_output(self, output_id: str, data: pa.Array, metadata: dict[str, Any] | None = None) -> None:
+        if isinstance(data, pa.StructArray):
+            self.batches += 1
+            self.chunks.extend(parse_batch(data))
+        elif "hello" in (metadata or {}):
+            self.hellos.append((output_id, dict(metadata or {})))
+        else:
+            self.chunks.append(parse_chunk(texts_of(data), metadata or {}))
+
+    def text(self, request_id: str) -> str:
+        return "".join(chunk.text for chunk in self.chunks if chunk.request_id == request_id)
+
+    def next(self, timeout: float | None = None) -> Any:
+        return self.source.next(timeout)
+
+    def drain(self) -> list[Any]:
+        return self.source.drain()
+
+
+@pytest.mark.parametrize(
+    "argv, environ, hello",
+    [
+        pytest.param([], {"DORA_NODE_CONFIG": "node_id: echo-stream-2\n"}, "echo-stream-2", id="dataflow-node-id"),
+        pytest.param(["--name", "dyn"], {"ECHO_STEP_MS": "1"}, "dyn", id="dynamic-step-mode"),
+    ],
+)
+def test_main_says_hello_then_serves_until_the_inputs_close(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], environ: dict[str, str], hello: str
+) -> None:
+    import dora
+
+    FakeDoraNode.created.clear()
+    monkeypatch.setattr(dora, "Node", FakeDoraNode)
+    monkeypatch.setenv("ECHO_TOKEN_DELAY_S", "0")
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    if "DORA_NODE_CONFIG" not in environ:
+        monkeypatch.delenv("DORA_NODE_CONFIG", raising=False)
+    main(argv)
+    [node] = FakeDoraNode.created
+    assert node.node_id == (argv[1] if argv else None)
+    assert node.hellos == [("chunks", {"hello": hello})]
+    assert (node.text("r1"), node.text("r2")) == ("one two three", "four")
+    assert node.batches == (3 if "ECHO_STEP_MS" in environ else 0)  # step mode: one message per step, 3 steps
 
 
 @pytest.mark.parametrize("stream", [False, "false"])

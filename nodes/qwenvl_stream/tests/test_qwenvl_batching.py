@@ -183,14 +183,18 @@ def test_one_message_per_decode_step_in_a_generate_batch(loaded_model: Any) -> N
     torch.set_num_threads(1)
     engine = spy(loaded_model)
 
+    first_streaming: list[bool] = []
+
     def events(recorder: Recorder) -> Iterator[dict[str, Any]]:
         yield request("first", [USER + "Say something"], max_tokens=10, temperature=0)
-        wait_for(lambda: bool(recorder.chunks("first")))  # the engine is busy: the next three wait together
+        # The engine is busy with "first": the next three wait together, for the next batch.
+        first_streaming.append(wait_for(lambda: bool(recorder.chunks("first"))))
         for i in range(3):
             yield request(f"r{i}", [USER + "Say something " * (i + 2)], max_tokens=10, temperature=0)
 
     with StepCounter(loaded_model, delay_s=0.005) as steps:
         recorder = serve(engine, events)
+    assert first_streaming == [True], "the first request never streamed: the three did not wait behind it"
     assert steps.count == 20  # two generate() calls of 10 forwards each (prefill gives token 1)
     messages = token_messages(recorder)
     assert len(messages) <= steps.count
