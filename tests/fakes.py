@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from openai_stream_protocol import Chunk, last_user_text, parse_request_texts, split_tokens
 from openai_stream_server.backend import ChunkSink, DownstreamRequest, OnLost, OnOrphaned
 from openai_stream_server.errors import BackendUnavailable
-from openai_stream_server.protocol import Chunk, last_user_text, parse_request_texts, split_tokens
 
 Plan = Callable[[DownstreamRequest, list[Chunk]], list[Chunk]]
 """Rewrites the chunks of one answer before delivery: reorder, duplicate, drop, add."""

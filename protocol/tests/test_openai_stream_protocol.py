@@ -31,16 +31,6 @@ def test_importing_the_protocol_pulls_in_pyarrow_only() -> None:
     assert out == "[]"
 
 
-def test_the_server_module_still_re_exports_the_protocol() -> None:
-    import openai_stream_protocol
-    import openai_stream_server.protocol as deprecated
-
-    assert "deprecated" in (deprecated.__doc__ or "").lower()
-    assert set(deprecated.__all__) <= set(openai_stream_protocol.__all__)
-    for name in deprecated.__all__:
-        assert getattr(deprecated, name) is getattr(openai_stream_protocol, name)
-
-
 def test_request_texts_round_trip() -> None:
     parts = [
         Part("system", "text", "be brief"),

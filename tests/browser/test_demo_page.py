@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from openai_stream_server.protocol import split_tokens
+from openai_stream_protocol import split_tokens
 from tests.browser.chromium import DemoPage
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.timeout(180)]

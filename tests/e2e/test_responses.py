@@ -13,8 +13,8 @@ import openai
 import pytest
 from openai.types.responses import ResponseStreamEvent
 
+from openai_stream_protocol import split_tokens
 from openai_stream_protocol.testing import wait_until
-from openai_stream_server.protocol import split_tokens
 from tests.dataflow import ROOT, Dataflow
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
+from openai_stream_protocol import split_tokens
 from openai_stream_protocol.testing import wait_until_async
-from openai_stream_server.protocol import split_tokens
 from tests.dataflow import Dataflow
 from tests.sse_events import Event, Parsed, parse
 

@@ -1,7 +1,7 @@
 """What the test nodes share: logging, request parsing and a file of received cancels.
 
 These are plain scripts that ``dora run`` starts (``path: tests/nodes/<name>.py``);
-they speak the wire protocol through ``openai_stream_server.protocol`` like any
+they speak the wire protocol through ``openai_stream_protocol`` like any
 third-party node would.
 """
 
@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from openai_stream_server.protocol import (
+from openai_stream_protocol import (
     CANCEL_OUTPUT,
     REQUEST_OUTPUT,
     cancelled_request_id,

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from openai_stream_protocol import Chunk, split_tokens
 from openai_stream_protocol.testing import wait_until_async
 from openai_stream_server.backend import DownstreamRequest
-from openai_stream_server.protocol import Chunk, split_tokens
 from openai_stream_server.settings import Settings
 from tests.fakes import FakeBackend
 from tests.unit.conftest import make_client

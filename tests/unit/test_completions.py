@@ -15,10 +15,9 @@ import openai
 import pytest
 from openai.types import Completion
 
-from openai_stream_protocol import Part
+from openai_stream_protocol import Chunk, Part, split_tokens
 from openai_stream_server.app import create_app
 from openai_stream_server.backend import DownstreamRequest
-from openai_stream_server.protocol import Chunk, split_tokens
 from openai_stream_server.settings import Settings
 from tests.fakes import FakeBackend
 from tests.live import Events, LiveServer, metric, wait_metric

@@ -25,10 +25,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from openai_stream_protocol import string_array
 from openai_stream_server.app import create_app
 from openai_stream_server.backend import DownstreamRequest
 from openai_stream_server.errors import BackendUnavailable
-from openai_stream_server.protocol import string_array
 from openai_stream_server.settings import Settings
 from tests.fakes import FakeBackend
 

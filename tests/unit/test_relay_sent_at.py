@@ -10,9 +10,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from openai_stream_protocol import Chunk
 from openai_stream_server.api.chat_stream import ChunkEncoder, chunk_events
 from openai_stream_server.metrics import Metrics
-from openai_stream_server.protocol import Chunk
 from openai_stream_server.settings import Settings, load_settings
 from openai_stream_server.state import StreamState
 

@@ -13,9 +13,9 @@ import pytest
 from openai.types.responses import Response as SdkResponse
 from openai.types.responses import ResponseStreamEvent
 
+from openai_stream_protocol import Chunk, split_tokens
 from openai_stream_protocol.testing import wait_until_async
 from openai_stream_server.backend import DownstreamRequest
-from openai_stream_server.protocol import Chunk, split_tokens
 from openai_stream_server.settings import Settings
 from tests.fakes import FakeBackend
 from tests.unit.conftest import make_client

@@ -8,9 +8,9 @@ from typing import Any
 import httpx
 import pytest
 
+from openai_stream_protocol import Chunk, split_tokens
 from openai_stream_protocol.testing import wait_until_async
 from openai_stream_server.backend import DownstreamRequest
-from openai_stream_server.protocol import Chunk, split_tokens
 from openai_stream_server.settings import Settings
 from tests.fakes import FakeBackend
 from tests.sse_events import Parsed, parse

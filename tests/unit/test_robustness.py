@@ -17,10 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
+from openai_stream_protocol import Chunk
 from openai_stream_protocol.testing import wait_until_async
 from openai_stream_server.app import create_app
 from openai_stream_server.backend import DownstreamRequest
-from openai_stream_server.protocol import Chunk
 from openai_stream_server.settings import Settings
 from tests.fakes import FakeBackend
 from tests.live import Events, LiveServer, metric, wait_metric

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from openai_stream_server.protocol import Chunk
+from openai_stream_protocol import Chunk
 from openai_stream_server.state import Limits, Outcome, Status, StreamState
 
 
