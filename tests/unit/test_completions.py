@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import httpx
@@ -45,9 +46,12 @@ def chunks_of(body: str) -> list[dict[str, Any]]:
 async def test_stream_chunk_shapes() -> None:
     async with make_client(backend=FakeBackend(delay_s=0.001)) as (client, backend):
         r = await client.post("/v1/completions", json={"model": "gpt-x", "prompt": PROMPT, "stream": True})
+        other = await client.post("/v1/completions", json={"model": "gpt-x", "prompt": PROMPT})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     request_id = r.headers["x-request-id"]
-    assert request_id.startswith("cmpl-") and int(request_id[5:], 16) >= 0
+    # The legacy id shape (``cmpl-`` and 24 hex digits, not chat's ``chatcmpl-``), fresh for every request.
+    assert re.fullmatch(r"cmpl-[0-9a-f]{24}", request_id), request_id
+    assert re.fullmatch(r"cmpl-[0-9a-f]{24}", other.json()["id"]) and other.json()["id"] != request_id
     chunks = chunks_of(r.text)
     assert len(chunks) == TOKENS + 1  # no role chunk: one per token, then the finish chunk
     for chunk in chunks:
