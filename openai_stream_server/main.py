@@ -10,9 +10,11 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import uvicorn
+from starlette.applications import Starlette
 
 from .app import create_app
 from .bridge import DoraBridge
+from .connection_limits import limited_protocol
 from .errors import BackendUnavailable
 from .settings import Settings, load_settings
 
@@ -30,19 +32,45 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 
-def _uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
+FDS_SPARE = 256
+"""File descriptors kept out of ``--max-connections``: dora's channels, shared memory, logs, the listening socket."""
+
+
+def connection_cap(max_connections: int) -> int:
+    """``--max-connections``, lowered to fit the open-file limit: past that limit ``accept`` fails and nothing evicts."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return max_connections
+    fits = max(1, soft - FDS_SPARE)
+    if max_connections and soft != resource.RLIM_INFINITY and max_connections > fits:
+        logger.warning("at most %d connections: the open-file limit is %d (ulimit -n)", fits, soft)
+        return fits
+    return max_connections
+
+
+def uvicorn_config(app: Starlette, settings: Settings) -> uvicorn.Config:
+    """uvicorn as the server runs it: httptools with a read deadline and a connection cap (``connection_limits``)."""
     try:
         import uvloop  # noqa: F401
 
         loop = "uvloop"  # 1.2-2x the events of asyncio + h11 (docs/architecture.md, Facts measured)
     except ImportError:
         loop = "asyncio"
+    protocol = limited_protocol(settings.request_read_timeout_s, connection_cap(settings.max_connections))
+    stats, metrics = protocol.stats, app.state.metrics
+    metrics.count_from("oss_request_read_timeouts", "Requests not read in time (408)", lambda: stats.read_timeouts)
+    metrics.count_from("oss_connections_evicted", "Connections waiting on their client, closed at the cap", lambda: stats.evicted)
+    metrics.count_from("oss_connections_refused", "New connections refused (503) at the cap", lambda: stats.refused)
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         loop=loop,
-        http="httptools",
+        http=protocol,
+        ws="none",  # no route speaks WebSocket: an Upgrade is an ordinary request
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,
@@ -78,7 +106,7 @@ async def serve(settings: Settings, node_name: str | None = None) -> None:
     node = Node(node_name) if node_name else Node()
     bridge = DoraBridge(node)
     app = create_app(settings, bridge)
-    server = _Server(_uvicorn_config(app, settings))
+    server = _Server(uvicorn_config(app, settings))
     serving = asyncio.create_task(server.serve())
     logger.info("openai-stream-server on http://%s:%d", settings.host, settings.port)
     while not serving.done():

@@ -58,11 +58,19 @@ class Settings:
     """Comment pings on quiet streams so that proxies keep the connection."""
     sweep_interval_s: float = 0.25
     """How often timeouts and retention are checked."""
+    request_read_timeout_s: float = 30.0
+    """A request's headers must arrive within this time of the connection opening (or of the request's first byte
+    on a kept-alive connection), and its body within as long again; else 408 and the connection closes. Never cuts a
+    response. Raise it for large bodies over slow links. 0: no deadline."""
 
     max_body_bytes: int = 8 * 1024 * 1024
     """Larger request bodies get 413 (images travel as data: URIs, hence the generous default)."""
     max_active_requests: int = 4096
     """Requests in flight; beyond this 429 with ``Retry-After``."""
+    max_connections: int = 4096
+    """Open HTTP connections at most (lowered to fit the process's open-file limit). A new one beyond it closes the
+    connection that has waited longest on its client (sending a request, or idle); if every one is serving a request,
+    it gets 503 with ``Retry-After``. 0: no cap."""
     max_buffered_chunks: int = 4096
     """Out-of-order chunks held per request while waiting for a gap to fill; beyond it the stream fails."""
     max_completion_bytes: int = 16 * 1024 * 1024
