@@ -185,7 +185,6 @@ class ApiKeyMiddleware:
     def __init__(self, app: ASGIApp, api_key: str, public_metrics: bool = False) -> None:
         self.app = app
         self.api_key = api_key.encode()
-        self.expected = b"Bearer " + self.api_key
         self.public_metrics = public_metrics
 
     def _protected(self, scope: Scope) -> bool:
@@ -196,8 +195,9 @@ class ApiKeyMiddleware:
 
     def _authorized(self, scope: Scope) -> bool:
         headers = dict(scope["headers"])
-        given = headers.get(b"authorization", b"")
-        if hmac.compare_digest(bytes(given), self.expected):
+        scheme, _, credentials = bytes(headers.get(b"authorization", b"")).partition(b" ")
+        # The scheme is case-insensitive (RFC 9110, 11.1): clients send ``bearer <key>`` too.
+        if scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(b" "), self.api_key):
             return True
         x_api_key = headers.get(b"x-api-key")  # the anthropic SDK's header; any route takes it
         if x_api_key is not None and hmac.compare_digest(bytes(x_api_key), self.api_key):

@@ -13,7 +13,7 @@ import os
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 ENV_PREFIX = "OPENAI_STREAM_SERVER_"
 DEFAULT_MODEL = "dora-stream"
@@ -99,6 +99,8 @@ class Settings:
                 raise ValueError(f"{f.name} must be >= 0, got {value!r}")
         if not 0 < self.port < 65536 and self.port != 0:
             raise ValueError(f"port must be 0..65535, got {self.port}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty: give a key, or None to run without one")
 
     @property
     def default_model(self) -> str:
@@ -169,12 +171,19 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
             raw, source = environ[env_name], env_name
         if raw is None:
             continue
+        if f.name == "api_key" and not raw.strip():
+            # Taken as "no key" it would turn the key check off unnoticed, on 0.0.0.0 too (docs/architecture.md, "Security").
+            _refuse(parser, f"{source} is empty: give a key, or leave it unset to run without one")
         try:
             values[f.name] = _cast(source, raw, f.type)
         except ValueError as exc:
-            parser.error(str(exc))
+            _refuse(parser, str(exc))
     try:
         return Settings(**values)
     except ValueError as exc:
-        parser.error(str(exc))
-        raise  # unreachable: parser.error exits
+        _refuse(parser, str(exc))
+
+
+def _refuse(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """A bad value: one line naming the flag or variable (the usage of every flag would bury it), exit status 2."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
