@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from .store.config import parse_store_option
+
 ENV_PREFIX = "OPENAI_STREAM_SERVER_"
 DEFAULT_MODEL = "dora-stream"
 
@@ -85,6 +87,19 @@ class Settings:
     """Finished completions retained at most (oldest evicted first)."""
     max_retained_bytes: int = 64 * 1024 * 1024
     """Answer text retained over all finished completions at most (oldest evicted first)."""
+    store: str = "memory"
+    """Where completions are kept beyond this process (docs/store.md): ``memory`` (nothing outlives it),
+    ``sqlite`` (the file $XDG_STATE_HOME/openai-stream-server/store.sqlite3, else
+    ~/.local/state/openai-stream-server/store.sqlite3), ``sqlite:///abs/path``, ``sqlite:relative/path``, or
+    ``redis://host:port/db`` (shared by several server processes)."""
+    store_response_ttl_s: float = 30 * 86400.0
+    """How long a stored response (Responses API, ``store: true``) stays in the store: 30 days, as OpenAI keeps them."""
+    store_completion_ttl_s: float = 0.0
+    """How long any other completion stays in the store; 0: as long as retention_s."""
+    store_max_bytes: int = 1024 * 1024 * 1024
+    """Encoded records the store holds at most (SQLite, Redis, memory); past it the least recently written go first."""
+    store_flush_interval_s: float = 0.5
+    """Queued store writes are flushed at least this often (a crash loses at most this much; keep it <= 1)."""
     close_stream_after_events: int = 0
     """Test-only: close each reattach stream after this many events (0: never), to exercise reconnects."""
     sse_retry_ms: int = 1000
@@ -99,6 +114,9 @@ class Settings:
                 raise ValueError(f"{f.name} must be >= 0, got {value!r}")
         if not 0 < self.port < 65536 and self.port != 0:
             raise ValueError(f"port must be 0..65535, got {self.port}")
+        parse_store_option(self.store)  # a bad --store stops the server before anything starts
+        if self.store_flush_interval_s <= 0:
+            raise ValueError(f"store_flush_interval_s must be > 0, got {self.store_flush_interval_s!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty: give a key, or None to run without one")
 
