@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from openai_stream_protocol import parse_request_texts
@@ -40,6 +40,8 @@ class PrefetchJob(Protocol):
     """Set on cancel: the fetch stops before its next image, and a waiting one never starts."""
 
 
+LoadImages = Callable[[Sequence[str], threading.Event], "list[Any]"]
+"""``(sources, halt)`` → the request's images, in order (``images.ImageLoader``); raises ``ImageError``."""
 Deliver = Callable[[Any, "list[Any] | None", "str | None"], None]
 """``(job, images, error)``, called from a fetch thread: exactly one of ``images`` and ``error`` is set."""
 
@@ -52,7 +54,7 @@ class ImagePrefetcher:
     thread (through its inbox), which then calls ``release``.
     """
 
-    def __init__(self, load: Callable[[str], Any], deliver: Deliver, *, workers: int = PREFETCH_WORKERS) -> None:
+    def __init__(self, load: LoadImages, deliver: Deliver, *, workers: int = PREFETCH_WORKERS) -> None:
         self.load = load
         self.deliver = deliver
         self.workers = workers
@@ -80,10 +82,7 @@ class ImagePrefetcher:
         images: list[Any] = []
         error: str | None = None
         try:
-            for source in job.image_sources:
-                if job.halt.is_set():
-                    break
-                images.append(self.load(source))
+            images = self.load(job.image_sources, job.halt)
         except ImageError as exc:
             error = str(exc)
         except Exception:

@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,8 +45,8 @@ from .generation import (
     StepRow,
     sampling_kwargs,
 )
-from .images import ImageLoader
-from .prefetch import ImagePrefetcher, image_sources
+from .images import ImageError, ImageLoader, check_image_count
+from .prefetch import ImagePrefetcher, LoadImages, image_sources
 from .settings import Settings
 from .toolcalls import ToolCallParser
 
@@ -102,7 +102,7 @@ class Scheduler:
         settings: Settings,
         *,
         output: str = CHUNKS_OUTPUT,
-        load_image: Callable[[str], Any] | None = None,
+        load_images: LoadImages | None = None,
     ) -> None:
         self.node = node
         self.engine: BatchEngine = engine if hasattr(engine, "generate_batch") else SerialEngine(engine)  # type: ignore[arg-type]
@@ -112,7 +112,7 @@ class Scheduler:
         self.inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.work: queue.Queue[list[Job] | None] = queue.Queue()
         self.prefetcher = ImagePrefetcher(
-            load_image or ImageLoader.from_settings(settings),
+            load_images or ImageLoader.from_settings(settings),
             lambda job, images, error: self.inbox.put(("images", job, images, error)),
         )
         self.pending: deque[Job] = deque()
@@ -252,6 +252,12 @@ class Scheduler:
         if self.stopping:
             self.sender.discard(request_id)
             return
+        sources = image_sources(texts)
+        try:
+            check_image_count(len(sources), self.settings.max_images_per_request)
+        except ImageError as exc:
+            self._fail(request_id, str(exc))
+            return
         # Requests whose images are still being fetched count as waiting; those the next schedule
         # will start (free rows; requests that arrive together are scheduled together) do not.
         ready = sum(1 for job in self.pending if job.images is not None)
@@ -263,7 +269,6 @@ class Scheduler:
                 f"(QWENVL_MAX_QUEUED_REQUESTS={self.settings.max_queued_requests}); retry later",
             )
             return
-        sources = image_sources(texts)
         job = Job(request_id, texts, params, image_sources=sources, images=None if sources else [])
         if params.tools:
             job.tool_parser = ToolCallParser(max_calls=None if params.parallel_tool_calls else 1)
@@ -437,7 +442,8 @@ class Scheduler:
         except KeyError:  # cancelled meanwhile
             return
         self._emit()
-        logger.info("request %s ended with an error: %s", request_id, message)
+        # %r: the message may quote the client (a media type, a stop string): one log line, whatever it holds.
+        logger.info("request %s ended with an error: %r", request_id, message)
 
     def _emit(self) -> None:
         try:

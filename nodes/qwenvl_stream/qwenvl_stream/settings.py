@@ -34,6 +34,12 @@ class Settings:
     """Largest encoded image accepted (URL body or decoded base64)."""
     max_image_pixels: int = 64 * 1024 * 1024
     """Largest decoded image (width × height) accepted, against decompression bombs."""
+    max_images_per_request: int = 16
+    """Most images one request may name; more end the request with an error before any is fetched."""
+    max_total_image_pixels: int = 256 * 1024 * 1024
+    """Most decoded pixels (width × height, summed) of one request's images: 4 × the default
+    ``max_image_pixels``, ~768 MiB as RGB. Checked from each image's header before any is decoded:
+    a 1-bit PNG of 8192 × 8192 is 8 KB on the wire but 200 MB once decoded."""
     vision_max_pixels: int | None = None
     """Qwen's ``max_pixels``: larger images are scaled down to this many pixels before the vision
     encoder (28 × 28 pixels per visual token). Unset: the checkpoint's own setting."""

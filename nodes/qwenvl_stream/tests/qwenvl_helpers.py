@@ -67,9 +67,39 @@ def cancel(request_id: str) -> dict[str, Any]:
 def png_data_uri(size: tuple[int, int] = (60, 40), color: tuple[int, int, int] = (0, 128, 255)) -> str:
     from PIL import Image
 
+    return image_data_uri(Image.new("RGB", size, color))
+
+
+def image_data_uri(image: Any, image_format: str = "PNG") -> str:
+    """A PIL image encoded in ``image_format``, as a base64 ``data:`` URI."""
     buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    image.save(buffer, image_format)
+    return f"data:image/{image_format.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def bomb_png_data_uri(size: tuple[int, int] = (8192, 8192)) -> str:
+    """A 1-bit black PNG: ~8 KB on the wire at 8192 x 8192, ~200 MB once converted to RGB."""
+    from PIL import Image
+
+    return image_data_uri(Image.new("1", size))
+
+
+def _truncated_png_with_a_newline() -> str:
+    png = base64.b64decode(png_data_uri((300, 300)).split(",", 1)[1])
+    # A media-type parameter may hold anything; a node that logs the source's start with %s writes two lines.
+    return "data:image/png;x=\nERROR forged line;base64," + base64.b64encode(png[: len(png) // 2]).decode()
+
+
+TRUNCATED_PNG_WITH_A_NEWLINE = _truncated_png_with_a_newline()
+"""A PNG whose header reads and whose data ends half-way: it fails only when decoded."""
+
+# A PostScript header: PIL's EPS plugin reads it, and decoding it would run Ghostscript where installed.
+EPS_DATA_URI = (
+    "data:image/eps;base64,"
+    + base64.b64encode(
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n"
+    ).decode()
+)
 
 
 def check_stream(chunks: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:

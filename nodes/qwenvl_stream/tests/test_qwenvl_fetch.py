@@ -94,12 +94,12 @@ def test_a_loopback_url_is_refused_by_default_and_fetched_with_the_setting(serve
     assert message_of(server.url("/ok.png", host="localhost")) == NOT_ALLOWED
     assert ImageLoader.from_settings(Settings()).fetcher.allow_private is False
     with pytest.raises(ImageError, match=f"^{NOT_ALLOWED}$"):
-        ImageLoader.from_settings(Settings())(url)
+        ImageLoader.from_settings(Settings())([url])
     assert server.hits == []  # refused before any connection
 
     allowing = Settings.from_env({"QWENVL_ALLOW_PRIVATE_URLS": "1"})
     assert allowing.allow_private_urls is True
-    assert ImageLoader.from_settings(allowing)(url).size == (16, 16)
+    assert [image.size for image in ImageLoader.from_settings(allowing)([url])] == [(16, 16)]
     assert server.paths() == ["/ok.png"]
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from qwenvl_helpers import IMAGE, USER, Recorder, SpyEngine, cancel, check_stream, png_data_uri, request
+from qwenvl_helpers import EPS_DATA_URI, IMAGE, USER, Recorder, SpyEngine, cancel, check_stream, png_data_uri, request
 from qwenvl_helpers import spy as make_spy
 from qwenvl_stream.engine import QwenEngine, RowCriteria
 from qwenvl_stream.generation import GenerationParams
@@ -156,6 +156,7 @@ def test_row_criteria_masks_a_halted_row_at_the_very_next_token(loaded_model: An
     [
         pytest.param("data:image/png;base64,iVBORw0KGgoAAAA", "could not decode image", id="broken-data-uri"),
         pytest.param("http://127.0.0.1:9/missing.png", "image URL not allowed", id="loopback-url"),
+        pytest.param(EPS_DATA_URI, "could not decode image 1: not a known image format", id="eps-never-reaches-ghostscript"),
     ],
 )
 def test_a_broken_image_ends_that_request_with_an_error_and_the_node_keeps_serving(

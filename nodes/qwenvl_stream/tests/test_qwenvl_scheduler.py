@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
-from qwenvl_helpers import LocalServer, Recorder, cancel, check_stream, png_bytes, request, serve_bytes
+from PIL import Image
+from qwenvl_helpers import (
+    TRUNCATED_PNG_WITH_A_NEWLINE,
+    LocalServer,
+    Recorder,
+    bomb_png_data_uri,
+    cancel,
+    check_stream,
+    image_data_uri,
+    png_bytes,
+    png_data_uri,
+    request,
+    serve_bytes,
+)
 from qwenvl_stream.generation import GenerationParams, Outcome, RequestError
 from qwenvl_stream.scheduler import Scheduler
 from qwenvl_stream.settings import Settings
@@ -327,3 +341,62 @@ def test_a_generation_with_no_output_for_the_streamer_timeout_fails_and_is_halte
     assert stuck["finish_reason"] == "error" and "QWENVL_STREAMER_TIMEOUT_S" in stuck["error"]
     assert engine.emitted[USER + "hi"] == 1  # its generation saw the halt
     assert check_stream(recorder.chunks("next"))["finish_reason"] == "error"  # the same silent engine
+
+
+# -- what one request's images may cost ------------------------------------------------------------
+
+
+def image_error(recorder: Recorder, request_id: str) -> str:
+    last = check_stream(recorder.chunks(request_id))
+    assert last["finish_reason"] == "error"
+    return str(last["error"])
+
+
+def test_a_request_with_too_many_images_ends_with_an_error_naming_the_limit() -> None:
+    engine = FakeEngine(["ok"])
+    images = [IMAGE + png_data_uri((8, 8))] * 4
+    recorder = run(
+        engine, [request("many", [*images, USER + "?"]), request("few", [*images[:3], USER + "?"])], max_images_per_request=3
+    )
+    assert image_error(recorder, "many") == "too many images: 4 in one request, at most 3 allowed (QWENVL_MAX_IMAGES_PER_REQUEST)"
+    assert check_stream(recorder.chunks("few"))["finish_reason"] == "stop"
+    assert [len(images) for images in engine.images.values()] == [3]  # only "few" reached the engine
+
+
+def test_a_request_over_the_total_pixels_ends_before_any_image_is_decoded() -> None:
+    engine = FakeEngine(["ok"])
+    bomb = IMAGE + bomb_png_data_uri((2048, 2048))  # 4 Mi pixels each, within the per-image limit
+    settings = {"max_image_pixels": 2048 * 2048, "max_total_image_pixels": 3 * 2048 * 2048}
+    recorder = run(engine, [request("bombs", [bomb] * 4 + [USER + "?"])], **settings)
+    assert image_error(recorder, "bombs") == (
+        "the request's images have more than the 12582912 pixels allowed in all "
+        "(QWENVL_MAX_TOTAL_IMAGE_PIXELS): image 4 passes it"
+    )
+    assert engine.calls == []
+
+
+@pytest.mark.parametrize(
+    "image, error",
+    [
+        pytest.param(
+            image_data_uri(Image.new("RGB", (16, 16)), "TIFF"),
+            "could not decode image 1: not a known image format (PNG, JPEG, WebP, GIF or BMP)",
+            id="tiff-refused",
+        ),
+        pytest.param(
+            TRUNCATED_PNG_WITH_A_NEWLINE, "could not decode image 1: the data is damaged or incomplete", id="truncated-png"
+        ),
+    ],
+)
+def test_an_image_error_is_a_fixed_text_and_every_log_line_stays_one_line(
+    image: str, error: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = FakeEngine(["ok"])
+    with caplog.at_level(logging.DEBUG, logger="qwenvl_stream"):
+        recorder = run(
+            engine, [request("bad", [IMAGE + image, USER + "?"]), request("good", [IMAGE + png_data_uri(), USER + "?"])]
+        )
+    forged = [record.getMessage() for record in caplog.records if "\n" in record.getMessage()]
+    assert caplog.records and forged == []
+    assert image_error(recorder, "bad") == error
+    assert check_stream(recorder.chunks("good"))["finish_reason"] == "stop"

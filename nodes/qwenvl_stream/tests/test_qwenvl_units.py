@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import logging
 import socket
 import subprocess
 import sys
@@ -14,11 +15,20 @@ from typing import Any
 
 import pytest
 import yaml
-from qwenvl_helpers import png_data_uri
+from PIL import Image, ImageFile
+from qwenvl_helpers import EPS_DATA_URI, TRUNCATED_PNG_WITH_A_NEWLINE, bomb_png_data_uri, image_data_uri, png_data_uri
 from qwenvl_stream.chat import to_chat
 from qwenvl_stream.fetch import UrlFetcher
-from qwenvl_stream.generation import GenerationParams, RequestError, RowStream, StopFilter, sampling_kwargs
-from qwenvl_stream.images import ImageError, ImageLimits, load_image
+from qwenvl_stream.generation import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    GenerationParams,
+    RequestError,
+    RowStream,
+    StopFilter,
+    sampling_kwargs,
+)
+from qwenvl_stream.images import ImageError, ImageLimits, ImageLoader, load_image, load_images
 from qwenvl_stream.settings import Settings
 
 from openai_stream_protocol import Part, parse_request_texts
@@ -77,6 +87,21 @@ def test_generation_params_from_metadata() -> None:
 def test_bad_parameters_are_request_errors(metadata: dict[str, Any], key: str) -> None:
     with pytest.raises(RequestError, match=key):
         params(**metadata)
+
+
+def test_stop_strings_are_capped_in_count_and_length_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """The server refuses more with a 400; a client talking to the node directly gets the first 16, not 20,000."""
+    longest, too_long = "x" * MAX_STOP_CHARS, "y" * (MAX_STOP_CHARS + 1)
+    many = [too_long, longest, *(f"stop{i}" for i in range(20_000))]
+    with caplog.at_level(logging.WARNING, logger="qwenvl_stream.generation"):
+        stop = params(stop=many, request_id="r1").stop
+    assert stop == (longest, *(f"stop{i}" for i in range(MAX_STOP_STRINGS - 1)))
+    assert [r.getMessage() for r in caplog.records] == [
+        "request 'r1': 19986 of its 20002 stop strings ignored (at most 16, of at most 256 characters each)"
+    ]
+    caplog.clear()
+    assert params(stop=[f"s{i}" for i in range(MAX_STOP_STRINGS)]).stop == tuple(f"s{i}" for i in range(16))
+    assert caplog.records == []  # within the bounds: nothing dropped, nothing logged
 
 
 def test_sampling_kwargs() -> None:
@@ -180,6 +205,82 @@ def test_image_limits_are_checked_before_decoding() -> None:
         load_image(big, ImageLimits(max_bytes=100, max_pixels=10**9, timeout_s=1))
     with pytest.raises(ImageError, match="pixels"):
         load_image(big, ImageLimits(max_bytes=10**9, max_pixels=300 * 299, timeout_s=1))
+
+
+# The node's defaults: 16 images, 64 Mi pixels each, 256 Mi pixels per request.
+REQUEST_LIMITS = ImageLoader.from_settings(Settings()).limits
+
+
+@pytest.fixture
+def no_decoding(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Any decode (PIL's ``ImageFile.load``) fails the test instead of allocating: the sizes it was asked for."""
+    decoded: list[tuple[int, int]] = []
+
+    def load(image: Any) -> None:
+        decoded.append(image.size)
+        raise AssertionError(f"an image of {image.size} was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return decoded
+
+
+def test_too_many_images_are_refused_before_any_is_fetched(no_decoding: list[tuple[int, int]]) -> None:
+    # Fetching any of these would fail differently (the strict policy refuses the URL, or the name does not resolve).
+    sources = ["http://example.invalid/a.png"] * 17
+    with pytest.raises(
+        ImageError, match=r"^too many images: 17 in one request, at most 16 allowed \(QWENVL_MAX_IMAGES_PER_REQUEST\)$"
+    ):
+        load_images(sources, REQUEST_LIMITS)
+    assert no_decoding == []
+
+
+def test_the_total_pixels_of_a_request_are_checked_from_the_headers_before_any_decode(
+    no_decoding: list[tuple[int, int]],
+) -> None:
+    bomb = bomb_png_data_uri((8192, 8192))
+    assert len(bomb) < 12_000  # ~8 KB of PNG; 8192 x 8192 x 3 bytes once converted to RGB
+    assert 8192 * 8192 == REQUEST_LIMITS.max_pixels  # each one alone is within the per-image limit
+    with pytest.raises(ImageError, match=r"268435456 pixels allowed in all \(QWENVL_MAX_TOTAL_IMAGE_PIXELS\): image 5"):
+        load_images([bomb] * 5, REQUEST_LIMITS)
+    assert no_decoding == []  # four passed their header check; none was decoded
+
+
+def test_a_request_within_the_limits_is_decoded_in_order() -> None:
+    sources = [png_data_uri((30, 20)), png_data_uri((20, 30))]
+    limits = ImageLimits(10**6, 600, 5.0, max_images=2, max_total_pixels=1200)
+    assert [(image.size, image.mode) for image in load_images(sources, limits)] == [((30, 20), "RGB"), ((20, 30), "RGB")]
+    with pytest.raises(ImageError, match="QWENVL_MAX_TOTAL_IMAGE_PIXELS"):
+        load_images([*sources, png_data_uri((1, 1))], ImageLimits(10**6, 600, 5.0, max_total_pixels=1200))
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        pytest.param(EPS_DATA_URI, id="eps"),
+        pytest.param(image_data_uri(Image.new("RGB", (16, 16)), "TIFF"), id="tiff"),
+        pytest.param(image_data_uri(Image.new("RGB", (16, 16)), "PPM"), id="ppm"),
+    ],
+)
+def test_formats_outside_the_allow_list_are_refused_unread(source: str, no_decoding: list[tuple[int, int]]) -> None:
+    with pytest.raises(ImageError) as refused:
+        load_image(source, LIMITS)
+    assert str(refused.value) == "could not decode image: not a known image format (PNG, JPEG, WebP, GIF or BMP)"
+    assert no_decoding == []
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+def test_allowed_formats_decode(image_format: str) -> None:
+    assert load_image(image_data_uri(Image.new("RGB", (16, 8), (10, 200, 30)), image_format), LIMITS).size == (16, 8)
+
+
+def test_a_decoder_error_reaches_the_client_as_a_fixed_text_and_the_log_escaped(caplog: pytest.LogCaptureFixture) -> None:
+    source = TRUNCATED_PNG_WITH_A_NEWLINE
+    with caplog.at_level(logging.WARNING, logger="qwenvl_stream.images"), pytest.raises(ImageError) as failed:
+        load_images([source], LIMITS)
+    assert str(failed.value) == "could not decode image 1: the data is damaged or incomplete"
+    [record] = caplog.records
+    assert "truncated" in record.getMessage()  # the decoder's own words, for the operator
+    assert "\n" not in record.getMessage()
 
 
 @pytest.fixture
