@@ -8,7 +8,6 @@ every wait is bounded by a generous multiple of them.
 from __future__ import annotations
 
 import json
-import selectors
 import socket
 import time
 from collections.abc import Iterator
@@ -21,15 +20,16 @@ import uvicorn
 from openai_stream_server.app import create_app
 from openai_stream_server.main import uvicorn_config
 from openai_stream_server.settings import Settings
+from tests import raw_sockets
 from tests.fakes import FakeBackend
 from tests.live import LiveServer, metric
+from tests.raw_sockets import HALF_HEADERS, status_of, still_open
 
 pytestmark = pytest.mark.timeout(60)
 
 READ_TIMEOUT_S = 0.4
 WAIT_S = 15 * READ_TIMEOUT_S
 """A generous bound on how long a closed-by-deadline connection may take to close (a loaded machine)."""
-HALF_HEADERS = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nX-Slow: "
 
 
 def body(text: str, *, stream: bool = False) -> dict[str, object]:
@@ -62,49 +62,11 @@ def served(backend: FakeBackend | None = None, **settings: object) -> Iterator[P
 
 
 def connect(live: ProductionServer, first_bytes: bytes = b"") -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", live.port), timeout=WAIT_S)
-    if first_bytes:
-        sock.sendall(first_bytes)
-    return sock
+    return raw_sockets.connect(live.port, first_bytes, WAIT_S)
 
 
 def read_until_closed(socks: list[socket.socket], timeout_s: float = WAIT_S) -> dict[socket.socket, bytes]:
-    """What each socket received until the server closed it; a socket still open at the deadline is left out."""
-    got = {s: b"" for s in socks}
-    closed: dict[socket.socket, bytes] = {}
-    with selectors.DefaultSelector() as sel:
-        for s in socks:
-            s.setblocking(False)
-            sel.register(s, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout_s
-        while len(closed) < len(socks) and time.monotonic() < deadline:
-            for key, _ in sel.select(timeout=max(0.0, deadline - time.monotonic())):
-                s = key.fileobj
-                assert isinstance(s, socket.socket)
-                try:
-                    data = s.recv(65536)
-                except ConnectionResetError:
-                    data = b""
-                if data:
-                    got[s] += data
-                else:
-                    closed[s] = got[s]
-                    sel.unregister(s)
-    return closed
-
-
-def status_of(response: bytes) -> int:
-    return int(response.split(b" ", 2)[1])
-
-
-def still_open(sock: socket.socket) -> bool:
-    sock.setblocking(False)
-    try:
-        return sock.recv(1, socket.MSG_PEEK) != b""
-    except BlockingIOError:
-        return True
-    except ConnectionResetError:
-        return False
+    return raw_sockets.read_until_closed(socks, timeout_s)
 
 
 # -- the read deadline -------------------------------------------------------------------
