@@ -11,6 +11,9 @@ the bound, retained completions go first, oldest first; new requests are
 refused (503, ``Overloaded``) while completions in flight hold more than
 ``ADMIT_FRACTION`` of it; and if those still grow past the bound, the largest
 in flight fails (docs/architecture.md, "Limits and failure behaviour").
+
+How each completion went downstream (its ``Attempt``: wire id, try number, the request to re-send)
+is the registry's record: it alone writes it (docs/architecture.md, "Replicas and failover").
 """
 
 from __future__ import annotations
@@ -40,6 +43,26 @@ only when those in flight outgrow the whole bound.
 """
 
 
+class Attempt:
+    """How a completion went downstream, this time: the registry's record, kept on the state (``StreamState.attempt``).
+
+    A slotted object on the state rather than a table here: ``deliver`` reads ``wire_id`` once per chunk.
+    """
+
+    __slots__ = ("wire_id", "number", "request", "submitted")
+
+    def __init__(self, request_id: str) -> None:
+        self.wire_id = request_id
+        """The id the node answers under: the completion id, then ``<id>~<n>`` after the n-th re-send, so
+        that a late chunk of an earlier attempt (a dead or restarted replica) never mixes in."""
+        self.number = 0
+        """0 for the first send, n for the n-th re-send."""
+        self.request: DownstreamRequest | None = None
+        """What was sent, kept while in flight so that it can be re-sent when its replica dies unanswered."""
+        self.submitted = False
+        """Set once the request went downstream: only those are sent a ``cancel`` when they end early."""
+
+
 class StreamRegistry:
     def __init__(
         self,
@@ -57,7 +80,6 @@ class StreamRegistry:
         self._limits = Limits(settings.max_buffered_chunks, settings.max_completion_bytes)
         self.active: dict[str, StreamState] = {}
         self.retained: OrderedDict[str, StreamState] = OrderedDict()
-        self._retained_bytes = 0
         self._ledger = ByteLedger()
         self._max_total_bytes = settings.max_total_bytes or sys.maxsize  # 0: no bound
         self._admit_bytes = int(self._max_total_bytes * ADMIT_FRACTION)
@@ -70,19 +92,26 @@ class StreamRegistry:
         """Bytes held by every completion in flight and retained (``StreamState.held_bytes`` summed)."""
         return self._ledger.nbytes
 
-    def open(self, request_id: str, model: str, prompt_tokens: int, surface: str = "chat") -> StreamState:
+    def open(self, request_id: str, model: str, prompt_tokens: int, surface: str) -> StreamState:
+        """A new completion in flight, opened by ``surface`` (the name its metrics and log line carry)."""
         if len(self.active) >= self.settings.max_active_requests:
             raise TooManyRequests(f"{len(self.active)} requests in flight (limit {self.settings.max_active_requests})")
         if self._ledger.nbytes >= self._admit_bytes:
             self._make_room()
-        state = StreamState(request_id, model, prompt_tokens=prompt_tokens, limits=self._limits, ledger=self._ledger)
-        state.surface = surface
+        state = StreamState(request_id, model, surface, prompt_tokens=prompt_tokens, limits=self._limits, ledger=self._ledger)
+        state.attempt = Attempt(request_id)
         self.active[request_id] = state
         self._legacy_waiting.append(request_id)
         if len(self._legacy_waiting) > 2 * len(self.active) + 64:  # forget ids that ended: amortised O(1)
             self._legacy_waiting = deque(i for i in self._legacy_waiting if i in self.active)
         self.metrics.active_streams.inc()
         return state
+
+    def sent(self, state: StreamState, request: DownstreamRequest) -> None:
+        """``request`` went downstream for ``state``: it is cancelled there if it ends early, re-sent if its replica dies."""
+        attempt = state.attempt
+        attempt.submitted = True
+        attempt.request = request
 
     def get(self, request_id: str) -> StreamState | None:
         return self.active.get(request_id) or self.retained.get(request_id)
@@ -95,23 +124,29 @@ class StreamRegistry:
         self.last_chunk_at = now
         metrics = self.metrics
         delivered = 0
+        active, retained, retried = self.active, self.retained, self._retried
         for chunk in chunks:
-            state = self._route(chunk)
+            rid = chunk.request_id
+            if rid is None:
+                state = self._legacy(chunk)
+            else:
+                state = active.get(rid) or retained.get(rid) or (retried.get(rid) if retried else None)
             if state is None:
                 metrics.dropped_chunks.labels("unknown").inc()
                 continue
-            if chunk.request_id is not None and state.wire_id != chunk.request_id:
+            if rid is not None and state.attempt.wire_id != rid:
                 # An earlier attempt's chunk (its replica died, the request was re-sent): never mixed in.
                 metrics.dropped_chunks.labels("stale").inc()
                 continue
             previous = state.last_chunk_at
-            logged = len(state.pieces)
+            pieces = state.pieces
+            logged = len(pieces)
             outcome = state.accept(chunk, now)
             if outcome is Outcome.DELIVERED:
                 # Per chunk, a Counter.inc costs ~0.5 us and a Histogram.observe ~1.2 us (benchmarks/README.md):
                 # count once per batch, and observe a gap once per stream per batch (one batch is one arrival).
                 # One chunk in order may release held ones after it: count everything it appended.
-                delivered += len(state.pieces) - logged
+                delivered += len(pieces) - logged
                 if previous is not None:
                     if previous != now:
                         metrics.inter_chunk.observe(now - previous)
@@ -121,17 +156,14 @@ class StreamRegistry:
                 metrics.reordered_chunks.inc()
             else:
                 metrics.dropped_chunks.labels(outcome.value).inc()
-            if state.done and state.request_id in self.active:
+            if state.status is not Status.IN_PROGRESS and state.request_id in active:
                 self._ended(state)
         if delivered:
             metrics.chunks.inc(delivered)
         if self._ledger.nbytes > self._max_total_bytes:
             self._reclaim()
 
-    def _route(self, chunk: Chunk) -> StreamState | None:
-        if chunk.request_id is not None:
-            rid = chunk.request_id
-            return self.active.get(rid) or self.retained.get(rid) or (self._retried.get(rid) if self._retried else None)
+    def _legacy(self, chunk: Chunk) -> StreamState | None:
         if chunk.seq is None:  # legacy reply without an id: the oldest request still waiting
             while self._legacy_waiting:
                 state = self.active.get(self._legacy_waiting.popleft())
@@ -156,8 +188,7 @@ class StreamRegistry:
         state = self.retained.pop(request_id, None)
         if state is None:
             return False
-        self._retained_bytes -= state.nbytes
-        self._ledger.nbytes -= state.held_bytes
+        self._forget(state)
         return True
 
     def fail(self, state: StreamState, error: ChatCompletionError) -> None:
@@ -174,9 +205,9 @@ class StreamRegistry:
         resend = []
         for wire_id in wire_ids:
             state = self.active.get(wire_id) or self._retried.get(wire_id)
-            if state is None or state.done or state.wire_id != wire_id:
+            if state is None or state.done or state.attempt.wire_id != wire_id:
                 continue
-            if state.received_any or state.request is None:
+            if state.received_any or state.attempt.request is None:
                 self.fail(state, error)
             else:
                 resend.append(state)
@@ -184,13 +215,14 @@ class StreamRegistry:
 
     def retry(self, state: StreamState, replica_id: str) -> DownstreamRequest | None:
         """The request to re-send ``state`` with, under a new wire id (None if it ended meanwhile)."""
-        request = state.request
+        attempt = state.attempt
+        request = attempt.request
         if request is None or state.done:
             return None
-        if state.attempt:
-            self._retried.pop(state.wire_id, None)
-        state.attempt += 1
-        state.wire_id = wire_id = f"{state.request_id}~{state.attempt}"
+        if attempt.number:
+            self._retried.pop(attempt.wire_id, None)
+        attempt.number += 1
+        attempt.wire_id = wire_id = f"{state.request_id}~{attempt.number}"
         self._retried[wire_id] = state
         self.metrics.retries.inc()
         metadata = {**request.metadata, "request_id": wire_id, "session_id": wire_id}
@@ -222,29 +254,35 @@ class StreamRegistry:
         del self.active[state.request_id]
         self.metrics.active_streams.dec()
         self.metrics.completions.labels(state.status.value, state.surface).inc()
-        if state.submitted and (
-            state.status is Status.CANCELLED or (state.status is Status.FAILED and state.finish_reason != "error")
+        attempt = state.attempt
+        if attempt.submitted and (
+            state.status is Status.CANCELLED or (state.status is Status.FAILED and state.log.finish_reason != "error")
         ):
             # The node may still be working on it: stop it (docs/architecture.md, "Limits and failure behaviour").
             # One never submitted (submit raised) is unknown to the nodes: nothing to stop.
-            self._on_cancel(state.wire_id)
-        if self._on_release is not None and state.submitted:
-            self._on_release(state.wire_id, state.status is Status.COMPLETED)
-        if state.attempt:
-            self._retried.pop(state.wire_id, None)
-        state.request = None
+            self._on_cancel(attempt.wire_id)
+        if self._on_release is not None and attempt.submitted:
+            self._on_release(attempt.wire_id, state.status is Status.COMPLETED)
+        if attempt.number:
+            self._retried.pop(attempt.wire_id, None)
+        attempt.request = None
         if state.status is Status.FAILED and state.error is not None:
             self.metrics.errors.labels(state.error.code or state.error.error_type).inc()
         self._log(state)
         self.retained[state.request_id] = state
-        self._retained_bytes += state.nbytes
+        ledger = self._ledger
+        ledger.retained_text += state.log.nbytes
         s = self.settings
-        while self.retained and (len(self.retained) > s.max_retained or self._retained_bytes > s.max_retained_bytes):
+        while self.retained and (len(self.retained) > s.max_retained or ledger.retained_text > s.max_retained_bytes):
             self._evict_oldest()
 
     def _evict_oldest(self) -> None:
         _, state = self.retained.popitem(last=False)
-        self._retained_bytes -= state.nbytes
+        self._forget(state)
+
+    def _forget(self, state: StreamState) -> None:
+        """A retained completion leaves: what it held leaves the ledger."""
+        self._ledger.retained_text -= state.log.nbytes
         self._ledger.nbytes -= state.held_bytes
 
     def _make_room(self) -> None:
@@ -292,8 +330,8 @@ class StreamRegistry:
             state.surface,
             state.model,
             state.status.value,
-            state.finish_reason,
-            len(state.pieces),
+            state.log.finish_reason,
+            len(state.log),
             ttfc,
             duration,
             f" error={state.error.message!r}" if state.error else "",

@@ -1,12 +1,21 @@
-"""Per-request stream state: reorder buffer, finish marker, usage, log, subscribers.
+"""Per-completion stream state: the lifecycle of one completion, and the parts it is made of.
 
-One ``StreamState`` per completion. Chunks go in through ``accept`` in any
-order; ``pieces`` holds the in-order texts (``pieces[i]`` is the text of
-``seq == i``), which is also the log a reattaching client reads from.
-Subscribers never get a queue of their own: each keeps a cursor into
-``pieces`` and waits for ``changed``, so a slow reader costs no memory and
-gets everything pending in one wake-up (coalesced).
-Runs on the event loop thread only.
+One ``StreamState`` per completion, on the event-loop thread only. Chunks go in through
+``accept`` in any order. Its parts, each with one job (docs/architecture.md, "Room 2: stream state"):
+
+- ``log`` (``answer_log.AnswerLog``): the in-order pieces, the tool-call deltas, the finish and
+  usage: what every surface renders, and what a reattaching client reads from;
+- ``reorder`` (``reorder.ReorderBuffer``): chunks that came early, until the gap fills;
+- ``surface_data`` (``SurfaceData``): what the surface that opened it keeps to render it again;
+- ``attempt`` (``registry.Attempt``): how it went downstream, written by the registry only;
+
+and, here, the lifecycle: status, error, timeouts and the readers waiting. Readers never get a
+queue of their own: each keeps a cursor into ``log.pieces`` and waits (``wait``), so a slow reader
+costs no memory and gets everything pending in one wake-up (coalesced).
+
+Bytes: each part knows what it holds (``AnswerLog.held_bytes``, ``ReorderBuffer.nbytes``,
+``SurfaceData.nbytes``); ``held_bytes`` is their sum, and the one ``ByteLedger`` the sum over every
+completion, kept up to date by the same changes (docs/architecture.md, "Memory bounds").
 """
 
 from __future__ import annotations
@@ -16,12 +25,27 @@ import enum
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from openai_stream_protocol import Chunk, Part, ToolCall, ToolCallDelta
+from openai_stream_protocol import Chunk, Part, ToolCall
 
-from .answer_log import fallback_call_id
-from .backend import DownstreamRequest
+from .answer_log import LOGGED_CHUNK_OVERHEAD_BYTES, AnswerLog, Segment, utf8_len
 from .errors import ChatCompletionError, UpstreamError, UpstreamTimeout
+from .reorder import HELD_CHUNK_OVERHEAD_BYTES, ReorderBuffer, held_cost
+
+if TYPE_CHECKING:
+    from .registry import Attempt
+
+__all__ = [
+    "HELD_CHUNK_OVERHEAD_BYTES",
+    "LOGGED_CHUNK_OVERHEAD_BYTES",
+    "ByteLedger",
+    "Limits",
+    "Outcome",
+    "Status",
+    "StreamState",
+    "SurfaceData",
+]
 
 
 class Status(enum.Enum):
@@ -39,46 +63,43 @@ class Outcome(enum.Enum):
     OVERFLOW = "overflow"  # the request's buffer was full; it failed
 
 
-LOGGED_CHUNK_OVERHEAD_BYTES = 64
-"""What one chunk in ``pieces`` costs beyond its text's UTF-8 bytes, for the byte limits.
-
-Measured on CPython 3.11 (tracemalloc): a short text is a str of 49 bytes plus its length, and the
-list slot holding it is 8; an empty text is the shared ``""`` and costs only the slot. Counting every
-chunk as at least 64 bytes makes a node that floods empty (or one-byte) chunks reach
-``max_completion_bytes`` rather than grow ``pieces`` without bound (docs/architecture.md, "Limits and
-failure behaviour").
-"""
-
-HELD_CHUNK_OVERHEAD_BYTES = 320
-"""What one chunk held back for reordering (``_pending``) costs beyond its text's UTF-8 bytes.
-
-Measured as above: about 270 bytes for an empty chunk (the ``Chunk`` object, its request id string,
-the int key and the dict entry), rounded up. Held chunks count towards ``max_completion_bytes`` too,
-so a node that sends ``seq`` far ahead (never ``seq`` 0) ends its request instead of filling memory.
-"""
-
-
 class ByteLedger:
-    """Bytes held over many completions (in flight and retained), kept up to date by each ``StreamState``.
+    """The one count of bytes held over many completions (in flight and retained); the registry keeps one.
 
-    One shared mutable count: adding to it costs one attribute update per chunk, so the registry
-    knows the total without scanning its completions on the hot path.
+    Every change to what a completion's parts hold is added here as it happens, so the registry knows
+    the total without scanning its completions on the hot path (one attribute update per chunk).
     """
 
-    __slots__ = ("nbytes",)
+    __slots__ = ("nbytes", "retained_text")
 
     def __init__(self) -> None:
         self.nbytes = 0
-
-
-def _utf8_len(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode())
+        """Everything the completions hold (``StreamState.held_bytes`` summed): ``max_total_bytes`` bounds it."""
+        self.retained_text = 0
+        """The answer text of the retained completions (``AnswerLog.nbytes`` summed): ``max_retained_bytes``
+        bounds it. Part of ``nbytes`` already: the registry adds it when it retains a completion."""
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_buffered_chunks: int = 4096
     max_completion_bytes: int = 16 * 1024 * 1024
+
+
+class SurfaceData:
+    """What the surface that opened a completion keeps on it to render or continue it; opaque to the state and registry."""
+
+    __slots__ = ("parts", "context", "nbytes")
+
+    def __init__(self) -> None:
+        self.parts: list[Part] = []
+        """The conversation that was sent, kept for as long as the completion is (in flight or retained) when
+        the surface asks (``Dispatcher.submit(keep_parts=True)``): the Responses API continues a conversation
+        from it (``previous_response_id``). Empty otherwise."""
+        self.context: object | None = None
+        """The Responses API: the request fields its response object echoes back."""
+        self.nbytes = 0
+        """What ``parts`` holds for the byte limits: their text plus ``LOGGED_CHUNK_OVERHEAD_BYTES`` each."""
 
 
 class StreamState:
@@ -88,50 +109,45 @@ class StreamState:
     CPython 3.11 stops sharing an instance dict's keys and its attribute access gets slower; at 33
     (the surface, tool-call and Responses fields) the chunk path cost ~1.7 us more per chunk
     (1,000 streams x 30 steps through ``registry.deliver`` and ``chunk_events``: 6.5 -> 8.2 us),
-    which slots take back (docs/architecture.md, "Facts measured").
+    which slots take back (docs/architecture.md, "Facts measured"). The parts have slots too.
     """
 
     __slots__ = (
+        # what it is
         "request_id",
         "model",
         "created",
-        "limits",
-        "status",
         "surface",
-        "pieces",
-        "sent_at",
-        "tool_calls",
-        "nbytes",
-        "held_bytes",
-        "submitted",
-        "request",
-        "parts",
-        "context",
-        "wire_id",
+        "limits",
+        # its parts
+        "log",
+        "reorder",
+        "surface_data",
         "attempt",
         "_ledger",
-        "_pending_bytes",
-        "finish_reason",
-        "stop_sequence",
+        # the log's own containers (the same objects), read by the renderers on every event
+        "pieces",
+        "tool_calls",
+        "sent_at",
+        # its lifecycle
+        "status",
         "error",
         "timed_out",
-        "prompt_tokens",
-        "completion_tokens",
-        "counted_tokens",
         "started_at",
         "first_chunk_at",
         "last_chunk_at",
         "ended_at",
-        "_pending",
-        "_fin_seq",
-        "_gap_since",
         "_waiters",
     )
+
+    attempt: Attempt
+    """Set by ``StreamRegistry.open``, written by the registry only: a state made outside a registry has none."""
 
     def __init__(
         self,
         request_id: str,
         model: str,
+        surface: str,
         *,
         prompt_tokens: int = 0,
         limits: Limits = Limits(),
@@ -141,58 +157,27 @@ class StreamState:
         self.request_id = request_id
         self.model = model
         self.created = int(time.time()) if created is None else created
+        self.surface = surface
+        """The API surface that opened it (``api/``): a label for metrics and the log line, and which surface may read it."""
         self.limits = limits
-        self.status = Status.IN_PROGRESS
-        self.surface = "chat"
-        """The API surface that opened it (``api/``): a label for metrics and the log line only."""
-        self.pieces: list[str] = []
-        self.sent_at: dict[int, float] = {}
-        self.tool_calls: dict[int, ToolCallDelta] = {}
-        """Piece index -> the tool call that piece belongs to, for pieces that are tool-call argument deltas
-        (docs/architecture.md, "Tool calls"); every other piece is answer text. Empty for most answers, so a
-        renderer that finds it empty takes the text-only path."""
-        """The node's ``sent_at`` per piece, for chunks that carry it (benchmarks: ``relay_sent_at``)."""
-        self.nbytes = 0
-        """UTF-8 bytes of the answer text in ``pieces``."""
-        self.held_bytes = 0
-        """What this completion holds for the byte limits: text bytes plus a per-chunk overhead, for
-        chunks in ``pieces`` and chunks held back (``LOGGED_CHUNK_OVERHEAD_BYTES``, ``HELD_CHUNK_OVERHEAD_BYTES``),
-        and the conversation when it is kept (``keep_parts``)."""
-        self.submitted = False
-        """Set once the request went downstream: only those are sent a ``cancel`` when they end early."""
-        self.request: DownstreamRequest | None = None
-        """What was sent, kept while in flight so that it can be re-sent when its replica dies unanswered."""
-        self.parts: list[Part] = []
-        """The conversation that was sent, as parts, kept for as long as the completion is (in flight or
-        retained) when the surface asks (``Dispatcher.submit(keep_parts=True)``): the Responses API
-        continues a conversation from it (``previous_response_id``). Empty otherwise. Counted in
-        ``held_bytes`` (``keep_parts``), so the byte limits see it."""
-        self.context: object | None = None
-        """Opaque to the state and the registry: what the surface that opened it keeps to render it again
-        (the Responses API: the request fields its response object echoes back)."""
-        self.wire_id = request_id
-        """The id the node answers under: ``request_id``, then ``<request_id>~<n>`` after the n-th re-send, so
-        that a late chunk of an earlier attempt (a dead or restarted replica) never mixes in."""
-        self.attempt = 0
+        self.log = log = AnswerLog(prompt_tokens)
+        self.reorder = ReorderBuffer()
+        self.surface_data = SurfaceData()
         self._ledger = ByteLedger() if ledger is None else ledger
-        self._pending_bytes = 0
-        self.finish_reason: str | None = None
-        self.stop_sequence: str | None = None
-        """The stop string that ended the answer, when the node's finish chunk names one (``stop_sequence``):
-        Anthropic's ``stop_reason: "stop_sequence"``. The text is cut before it; ``finish_reason`` is ``stop``."""
+        self.pieces = log.pieces
+        """``log.pieces`` itself (never rebound): ``pieces[i]`` is the text of ``seq == i``. Read-only."""
+        self.tool_calls = log.tool_calls
+        """``log.tool_calls`` itself: piece index -> its ``ToolCallDelta`` (docs/architecture.md, "Tool calls"). Read-only."""
+        self.sent_at = log.sent_at
+        """``log.sent_at`` itself. Read-only."""
+        self.status = Status.IN_PROGRESS
         self.error: ChatCompletionError | None = None
         self.timed_out: str | None = None
         """Which timeout ended it, if one did: ``first_chunk``, ``idle`` or ``gap`` (the ``oss_timeouts`` label)."""
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens: int | None = None
-        self.counted_tokens = 0
         self.started_at = time.monotonic()
         self.first_chunk_at: float | None = None
         self.last_chunk_at: float | None = None
         self.ended_at: float | None = None
-        self._pending: dict[int, Chunk] = {}
-        self._fin_seq: int | None = None
-        self._gap_since: float | None = None
         self._waiters: list[asyncio.Future[None]] = []
         """Subscribers parked in ``wait``; the first change after they park wakes them all, once (``_wake``).
 
@@ -201,7 +186,7 @@ class StreamState:
         stepped together, where the server spent ~31 us per event in all (benchmarks/README.md, "Step mode").
         """
 
-    # -- reading -----------------------------------------------------------
+    # -- the lifecycle -------------------------------------------------------
 
     @property
     def done(self) -> bool:
@@ -210,62 +195,12 @@ class StreamState:
     @property
     def received_any(self) -> bool:
         """A chunk of this attempt arrived (delivered or held): re-sending it could stream twice."""
-        return self.first_chunk_at is not None or bool(self._pending)
+        return self.first_chunk_at is not None or bool(self.reorder.held)
 
     @property
-    def text(self) -> str:
-        """The answer text: every piece that is not a tool-call delta."""
-        if not self.tool_calls:
-            return "".join(self.pieces)
-        calls = self.tool_calls
-        return "".join(piece for i, piece in enumerate(self.pieces) if i not in calls)
-
-    def calls(self) -> list[ToolCall]:
-        """The tool calls so far, whole, in index order: id and name from their deltas, arguments joined."""
-        found: dict[int, list[str | None]] = {}
-        pieces = self.pieces
-        for i, delta in sorted(self.tool_calls.items()):
-            call = found.setdefault(delta.index, [None, None, ""])
-            if call[0] is None and delta.id:
-                call[0] = delta.id
-            if call[1] is None and delta.name:
-                call[1] = delta.name
-            call[2] = (call[2] or "") + pieces[i]
-        return [
-            ToolCall(call_id or fallback_call_id(self.request_id, index), name or "", arguments or "")
-            for index, (call_id, name, arguments) in sorted(found.items())
-        ]
-
-    def segments(self, start: int, end: int) -> list[tuple[ToolCallDelta | None, str, int]]:
-        """Pieces ``start:end`` as runs ``(delta, text, last piece index)``: ``delta`` None for answer text, else
-        the call whose argument pieces the run joins.
-
-        Consecutive pieces of the same kind (text, or the same call) are joined, as the renderers coalesce; a
-        run's delta carries the call's id and name when the run holds the call's first chunk.
-        """
-        runs: list[tuple[ToolCallDelta | None, str, int]] = []
-        calls, pieces = self.tool_calls, self.pieces
-        for i in range(start, end):
-            delta = calls.get(i)
-            if runs:
-                last, text, _ = runs[-1]
-                if delta is None and last is None:
-                    runs[-1] = (None, text + pieces[i], i)
-                    continue
-                if delta is not None and last is not None and last.index == delta.index:
-                    runs[-1] = (ToolCallDelta(delta.index, last.id or delta.id, last.name or delta.name), text + pieces[i], i)
-                    continue
-            runs.append((delta, pieces[i], i))
-        return runs
-
-    @property
-    def usage(self) -> dict[str, int]:
-        completion = self.completion_tokens if self.completion_tokens is not None else self.counted_tokens
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt_tokens + completion,
-        }
+    def held_bytes(self) -> int:
+        """What this completion holds for the byte limits: the log, the chunks held back and the kept conversation."""
+        return self.log.held_bytes + self.reorder.nbytes + self.surface_data.nbytes
 
     async def wait(self, cursor: int, timeout_s: float | None = None) -> None:
         """Return once there is more than ``cursor`` pieces, the stream ended, or ``timeout_s`` passed."""
@@ -299,89 +234,129 @@ class StreamState:
             if not waiter.done():
                 waiter.set_result(None)
 
-    # -- writing -----------------------------------------------------------
+    # -- read-only views of the parts, for the surfaces that read them here ----
+
+    @property
+    def text(self) -> str:
+        return self.log.text
+
+    def calls(self) -> list[ToolCall]:
+        return self.log.calls(self.request_id)
+
+    def segments(self, start: int, end: int) -> list[Segment]:
+        return self.log.segments(start, end)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return self.log.usage
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.log.finish_reason
+
+    @property
+    def stop_sequence(self) -> str | None:
+        return self.log.stop_sequence
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.log.prompt_tokens
+
+    @property
+    def nbytes(self) -> int:
+        """UTF-8 bytes of the answer's pieces (``log.nbytes``)."""
+        return self.log.nbytes
+
+    @property
+    def parts(self) -> list[Part]:
+        return self.surface_data.parts
+
+    @property
+    def context(self) -> object | None:
+        return self.surface_data.context
+
+    @context.setter
+    def context(self, value: object | None) -> None:
+        self.surface_data.context = value
+
+    # -- writing -------------------------------------------------------------
 
     def keep_parts(self, parts: Iterable[Part]) -> None:
         """Keep the conversation that was sent (``parts``), counting its bytes like the answer's."""
-        self.parts = list(parts)
-        size = sum(_utf8_len(part.content) + LOGGED_CHUNK_OVERHEAD_BYTES for part in self.parts)
-        self.held_bytes += size
-        self._ledger.nbytes += size
+        kept = self.surface_data
+        kept.parts = list(parts)
+        size = sum(utf8_len(part.content) + LOGGED_CHUNK_OVERHEAD_BYTES for part in kept.parts)
+        self._ledger.nbytes += size - kept.nbytes
+        kept.nbytes = size
 
     def accept(self, chunk: Chunk, now: float) -> Outcome:
         """Take one chunk from the node, in whatever order it came."""
-        if self.done:
+        if self.status is not Status.IN_PROGRESS:
             return Outcome.LATE
-        if chunk.seq is None:  # a legacy reply: the whole answer at once
-            self._append(chunk, now)
-            self._finish("stop")
-            return Outcome.DELIVERED
         seq = chunk.seq
+        if seq is None:  # a legacy reply: the whole answer at once
+            self._append(chunk, now)
+            if self.status is Status.IN_PROGRESS:
+                self._finish("stop")
+            return Outcome.DELIVERED
         next_seq = len(self.pieces)
-        if seq < next_seq or seq in self._pending or (self._fin_seq is not None and seq > self._fin_seq):
+        reorder = self.reorder
+        if seq != next_seq:
+            return self._early(chunk, seq, next_seq, now)
+        # In order (the common case): the buffer holds nothing at or before ``seq``, nor a finish before it.
+        self._append(chunk, now)
+        if reorder.held:
+            while self.status is Status.IN_PROGRESS:
+                following = reorder.take(len(self.pieces))
+                if following is None:
+                    break
+                self._ledger.nbytes -= held_cost(following)
+                self._append(following, now)
+            reorder.gap_since = now if reorder.held else None
+        return Outcome.DELIVERED
+
+    def _early(self, chunk: Chunk, seq: int, next_seq: int, now: float) -> Outcome:
+        """A chunk that is not the next one: a duplicate, or held until its turn."""
+        reorder = self.reorder
+        if reorder.seen(seq, next_seq):
             return Outcome.DUPLICATE
         if chunk.fin:
-            self._fin_seq = seq
-        if seq > next_seq:
-            if len(self._pending) >= self.limits.max_buffered_chunks:
-                self.fail(UpstreamError(f"more than {self.limits.max_buffered_chunks} chunks waiting for seq {next_seq}"))
-                return Outcome.OVERFLOW
-            cost = _utf8_len(chunk.text) + HELD_CHUNK_OVERHEAD_BYTES
-            if self.held_bytes + cost > self.limits.max_completion_bytes:
-                self.fail(self._too_large())
-                return Outcome.OVERFLOW
-            self._pending[seq] = chunk
-            self._pending_bytes += cost
-            self.held_bytes += cost
-            self._ledger.nbytes += cost
-            if self._gap_since is None:
-                self._gap_since = now
-            return Outcome.REORDERED
-        self._append(chunk, now)
-        while self._pending and not self.done:
-            following = self._pending.pop(len(self.pieces), None)
-            if following is None:
-                break
-            cost = _utf8_len(following.text) + HELD_CHUNK_OVERHEAD_BYTES
-            self._pending_bytes -= cost
-            self.held_bytes -= cost
-            self._ledger.nbytes -= cost
-            self._append(following, now)
-        self._gap_since = now if self._pending else None
-        return Outcome.DELIVERED
+            reorder.fin_seq = seq
+        if len(reorder.held) >= self.limits.max_buffered_chunks:
+            self.fail(UpstreamError(f"more than {self.limits.max_buffered_chunks} chunks waiting for seq {next_seq}"))
+            return Outcome.OVERFLOW
+        cost = held_cost(chunk)
+        if self.held_bytes + cost > self.limits.max_completion_bytes:
+            self.fail(self._too_large())
+            return Outcome.OVERFLOW
+        reorder.hold(chunk, seq, cost, now)
+        self._ledger.nbytes += cost
+        return Outcome.REORDERED
 
     def _append(self, chunk: Chunk, now: float) -> None:
         if self.first_chunk_at is None:
             self.first_chunk_at = now
         self.last_chunk_at = now
-        if chunk.sent_at is not None:
-            self.sent_at[len(self.pieces)] = chunk.sent_at
-        if chunk.tool_call is not None:
-            self.tool_calls[len(self.pieces)] = chunk.tool_call
-        text = chunk.text
-        self.pieces.append(text)
-        size = len(text) if text.isascii() else len(text.encode())
-        self.nbytes += size
-        size += LOGGED_CHUNK_OVERHEAD_BYTES
-        self.held_bytes += size
+        log = self.log
+        size = log.append(chunk.text, chunk.tool_call, chunk.sent_at) + LOGGED_CHUNK_OVERHEAD_BYTES
         self._ledger.nbytes += size
-        if text:
-            self.counted_tokens += 1
         if self._waiters:  # the first chunk of a batch wakes each subscriber; the rest find none parked
             self._wake()
-        if self.held_bytes > self.limits.max_completion_bytes:
+        # ``held_bytes``, written out: this runs once per chunk.
+        held = log.nbytes + LOGGED_CHUNK_OVERHEAD_BYTES * len(log.pieces) + self.reorder.nbytes + self.surface_data.nbytes
+        if held > self.limits.max_completion_bytes:
             self.fail(self._too_large())
             return
         if chunk.prompt_tokens is not None:
-            self.prompt_tokens = chunk.prompt_tokens
+            log.prompt_tokens = chunk.prompt_tokens
         if chunk.completion_tokens is not None:
-            self.completion_tokens = chunk.completion_tokens
+            log.completion_tokens = chunk.completion_tokens
         if chunk.fin:
             if chunk.finish_reason == "error":
-                self.finish_reason = "error"
+                log.finish_reason = "error"
                 self.fail(UpstreamError(chunk.error or "the model node reported an error"))
             else:
-                self.stop_sequence = chunk.stop_sequence
+                log.stop_sequence = chunk.stop_sequence
                 self._finish(chunk.finish_reason or "stop")
 
     def _too_large(self) -> ChatCompletionError:
@@ -392,7 +367,7 @@ class StreamState:
         )
 
     def _finish(self, finish_reason: str) -> None:
-        self.finish_reason = finish_reason
+        self.log.finish_reason = finish_reason
         self._end(Status.COMPLETED)
 
     def fail(self, error: ChatCompletionError) -> None:
@@ -411,23 +386,21 @@ class StreamState:
     def _end(self, status: Status) -> None:
         self.status = status
         self.ended_at = time.monotonic()
-        self._pending.clear()
-        if self._pending_bytes:
-            self.held_bytes -= self._pending_bytes
-            self._ledger.nbytes -= self._pending_bytes
-            self._pending_bytes = 0
+        if self.reorder.held:
+            self._ledger.nbytes -= self.reorder.clear()
         self._wake()
 
     def check_deadlines(self, now: float, first_chunk_timeout_s: float, idle_timeout_s: float, gap_timeout_s: float) -> bool:
         """Fail the request if a timeout passed; True if it did."""
         if self.done:
             return False
-        if self._gap_since is not None and now - self._gap_since > gap_timeout_s:
+        gap_since = self.reorder.gap_since
+        if gap_since is not None and now - gap_since > gap_timeout_s:
             self.timed_out = "gap"
             self.fail(
                 UpstreamError(f"chunk seq {len(self.pieces)} never arrived (waited {gap_timeout_s:g} s)", code="missing_chunk")
             )
-        elif self.first_chunk_at is None and not self._pending:
+        elif self.first_chunk_at is None and not self.reorder.held:
             if now - self.started_at > first_chunk_timeout_s:
                 self.timed_out = "first_chunk"
                 self.fail(UpstreamTimeout(f"no answer from the model node within {first_chunk_timeout_s:g} s"))

@@ -99,8 +99,7 @@ class Dispatcher:
         except ChatCompletionError as error:
             self.registry.fail(state, error)  # never submitted: no cancel goes downstream
             raise
-        state.submitted = True
-        state.request = downstream
+        self.registry.sent(state, downstream)
         if keep_parts:
             state.keep_parts(parts)
         return state

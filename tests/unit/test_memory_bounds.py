@@ -41,7 +41,7 @@ MSG = [{"role": "user", "content": "hi"}]
 
 def test_a_flood_of_empty_chunks_ends_the_request() -> None:
     allowed = 100
-    state = StreamState("r", "m", limits=Limits(max_completion_bytes=allowed * LOGGED_CHUNK_OVERHEAD_BYTES))
+    state = StreamState("r", "m", "chat", limits=Limits(max_completion_bytes=allowed * LOGGED_CHUNK_OVERHEAD_BYTES))
     outcomes = [state.accept(Chunk("r", seq, ""), 0.0) for seq in range(allowed)]
     assert outcomes == [Outcome.DELIVERED] * allowed and not state.done
     assert state.accept(Chunk("r", allowed, ""), 0.0) is Outcome.DELIVERED
@@ -55,7 +55,7 @@ def test_a_flood_of_empty_chunks_ends_the_request() -> None:
 def test_chunks_held_for_reordering_count_towards_the_limit() -> None:
     """``seq`` 1, 2, ... without 0: each is held; their bytes end the request long before ``max_buffered_chunks``."""
     per_chunk = 1000 + HELD_CHUNK_OVERHEAD_BYTES
-    state = StreamState("r", "m", limits=Limits(max_buffered_chunks=4096, max_completion_bytes=10 * per_chunk))
+    state = StreamState("r", "m", "chat", limits=Limits(max_buffered_chunks=4096, max_completion_bytes=10 * per_chunk))
     outcomes = [state.accept(Chunk("r", seq, "x" * 1000), 0.0) for seq in range(1, 12)]
     assert outcomes == [Outcome.REORDERED] * 10 + [Outcome.OVERFLOW]
     assert state.status is Status.FAILED and state.error is not None and state.error.code == "completion_too_large"
@@ -64,7 +64,7 @@ def test_chunks_held_for_reordering_count_towards_the_limit() -> None:
 
 def test_utf8_text_and_overhead_are_both_counted() -> None:
     rocket = "🚀" * 10  # 40 bytes, 10 characters
-    state = StreamState("r", "m", limits=Limits(max_completion_bytes=40 + LOGGED_CHUNK_OVERHEAD_BYTES))
+    state = StreamState("r", "m", "chat", limits=Limits(max_completion_bytes=40 + LOGGED_CHUNK_OVERHEAD_BYTES))
     state.accept(Chunk("r", 0, rocket), 0.0)
     assert (state.nbytes, state.held_bytes, state.done) == (40, 40 + LOGGED_CHUNK_OVERHEAD_BYTES, False)
     state.accept(Chunk("r", 1, ""), 0.0)
@@ -77,7 +77,7 @@ def test_the_shared_ledger_always_equals_what_the_completions_hold(seed: int) ->
     rng = random.Random(seed)
     ledger = ByteLedger()
     limits = Limits(max_buffered_chunks=rng.choice([4, 64]), max_completion_bytes=rng.choice([2_000, 50_000]))
-    states = [StreamState(f"r{i}", "m", limits=limits, ledger=ledger) for i in range(6)]
+    states = [StreamState(f"r{i}", "m", "chat", limits=limits, ledger=ledger) for i in range(6)]
     for _ in range(600):
         state = rng.choice(states)
         roll = rng.random()
@@ -90,7 +90,7 @@ def test_the_shared_ledger_always_equals_what_the_completions_hold(seed: int) ->
             state.accept(Chunk(state.request_id, seq, rng.choice(["", "a", "bc ", "é", "🚀" * 3]), fin=seq == 39), 0.0)
         for s in states:
             logged = sum(len(p.encode()) + LOGGED_CHUNK_OVERHEAD_BYTES for p in s.pieces)
-            held = sum(len(c.text.encode()) + HELD_CHUNK_OVERHEAD_BYTES for c in s._pending.values())
+            held = sum(len(c.text.encode()) + HELD_CHUNK_OVERHEAD_BYTES for c in s.reorder.held.values())
             assert s.held_bytes == logged + held
             assert s.held_bytes <= limits.max_completion_bytes or s.done
         assert ledger.nbytes == sum(s.held_bytes for s in states)

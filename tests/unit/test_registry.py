@@ -13,7 +13,7 @@ def test_chunks_released_from_the_reorder_buffer_are_counted_as_delivered() -> N
     """Regression: ``oss_chunks_total`` counted only the chunk that arrived in order, not the held ones it released."""
     metrics = Metrics()
     registry = StreamRegistry(Settings(), metrics, on_cancel=lambda _: None)
-    state = registry.open("chatcmpl-1", "m", prompt_tokens=1)
+    state = registry.open("chatcmpl-1", "m", prompt_tokens=1, surface="chat")
     registry.deliver([Chunk("chatcmpl-1", 2, "c", fin=True, finish_reason="stop"), Chunk("chatcmpl-1", 1, "b")])
     registry.deliver([Chunk("chatcmpl-1", 0, "a")])
     text = metrics.render().decode()

@@ -44,7 +44,7 @@ def test_stamp_is_a_top_level_field() -> None:
 
 
 async def test_coalesced_event_carries_the_oldest_stamp() -> None:
-    state = StreamState("chatcmpl-1", "m")
+    state = StreamState("chatcmpl-1", "m", "chat")
     for seq, (text, sent_at) in enumerate([("a", 10.0), ("b", 11.0), ("c", 12.0)]):
         state.accept(Chunk("chatcmpl-1", seq, text, sent_at=sent_at), 0.0)
     state.accept(Chunk("chatcmpl-1", 3, "", fin=True, finish_reason="stop"), 0.0)

@@ -25,7 +25,7 @@ async def test_any_order_with_duplicates_reassembles(seed: int) -> None:
     incoming = chunks(WORDS)
     incoming += rng.sample(incoming, 10)  # duplicates
     rng.shuffle(incoming)
-    state = StreamState("r", "m")
+    state = StreamState("r", "m", "chat")
     outcomes = [state.accept(c, 0.0) for c in incoming]
     assert state.status is Status.COMPLETED
     assert state.text == "".join(WORDS)
@@ -34,7 +34,7 @@ async def test_any_order_with_duplicates_reassembles(seed: int) -> None:
 
 
 async def test_gap_times_out_naming_the_missing_seq() -> None:
-    state = StreamState("r", "m")
+    state = StreamState("r", "m", "chat")
     incoming = chunks(WORDS)
     del incoming[7]
     for c in incoming:
@@ -47,29 +47,29 @@ async def test_gap_times_out_naming_the_missing_seq() -> None:
 
 
 async def test_first_chunk_and_idle_timeouts() -> None:
-    state = StreamState("r", "m")
+    state = StreamState("r", "m", "chat")
     start = state.started_at
     assert not state.check_deadlines(start + 1, 2, 1, 1)
     assert state.check_deadlines(start + 3, 2, 1, 1)
     assert state.error is not None and state.error.status == 504
-    state = StreamState("r", "m")
+    state = StreamState("r", "m", "chat")
     state.accept(Chunk("r", 0, "a"), start + 1)
     assert not state.check_deadlines(start + 1.5, 2, 1, 1)
     assert state.check_deadlines(start + 2.5, 2, 1, 1)
 
 
 async def test_chunks_after_the_end_are_late() -> None:
-    state = StreamState("r", "m")
+    state = StreamState("r", "m", "chat")
     for c in chunks(["a"]):
         state.accept(c, 0)
     assert state.accept(Chunk("r", 5, "x"), 0) is Outcome.LATE
-    state = StreamState("r", "m")
+    state = StreamState("r", "m", "chat")
     state.cancel()
     assert state.accept(Chunk("r", 0, "x"), 0) is Outcome.LATE
 
 
 async def test_chunk_past_the_finish_marker_is_dropped() -> None:
-    state = StreamState("r", "m")
+    state = StreamState("r", "m", "chat")
     state.accept(Chunk("r", 2, "", fin=True, finish_reason="length"), 0)
     assert state.accept(Chunk("r", 3, "x"), 0) is Outcome.DUPLICATE
     state.accept(Chunk("r", 1, "b"), 0)
@@ -78,22 +78,22 @@ async def test_chunk_past_the_finish_marker_is_dropped() -> None:
 
 
 async def test_buffer_limit_fails_the_request() -> None:
-    state = StreamState("r", "m", limits=Limits(max_buffered_chunks=3))
+    state = StreamState("r", "m", "chat", limits=Limits(max_buffered_chunks=3))
     outcomes = [state.accept(Chunk("r", seq, "x"), 0) for seq in range(1, 5)]
     assert outcomes[-1] is Outcome.OVERFLOW and state.status is Status.FAILED
 
 
 async def test_node_error_and_usage_from_the_node() -> None:
-    state = StreamState("r", "m", prompt_tokens=9)
+    state = StreamState("r", "m", "chat", prompt_tokens=9)
     state.accept(Chunk("r", 0, "partial"), 0)
     state.accept(Chunk("r", 1, "", fin=True, finish_reason="error", error="CUDA out of memory"), 0)
     assert state.status is Status.FAILED and state.error is not None and "CUDA" in state.error.message
-    state = StreamState("r", "m", prompt_tokens=9)
+    state = StreamState("r", "m", "chat", prompt_tokens=9)
     state.accept(Chunk("r", 0, "a", fin=True, finish_reason="stop", prompt_tokens=4, completion_tokens=7), 0)
     assert state.usage == {"prompt_tokens": 4, "completion_tokens": 7, "total_tokens": 11}
 
 
 async def test_legacy_reply_is_the_whole_answer() -> None:
-    state = StreamState("r", "m")
+    state = StreamState("r", "m", "chat")
     assert state.accept(Chunk(None, None, "all of it", fin=True, finish_reason="stop"), 0) is Outcome.DELIVERED
     assert state.status is Status.COMPLETED and state.text == "all of it"
