@@ -58,8 +58,6 @@ SLOT_WAIT_S = 0.1
 """How long one wait for a free slot lasts before the reader checks whether the bridge stopped."""
 
 
-_is_tick = is_tick
-
 
 class DoraBridge:
     def __init__(self, node: Any) -> None:
@@ -127,7 +125,7 @@ class DoraBridge:
                     kind = ev["type"]
                     if kind == "INPUT":
                         input_id = ev["id"]
-                        if _is_tick(input_id):
+                        if is_tick(input_id):
                             continue
                         seen_at[input_id] = now
                         if HELLO_KEY in ev["metadata"]:  # a node saying it is up, not a chunk
