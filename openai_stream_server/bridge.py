@@ -16,6 +16,7 @@ up, and the chunks it has not read wait in dora's own input queue (whose
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -34,7 +35,7 @@ from openai_stream_protocol import (
 
 from .backend import ChunkSink, DownstreamRequest, OnLost, OnOrphaned
 from .errors import BackendUnavailable, UpstreamError
-from .replicas import Replica, ReplicaSet, discover, is_tick
+from .replicas import LegacyReplicas, Replica, ReplicaSet, discover, is_tick
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ before that would lose the request (docs/architecture.md, "Replicas and failover
 
 SLOT_WAIT_S = 0.1
 """How long one wait for a free slot lasts before the reader checks whether the bridge stopped."""
-
 
 
 class DoraBridge:
@@ -99,9 +99,13 @@ class DoraBridge:
         closed: set[str] = set()
         """Answer inputs dora closed (reader-owned): an event on one again means its replica is back."""
         seen_at = self._seen_at
+        legacy = LegacyReplicas(self.replicas)
+        numbered = legacy.numbered
 
-        def deliver(batch: list[Chunk]) -> None:  # on the loop thread
+        def deliver(batch: list[Chunk], unnamed: list[tuple[int, Replica]]) -> None:  # on the loop thread
             try:
+                if unnamed:
+                    self._name_legacy_replies(batch, unnamed)
                 sink(batch)
             finally:
                 slots.release()
@@ -119,6 +123,7 @@ class DoraBridge:
                         pass
                 self.last_event_at = now = time.monotonic()
                 batch: list[Chunk] = []
+                unnamed: list[tuple[int, Replica]] = []  # where a legacy reply without an id sits in ``batch``
                 signals: list[tuple[str, str]] = []
                 stop = False
                 for ev in events:
@@ -129,6 +134,7 @@ class DoraBridge:
                             continue
                         seen_at[input_id] = now
                         if HELLO_KEY in ev["metadata"]:  # a node saying it is up, not a chunk
+                            numbered.add(input_id)
                             closed.discard(input_id)
                             signals.append(("hello", input_id))
                             continue
@@ -138,6 +144,7 @@ class DoraBridge:
                         value = ev["value"]
                         if is_batch(value):
                             # One message, one chunk per row of many requests (docs/architecture.md, "Batch form").
+                            numbered.add(input_id)
                             try:
                                 batch.extend(parse_batch(value))
                             except (ValueError, TypeError, KeyError) as exc:
@@ -145,10 +152,16 @@ class DoraBridge:
                                 logger.warning("dropping a malformed batch of %d on %s: %r", len(value), ev["id"], str(exc))
                             continue
                         try:
-                            batch.append(parse_chunk(texts_of(value), ev["metadata"]))
+                            chunk = parse_chunk(texts_of(value), ev["metadata"])
                         except (ValueError, TypeError, IndexError) as exc:
                             self.malformed_chunks += 1
                             logger.warning("dropping a malformed chunk on %s: %r", ev["id"], str(exc))  # %r: one log line
+                            continue
+                        if chunk.seq is not None:
+                            numbered.add(input_id)
+                        elif chunk.request_id is None and (replica := legacy.replica_of(input_id)) is not None:
+                            unnamed.append((len(batch), replica))
+                        batch.append(chunk)
                     elif kind == "STOP":
                         stop = True
                     elif kind == "INPUT_CLOSED":
@@ -164,7 +177,7 @@ class DoraBridge:
                 if batch:
                     if not slots.acquire(blocking=False) and not self._wait_for_slot(loop):
                         break  # stopped, or the loop is gone: nobody left to deliver to
-                    loop.call_soon_threadsafe(deliver, batch)
+                    loop.call_soon_threadsafe(deliver, batch, unnamed)
                 if signals and not stop:  # after the chunks that came before them
                     loop.call_soon_threadsafe(self._replica_events, signals)
                 if stop:
@@ -182,6 +195,20 @@ class DoraBridge:
             if self._slots.acquire(timeout=SLOT_WAIT_S):
                 return True
         return False
+
+    def _name_legacy_replies(self, batch: list[Chunk], unnamed: list[tuple[int, Replica]]) -> None:
+        """Replies with neither id nor ``seq``, each from a legacy replica: each answers that replica's oldest request.
+
+        Never another replica's: with several model nodes, "the oldest request waiting" of all of them could
+        be one a modern node is streaming. One that finds no request stays unnamed and is dropped as unknown
+        (docs/architecture.md, "Legacy replies (no seq)").
+        """
+        named: set[str] = set()
+        for at, replica in unnamed:
+            wire_id = self.replicas.oldest_held(replica, named)
+            if wire_id is not None:
+                named.add(wire_id)
+                batch[at] = dataclasses.replace(batch[at], request_id=wire_id)
 
     # -- replicas (loop thread) -------------------------------------------------
 
@@ -219,8 +246,7 @@ class DoraBridge:
             return
         replica.hellos += 1
         if replica.live:
-            holds = any(holder is replica for holder in replicas.holder.values())  # a scan, once per hello
-            if holds or replica.hellos > 1:
+            if replica.held or replica.hellos > 1:
                 self._down(replica, "a new process said hello (it was restarted)", restarted=True)
         elif replicas.input_seen(input_id) is not None:
             logger.warning("model replica %r is back (hello on %r)", replica.replica_id, input_id)

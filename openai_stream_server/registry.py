@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 
 from openai_stream_protocol import Chunk
@@ -84,7 +84,6 @@ class StreamRegistry:
         self._max_total_bytes = settings.max_total_bytes or sys.maxsize  # 0: no bound
         self._admit_bytes = int(self._max_total_bytes * ADMIT_FRACTION)
         metrics.held_bytes.set_function(lambda: self._ledger.nbytes)  # read when /metrics renders, not per chunk
-        self._legacy_waiting: deque[str] = deque()
         self.last_chunk_at: float | None = None
 
     @property
@@ -101,9 +100,6 @@ class StreamRegistry:
         state = StreamState(request_id, model, surface, prompt_tokens=prompt_tokens, limits=self._limits, ledger=self._ledger)
         state.attempt = Attempt(request_id)
         self.active[request_id] = state
-        self._legacy_waiting.append(request_id)
-        if len(self._legacy_waiting) > 2 * len(self.active) + 64:  # forget ids that ended: amortised O(1)
-            self._legacy_waiting = deque(i for i in self._legacy_waiting if i in self.active)
         self.metrics.active_streams.inc()
         return state
 
@@ -127,14 +123,13 @@ class StreamRegistry:
         active, retained, retried = self.active, self.retained, self._retried
         for chunk in chunks:
             rid = chunk.request_id
-            if rid is None:
-                state = self._legacy(chunk)
-            else:
-                state = active.get(rid) or retained.get(rid) or (retried.get(rid) if retried else None)
+            # A chunk names its request: one without an id (a legacy reply) is named by the backend, which
+            # alone knows which replica it came from (docs/architecture.md, "Legacy replies (no seq)").
+            state = None if rid is None else active.get(rid) or retained.get(rid) or (retried.get(rid) if retried else None)
             if state is None:
                 metrics.dropped_chunks.labels("unknown").inc()
                 continue
-            if rid is not None and state.attempt.wire_id != rid:
+            if state.attempt.wire_id != rid:
                 # An earlier attempt's chunk (its replica died, the request was re-sent): never mixed in.
                 metrics.dropped_chunks.labels("stale").inc()
                 continue
@@ -162,14 +157,6 @@ class StreamRegistry:
             metrics.chunks.inc(delivered)
         if self._ledger.nbytes > self._max_total_bytes:
             self._reclaim()
-
-    def _legacy(self, chunk: Chunk) -> StreamState | None:
-        if chunk.seq is None:  # legacy reply without an id: the oldest request still waiting
-            while self._legacy_waiting:
-                state = self.active.get(self._legacy_waiting.popleft())
-                if state is not None and state.first_chunk_at is None:
-                    return state
-        return None
 
     # -- from the HTTP layer -----------------------------------------------
 

@@ -7,7 +7,8 @@ failover"): one request output per replica, ``v1/chat/completions/<node id>``, w
 makes a request reach exactly one copy. The single-model layout (plain ``v1/chat/completions`` and
 ``cancel``) is one replica made of every answer input no declared replica claims.
 
-Everything here runs on the event-loop thread; the bridge's reader thread only reports events.
+Everything here runs on the event-loop thread, except ``LegacyReplicas``, which the bridge's reader
+thread owns; the reader thread only reports events.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class Replica:
     """The dora node ids it stands for (a ``NODE_RESTARTED`` names one)."""
     live: bool = True
     open_inputs: set[str] = field(default_factory=set)
-    in_flight: int = 0
+    held: dict[str, None] = field(default_factory=dict)
+    """The wire ids of the requests in flight on it, oldest first (an ordered set)."""
     served: int = 0
     """Requests it completed."""
     failures: int = 0
@@ -52,6 +54,10 @@ class Replica:
 
     def __post_init__(self) -> None:
         self.open_inputs = set(self.inputs)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.held)
 
 
 def discover(config: Mapping[str, Any] | None) -> list[Replica]:
@@ -95,6 +101,13 @@ class ReplicaSet:
         self._next = 0
         """Where the next scan starts: rotates past each pick, so ties go round robin."""
 
+    def of_input(self, input_id: str) -> Replica | None:
+        """The replica whose answers come on ``input_id`` (None: not an answer input of any replica)."""
+        replica = self.by_input.get(input_id)
+        if replica is None and len(self.replicas) == 1 and not self.replicas[0].inputs:
+            return self.replicas[0]  # its inputs are unknown (no node_config): every input is its
+        return replica
+
     @property
     def any_live(self) -> bool:
         return any(r.live for r in self.replicas)
@@ -124,23 +137,33 @@ class ReplicaSet:
 
     def assign(self, request_id: str, replica: Replica) -> None:
         self.holder[request_id] = replica
-        replica.in_flight += 1
+        replica.held[request_id] = None
 
     def release(self, request_id: str, completed: bool) -> None:
         replica = self.holder.pop(request_id, None)
         if replica is not None:
-            replica.in_flight -= 1
+            del replica.held[request_id]
             if completed:
                 replica.served += 1
 
     def take_held(self, replica: Replica) -> list[str]:
-        """Forget every request ``replica`` holds (it died) and return their ids; scans, but only on a death."""
-        held = [rid for rid, r in self.holder.items() if r is replica]
+        """Forget every request ``replica`` holds (it died) and return their ids, oldest first."""
+        held = list(replica.held)
         for rid in held:
             del self.holder[rid]
-        replica.in_flight = 0
+        replica.held.clear()
         replica.failures += 1
         return held
+
+    def oldest_held(self, replica: Replica, skip: set[str]) -> str | None:
+        """The oldest request ``replica`` holds that is not in ``skip``: the one a legacy reply without an id answers.
+
+        A legacy reply is a whole answer, so every request a legacy replica still holds is waiting for one.
+        """
+        for request_id in replica.held:
+            if request_id not in skip:
+                return request_id
+        return None
 
     def input_closed(self, input_id: str) -> Replica | None:
         """An answer input closed; the replica if that was its last open one and it was live (it died)."""
@@ -206,3 +229,28 @@ class ReplicaSet:
                 }
             )
         return rows
+
+
+class LegacyReplicas:
+    """Which replicas are legacy ones: none of their answer inputs ever sent a hello or a chunk with ``seq``.
+
+    A reply with neither ``request_id`` nor ``seq`` answers the oldest request of the replica it came
+    from, and only when that replica is a legacy one (docs/architecture.md, "Legacy replies (no seq)").
+    Owned by the bridge's reader thread, which alone sees which input each message came on.
+    """
+
+    __slots__ = ("_replicas", "numbered")
+
+    def __init__(self, replicas: ReplicaSet) -> None:
+        self._replicas = replicas
+        self.numbered: set[str] = set()
+        """Answer inputs that sent a hello or a chunk with ``seq`` (the reader adds to it, once per message)."""
+
+    def replica_of(self, input_id: str) -> Replica | None:
+        """The replica an unnamed reply on ``input_id`` answers for, if it is a legacy one; else None (dropped)."""
+        replica = self._replicas.of_input(input_id)
+        if replica is None:
+            return None
+        if replica.inputs:
+            return replica if self.numbered.isdisjoint(replica.inputs) else None
+        return None if self.numbered else replica  # the one replica, on every input

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from openai_stream_protocol import Chunk, last_user_text, parse_request_texts, split_tokens
@@ -78,11 +78,16 @@ class FakeBackend:
                 await asyncio.sleep(self.delay_s)
             else:
                 await asyncio.sleep(0)
-            assert self._sink is not None
-            self._sink([chunk])
+            self.deliver([chunk])
 
     def deliver(self, chunks: list[Chunk]) -> None:
+        """To the registry. This fake is one legacy replica: a reply with neither id nor seq answers the oldest
+        request it still holds, as the bridge names it (docs/architecture.md, "Legacy replies (no seq)")."""
         assert self._sink is not None
+        if any(_unnamed(c) for c in chunks):
+            ended = {request_id for request_id, _ in self.released}
+            held = [r.request_id for r in self.submitted if r.request_id not in ended]
+            chunks = [replace(c, request_id=held.pop(0)) if _unnamed(c) and held else c for c in chunks]
         self._sink(chunks)
 
     def cancel(self, request_id: str) -> None:
@@ -107,3 +112,7 @@ class FakeBackend:
     async def aclose(self) -> None:
         for task in self._tasks.values():
             task.cancel()
+
+
+def _unnamed(chunk: Chunk) -> bool:
+    return chunk.request_id is None and chunk.seq is None

@@ -20,3 +20,13 @@ def test_chunks_released_from_the_reorder_buffer_are_counted_as_delivered() -> N
     assert state.text == "abc"
     assert metric(text, "oss_reordered_chunks_total") == 2
     assert metric(text, "oss_chunks_total") == 3
+
+
+def test_a_chunk_without_id_is_never_routed_by_the_registry() -> None:
+    """Only the backend knows which replica a reply without an id came from: it names it, or it is dropped."""
+    metrics = Metrics()
+    registry = StreamRegistry(Settings(), metrics, on_cancel=lambda _: None)
+    state = registry.open("chatcmpl-1", "m", prompt_tokens=1, surface="chat")
+    registry.deliver([Chunk(None, None, "", fin=True, finish_reason="stop"), Chunk(None, 0, "x")])
+    assert not state.done and state.pieces == []
+    assert metric(metrics.render().decode(), 'oss_dropped_chunks_total{reason="unknown"}') == 2

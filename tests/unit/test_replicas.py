@@ -19,7 +19,7 @@ import yaml
 
 from openai_stream_server.app import create_app
 from openai_stream_server.bridge import DoraBridge
-from openai_stream_server.replicas import DEFAULT_REPLICA, Replica, ReplicaSet, discover
+from openai_stream_server.replicas import DEFAULT_REPLICA, LegacyReplicas, Replica, ReplicaSet, discover
 from openai_stream_server.settings import Settings
 from openai_stream_server.state import Status
 from tests.dataflow import ROOT
@@ -61,6 +61,11 @@ def closed(input_id: str) -> dict[str, Any]:
 
 def hello(replica: str) -> dict[str, Any]:
     return {"type": "INPUT", "id": f"chunks/{replica}", "value": pa.array([], type=pa.string()), "metadata": {"hello": replica}}
+
+
+def unnamed(replica: str, texts: list[str]) -> dict[str, Any]:
+    """A reply with neither ``request_id`` nor ``seq``: what a legacy node that passes no metadata back sends."""
+    return {"type": "INPUT", "id": f"chunks/{replica}", "value": pa.array(texts, type=pa.string()), "metadata": {}}
 
 
 def answer(wire_id: str, replica: str, words: list[str]) -> list[dict[str, Any]]:
@@ -132,6 +137,33 @@ def test_a_dead_replica_is_skipped_and_avoid_holds_unless_it_is_the_only_one_liv
     assert [rs.pick(avoid="r1").replica_id for _ in range(3)] == ["r0"] * 3  # type: ignore[union-attr]
     rs.replicas[0].live = rs.replicas[1].live = False
     assert rs.pick() is None
+
+
+def test_the_oldest_request_a_replica_holds_is_the_oldest_it_was_given_that_has_not_ended() -> None:
+    rs = replica_set(2)
+    r0, r1 = rs.replicas
+    for i in range(5):
+        rs.assign(f"q{i}", r0 if i % 2 == 0 else r1)  # r0: q0 q2 q4, r1: q1 q3
+    assert rs.oldest_held(r0, set()) == "q0" and rs.oldest_held(r1, set()) == "q1"
+    assert rs.oldest_held(r0, {"q0"}) == "q2" and rs.oldest_held(r0, {"q0", "q2", "q4"}) is None
+    rs.release("q0", completed=True)
+    assert rs.oldest_held(r0, set()) == "q2" and r0.in_flight == 2
+    assert rs.take_held(r0) == ["q2", "q4"] and r0.in_flight == 0 and rs.oldest_held(r0, set()) is None
+    assert set(rs.holder) == {"q1", "q3"}
+
+
+def test_a_replica_is_a_legacy_one_until_it_sends_a_hello_or_a_chunk_with_seq() -> None:
+    rs = ReplicaSet(discover(replica_config(("a", "b"))))
+    legacy = LegacyReplicas(rs)
+    assert legacy.replica_of("chunks/a") is rs.by_id["a"] and legacy.replica_of("chunks/b") is rs.by_id["b"]
+    assert legacy.replica_of("tick") is None  # not an answer input of any replica
+    legacy.numbered.add("chunks/a")
+    assert legacy.replica_of("chunks/a") is None and legacy.replica_of("chunks/b") is rs.by_id["b"]
+    # No node_config: the one replica answers on every input, a legacy one until any input sent seq.
+    alone = LegacyReplicas(ReplicaSet(discover(None)))
+    assert alone.replica_of("v1/chat/completions") is not None
+    alone.numbered.add("v1/chat/completions")
+    assert alone.replica_of("anything") is None
 
 
 # -- through the app and the bridge --------------------------------------------------------
@@ -272,3 +304,22 @@ async def test_a_hello_from_a_live_replica_means_a_new_process_and_orphans_what_
         assert bridge.replicas.by_id["a"].live and bridge.replicas.by_id["a"].failures == 1
         node.push(*answer(f"{ids[0]}~1", "b", ["q0"]))
         assert await until(lambda: registry.get(ids[0]).status is Status.COMPLETED)
+
+
+async def test_a_reply_without_id_or_seq_answers_only_the_oldest_request_of_its_own_legacy_replica() -> None:
+    """Legacy misdelivery: such a reply (even an empty array) completed the oldest request waiting on any replica."""
+    node = ReplicaNode(replica_config(("a", "b")))
+    async with app_over(node) as (client, registry, bridge):
+        node.push(hello("b"))  # b speaks the seq protocol; a never does (a legacy node)
+        assert await until(lambda: bridge.replicas.by_id["b"].hellos == 1)
+        ids = [(await background(client, f"q{i}")).json()["id"] for i in range(4)]  # a: q0, q2; b: q1, q3
+        assert [out for out, _ in node.requests()] == [f"v1/chat/completions/{r}" for r in "abab"]
+        node.push(unnamed("b", []))  # not from a legacy replica: answers nothing, although q0 has waited longest
+        node.push(unnamed("a", ["first"]), unnamed("a", ["second"]), unnamed("a", ["third"]))  # a holds two
+
+        def dropped() -> float:
+            return metric(registry.metrics.render().decode(), 'oss_dropped_chunks_total{reason="unknown"}', 0)
+
+        assert await until(lambda: dropped() == 2)  # b's, and a's third: a holds no request any more
+        assert [registry.get(i).status for i in ids] == [Status.COMPLETED, Status.IN_PROGRESS] * 2
+        assert (registry.get(ids[0]).text, registry.get(ids[2]).text) == ("first", "second")
