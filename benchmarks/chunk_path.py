@@ -2,7 +2,7 @@
 ``chunk_events`` bytes, for many streams stepped together (what one step-mode batch message does).
 
 It isolates the part of the per-chunk CPU that is pure Python on the event loop, where a change
-to ``state.py``, ``registry.py`` or ``api/chat_stream.py`` shows without the noise of the whole
+to ``state.py``, ``registry.py`` or ``api/follow.py`` or ``api/chat/render.py`` shows without the noise of the whole
 dataflow (benchmarks/README.md, "Chunk path"). ``--server-src DIR`` imports
 ``openai_stream_server`` from DIR (a ``git archive`` of another commit) for before/after runs.
 
@@ -32,7 +32,12 @@ def _load(server_src: Path | None) -> dict[str, Any]:
     # Decided by the directory, not by trying the import: an editable install of this checkout would
     # answer ``openai_stream_server.api`` for an older tree that has no such package.
     if (Path(openai_stream_server.__file__).parent / "api").is_dir():
-        from openai_stream_server.api.chat_stream import ChunkEncoder, chunk_events
+        from openai_stream_server.api.chat.render import ChunkEncoder, ChunkRenderer
+        from openai_stream_server.api.follow import follow
+
+        def chunk_events(state: Any, encoder: Any, metrics: Any) -> Any:
+            return follow(ChunkRenderer(state, encoder), metrics)
+
     else:  # before the one-module-per-surface layout (issue 10)
         from openai_stream_server.streams import chunk_events  # type: ignore[import-not-found,no-redef]
 

@@ -3,7 +3,7 @@
 A pure ASGI app on the server's own stack (uvicorn with uvloop + httptools)
 that answers ``POST /v1/chat/completions`` the way the server does, but from
 memory: the last user message split into the same tokens echo_stream sends,
-one preformatted event per token (``openai_stream_server.api.chat_stream.ChunkEncoder``,
+one preformatted event per token (``openai_stream_server.api.chat.render.ChunkEncoder``,
 one ``send`` each, as sse-starlette does), then the finish chunk and
 ``[DONE]``; ``stream: false`` gets the gathered ``chat.completion`` JSON.
 What the real server spends beyond this is the dora side and the plumbing.
@@ -29,7 +29,7 @@ import orjson
 import uvicorn
 
 from openai_stream_protocol import split_tokens
-from openai_stream_server.api.chat_stream import ChunkEncoder
+from openai_stream_server.api.chat.render import ChunkEncoder
 from openai_stream_server.sse import DONE
 
 Scope = dict[str, Any]

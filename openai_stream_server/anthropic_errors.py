@@ -1,12 +1,13 @@
 """Errors in the Anthropic Messages API's shape, for every answer on /v1/messages paths.
 
-The server raises one kind of error (``errors.ChatCompletionError``) whatever the surface; on
+The server raises one kind of error (``errors.ApiError``) whatever the surface; on
 /v1/messages it is written as Anthropic writes its errors, ``{"type": "error", "error": {"type",
 "message"}}``, with the same HTTP status. The anthropic SDK picks its exception class by status
 (``anthropic._error_classes.make_status_error``: 400 ``BadRequestError`` ... 529
 ``OverloadedError``), so the status is what matters to a client; ``type`` follows Anthropic's list
-(docs/architecture.md, "Anthropic Messages API"). The guard and the API-key middleware use this too,
-so that a refused request on that route is Anthropic-shaped as well.
+(docs/architecture.md, "Anthropic Messages API"). ``api/surfaces.py`` names this the /v1/messages
+error shape, which the guard and the API-key middleware use too, so that a refused request on that
+route is Anthropic-shaped as well.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from typing import Any
 import orjson
 from starlette.responses import JSONResponse
 
-from .errors import ChatCompletionError
-
-MESSAGES_PATH = "/v1/messages"
+from .errors import ApiError
 
 _TYPES = {
     400: "invalid_request_error",
@@ -35,17 +34,12 @@ _TYPES = {
 }
 
 
-def is_messages_path(path: str) -> bool:
-    """/v1/messages and everything under it (count_tokens)."""
-    return path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
-
-
 def error_type(status: int) -> str:
     """Anthropic's error ``type`` for an HTTP status: the listed ones, else by class (4xx / 5xx)."""
     return _TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
 
 
-def error_message(error: ChatCompletionError) -> str:
+def error_message(error: ApiError) -> str:
     """The message, led by the field it names (``messages.0.content: ...``) unless it already is."""
     param = error.param
     if param and not error.message.startswith(param + ":"):
@@ -53,16 +47,16 @@ def error_message(error: ChatCompletionError) -> str:
     return error.message
 
 
-def error_dict(error: ChatCompletionError) -> dict[str, Any]:
+def error_dict(error: ApiError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": error_type(error.status), "message": error_message(error)}}
 
 
-def error_event(error: ChatCompletionError) -> bytes:
+def error_event(error: ApiError) -> bytes:
     """The ``event: error`` a stream ends with when it fails after its headers went out."""
     return b"event: error\ndata: " + orjson.dumps(error_dict(error)) + b"\n\n"
 
 
-def error_response(error: ChatCompletionError, request_id: str | None = None) -> JSONResponse:
+def error_response(error: ApiError, request_id: str | None = None) -> JSONResponse:
     """The error with its status and headers (``Retry-After``; ``X-Request-Id`` and ``request-id`` when known)."""
     headers = error.headers()
     if request_id is not None:

@@ -1,8 +1,8 @@
 """The app factory: the routes of every API surface, the middleware stack, startup and shutdown.
 
-docs/architecture.md, "Architecture": the HTTP layer is this file, ``middleware`` and one module
-per API surface in ``api/``; the stream state (``state``, ``registry``) and the dora bridge
-(``bridge``, ``replicas``) know nothing of HTTP.
+docs/architecture.md, "Architecture": the HTTP layer is this file, ``middleware`` and one package
+per API surface in ``api/`` (listed in ``api/surfaces.py``); the stream state (``state``,
+``registry``) and the dora bridge (``bridge``, ``replicas``) know nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .api.chat import ChatCompletions
-from .api.common import error_response
-from .api.completions import Completions
+from .api.chat.routes import ChatCompletions
+from .api.completions.routes import Completions
 from .api.dispatch import Dispatcher
-from .api.messages import Messages
-from .api.responses import Responses
+from .api.messages.routes import Messages
+from .api.responses.routes import Responses
+from .api.surface import Surface
+from .api.surfaces import OPENAI_ERRORS, error_shape
 from .backend import Backend
-from .errors import BackendUnavailable, ChatCompletionError, ModelNotFound
+from .errors import ApiError, BackendUnavailable, MethodNotAllowed, ModelNotFound, NotFound
 from .metrics import Metrics
 from .middleware import RawSendApp, middleware_stack
 from .registry import StreamRegistry
@@ -41,12 +42,16 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route, a method the route does not take), in the path's error shape."""
     assert isinstance(exc, HTTPException)
-    error = ChatCompletionError(str(exc.detail))
-    error.status = exc.status_code  # type: ignore[misc]
-    error.error_type = "invalid_request_error"  # type: ignore[misc]
-    error.code = "not_found" if exc.status_code == 404 else None  # type: ignore[misc]
-    return JSONResponse(error.to_dict(), status_code=exc.status_code, headers=exc.headers)
+    detail = str(exc.detail)
+    if exc.status_code == 404:
+        return error_shape(request.url.path).response(NotFound(detail), None)
+    if exc.status_code == 405:
+        error = MethodNotAllowed(detail, allow=(exc.headers or {}).get("Allow", ""))
+        return error_shape(request.url.path).response(error, None)
+    body = {"error": {"message": detail, "type": "invalid_request_error", "param": None, "code": None}}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 def _service_routes(settings: Settings, backend: Backend, registry: StreamRegistry, metrics: Metrics) -> list[BaseRoute]:
@@ -63,7 +68,7 @@ def _service_routes(settings: Settings, backend: Backend, registry: StreamRegist
     async def get_model(request: Request) -> Response:
         name = request.path_params["model"]
         if settings.models and name not in settings.models:
-            return error_response(ModelNotFound(f"The model '{name}' does not exist.", param="model"))
+            return OPENAI_ERRORS.response(ModelNotFound(f"The model '{name}' does not exist.", param="model"), None)
         return JSONResponse(model_card(name))
 
     async def health(request: Request) -> Response:
@@ -104,7 +109,7 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
     )
     metrics.replicas_from(lambda: getattr(backend, "replica_stats", list)())
     dispatcher = Dispatcher(settings, backend, registry)
-    surfaces = [
+    surfaces: list[Surface] = [
         ChatCompletions(dispatcher, metrics),
         Completions(dispatcher, metrics),
         Responses(dispatcher, metrics),
@@ -112,7 +117,7 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
     ]
     resending: set[asyncio.Task[None]] = set()
 
-    def on_orphaned(wire_ids: list[str], error: ChatCompletionError, replica_id: str) -> None:
+    def on_orphaned(wire_ids: list[str], error: ApiError, replica_id: str) -> None:
         """A replica died: fail what it had streamed, re-send what it had not (docs/architecture.md, "Replicas and failover")."""
         for state in registry.orphaned(wire_ids, error):
             task = asyncio.ensure_future(dispatcher.resend(state, replica_id))
@@ -151,7 +156,7 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
     return app
 
 
-def _shutdown_error() -> ChatCompletionError:
+def _shutdown_error() -> ApiError:
     return BackendUnavailable("the server is shutting down")
 
 

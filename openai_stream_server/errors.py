@@ -1,8 +1,9 @@
-"""OpenAI error objects, raised (never returned) and rendered in one place.
+"""The server's errors: one base (``ApiError``), raised (never returned), one class per status.
 
-Two phases, as with Starlette's ``response_started``: before the headers go
-out the error chooses the HTTP status; after that the same object is sent as
-a ``data:`` event followed by ``[DONE]`` (see ``sse.py``).
+Every surface raises these; each renders them in its own shape (``api/surfaces.py``: an OpenAI
+error object, or Anthropic's on /v1/messages). Two phases, as with Starlette's
+``response_started``: before the headers go out the error chooses the HTTP status; after that the
+same object is sent as an error event (``sse.error_event``, ``anthropic_errors.error_event``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Any, ClassVar
 import orjson
 
 
-class ChatCompletionError(Exception):
+class ApiError(Exception):
+    """Base of every error an API surface answers with: HTTP status, OpenAI ``type`` and ``code``, ``param``."""
+
     status: ClassVar[int] = 500
     error_type: ClassVar[str] = "server_error"
     code: ClassVar[str | None] = None
@@ -34,21 +37,21 @@ class ChatCompletionError(Exception):
         return {}
 
 
-class InvalidRequest(ChatCompletionError):
+class InvalidRequest(ApiError):
     status, error_type, code = 400, "invalid_request_error", "invalid_value"
 
 
-class Unauthorized(ChatCompletionError):
+class Unauthorized(ApiError):
     status, error_type, code = 401, "invalid_request_error", "invalid_api_key"
 
 
-class ForbiddenOrigin(ChatCompletionError):
+class ForbiddenOrigin(ApiError):
     """A browser page from an origin the CORS settings do not allow tried a state-changing request."""
 
     status, error_type, code = 403, "permission_error", "origin_not_allowed"
 
 
-class NotFound(ChatCompletionError):
+class NotFound(ApiError):
     status, error_type, code = 404, "invalid_request_error", "not_found"
 
 
@@ -56,34 +59,34 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
-class BodyTooLarge(ChatCompletionError):
+class BodyTooLarge(ApiError):
     status, error_type, code = 413, "invalid_request_error", "request_too_large"
 
 
-class UnsupportedMediaType(ChatCompletionError):
+class UnsupportedMediaType(ApiError):
     """A POST body declared as something other than JSON (a form or ``text/plain`` needs no CORS preflight)."""
 
     status, error_type, code = 415, "invalid_request_error", "unsupported_media_type"
 
 
-class MisdirectedRequest(ChatCompletionError):
+class MisdirectedRequest(ApiError):
     """A ``Host`` header outside the allow-list: what a DNS-rebinding page sends."""
 
     status, error_type, code = 421, "invalid_request_error", "host_not_allowed"
 
 
-class TooManyRequests(ChatCompletionError):
+class TooManyRequests(ApiError):
     status, error_type, code = 429, "rate_limit_error", "too_many_requests"
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}
 
 
-class BackendUnavailable(ChatCompletionError):
+class BackendUnavailable(ApiError):
     status, error_type, code = 503, "server_error", "backend_unavailable"
 
 
-class Overloaded(ChatCompletionError):
+class Overloaded(ApiError):
     """Completions hold too many bytes over all (``max_total_bytes``): retry shortly."""
 
     status, error_type, code = 503, "server_error", "server_overloaded"
@@ -92,15 +95,32 @@ class Overloaded(ChatCompletionError):
         return {"Retry-After": "1"}
 
 
-class UpstreamTimeout(ChatCompletionError):
+class UpstreamTimeout(ApiError):
     status, error_type, code = 504, "timeout", "upstream_timeout"
 
 
-class UpstreamError(ChatCompletionError):
+class UpstreamError(ApiError):
     """The node ended the request with ``finish_reason: error``, or its chunks could not be put in order."""
 
     status, error_type, code = 502, "server_error", "upstream_error"
 
 
-class Cancelled(ChatCompletionError):
+class Cancelled(ApiError):
     status, error_type, code = 499, "invalid_request_error", "cancelled"
+
+
+class MethodNotAllowed(ApiError):
+    """A method a route does not take; ``Allow`` names the ones it does."""
+
+    status, error_type, code = 405, "invalid_request_error", "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: str = "POST", param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow} if self.allow else {}
+
+
+ChatCompletionError = ApiError
+"""The former name, kept only while ``state``, ``registry``, ``backend`` and their tests still import it."""

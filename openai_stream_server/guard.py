@@ -27,11 +27,11 @@ import ipaddress
 from collections.abc import Iterable
 from urllib.parse import parse_qs, urlsplit
 
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import anthropic_errors
-from .errors import ChatCompletionError, ForbiddenOrigin, MisdirectedRequest, Unauthorized, UnsupportedMediaType
+from .api.surfaces import error_shape
+from .errors import ApiError, ForbiddenOrigin, MisdirectedRequest, Unauthorized, UnsupportedMediaType
 
 _STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _BIND_ALL = frozenset({"0.0.0.0", "::", ""})
@@ -124,7 +124,7 @@ class RequestGuard:
                 return
         await self.app(scope, receive, send)
 
-    def check(self, scope: Scope) -> ChatCompletionError | None:
+    def check(self, scope: Scope) -> ApiError | None:
         host_header = _header(scope, b"host")
         host = None if host_header is None else split_host(host_header)
         if host_header is not None and (host is None or not self.hosts.allows(host[0])):
@@ -210,15 +210,12 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self._protected(scope) and not self._authorized(scope):
-            how = "'x-api-key: <key>'" if anthropic_errors.is_messages_path(scope["path"]) else "'Authorization: Bearer <key>'"
-            error = Unauthorized(f"Missing or wrong API key: send {how}.")
+            error = Unauthorized(f"Missing or wrong API key: send {error_shape(scope['path']).key_hint}.")
             await _error_response(scope, error)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
 
-def _error_response(scope: Scope, error: ChatCompletionError) -> JSONResponse:
-    """The refusal in the shape of the route's API: Anthropic's on /v1/messages, OpenAI's elsewhere."""
-    if anthropic_errors.is_messages_path(scope["path"]):
-        return anthropic_errors.error_response(error)
-    return JSONResponse(error.to_dict(), status_code=error.status)
+def _error_response(scope: Scope, error: ApiError) -> Response:
+    """The refusal in the shape of the route's API (``api/surfaces.py``): Anthropic's on /v1/messages, OpenAI's elsewhere."""
+    return error_shape(scope["path"]).response(error, None)

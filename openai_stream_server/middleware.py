@@ -12,18 +12,11 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .api.surfaces import surface_of
 from .guard import ApiKeyMiddleware, RequestGuard
 from .metrics import Metrics
 from .settings import Settings
 from .sse_response import RAW_SEND
-
-SURFACES = (
-    ("/v1/chat/completions", "chat"),
-    ("/v1/completions", "completions"),
-    ("/v1/responses", "responses"),
-    ("/v1/messages", "messages"),
-)
-"""Path prefix -> API surface, for ``oss_requests_total{surface=…}``."""
 
 
 class RawSendApp(Starlette):
@@ -38,16 +31,8 @@ class RawSendApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
-def surface_of(path: str) -> str | None:
-    """The API surface a path belongs to, or None (health, metrics, models, the demo page)."""
-    for prefix, surface in SURFACES:
-        if path == prefix or path.startswith(prefix + "/"):
-            return surface
-    return None
-
-
 class RequestCounter:
-    """Counts the API surfaces' answers by surface and status; looks only at the response start."""
+    """Counts the API surfaces' answers by surface (``api/surfaces.py``) and status; looks only at the response start."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -58,10 +43,11 @@ class RequestCounter:
         if surface is None:
             await self.app(scope, receive, send)
             return
+        label = surface.name
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                self.metrics.requests.labels(str(message["status"]), surface).inc()
+                self.metrics.requests.labels(str(message["status"]), label).inc()
             await send(message)
 
         await self.app(scope, receive, counting_send)

@@ -67,6 +67,8 @@ class Settings:
 
     max_body_bytes: int = 8 * 1024 * 1024
     """Larger request bodies get 413 (images travel as data: URIs, hence the generous default)."""
+    max_images_per_request: int = 16
+    """Image parts one request may hold, on every surface that takes images; one more gets 400 naming it. 0: no cap."""
     max_active_requests: int = 4096
     """Requests in flight; beyond this 429 with ``Retry-After``."""
     max_connections: int = 4096

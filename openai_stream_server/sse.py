@@ -14,14 +14,15 @@ from typing import Any
 
 import orjson
 
-from .errors import ChatCompletionError
+from .errors import ApiError
 
 DONE = b"data: [DONE]\n\n"
 PING = b": ping\n"
 """A single comment line, no blank line after: every parser tested ignores it (docs/architecture.md)."""
 
 
-def error_event(error: ChatCompletionError) -> bytes:
+def error_event(error: ApiError) -> bytes:
+    """The OpenAI surfaces' error event: the error object as a ``data:`` event (``[DONE]`` follows it)."""
     return b"data: " + error.to_json() + b"\n\n"
 
 

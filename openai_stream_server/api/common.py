@@ -1,16 +1,14 @@
-"""What every API surface needs around a request: its body, its errors, the client-gone watch."""
+"""What every API surface needs around a request: its body, the client-gone watch, resume points, the image cap."""
 
 from __future__ import annotations
 
 import asyncio
-import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.types import Receive
 
-from ..errors import BodyTooLarge, Cancelled, ChatCompletionError, InvalidRequest, UpstreamError
+from ..errors import ApiError, BodyTooLarge, Cancelled, InvalidRequest, UpstreamError
 from ..state import Status, StreamState
 
 
@@ -48,29 +46,11 @@ async def unless_disconnected(receive: Receive, waiting: Awaitable[None]) -> boo
     return not (watcher.done() and not watcher.cancelled())
 
 
-def end_error(state: StreamState) -> ChatCompletionError:
+def end_error(state: StreamState) -> ApiError:
     """The error that ended a failed or cancelled completion."""
     if state.status is Status.CANCELLED:
         return Cancelled("the completion was cancelled")
     return state.error or UpstreamError("the completion failed")
-
-
-def error_response(error: ChatCompletionError, request_id: str | None = None) -> JSONResponse:
-    """An OpenAI error object with the error's status and headers (``X-Request-Id`` when known)."""
-    headers = error.headers()
-    if request_id is not None:
-        headers["X-Request-Id"] = request_id
-    return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
-
-
-def path_id(request: Request, pattern: re.Pattern[str]) -> str | None:
-    """The path's ``request_id`` if it is one this server could have made (``pattern``), else None.
-
-    Checked before any lookup, header or log line: an id with a control or non-ASCII character
-    cannot go into ``X-Request-Id`` (that was a 500).
-    """
-    request_id: str = request.path_params["request_id"]
-    return request_id if pattern.fullmatch(request_id) else None
 
 
 def sequence_number(raw: str | None, param: str = "starting_after") -> int | None:
@@ -84,3 +64,16 @@ def sequence_number(raw: str | None, param: str = "starting_after") -> int | Non
     if value < -1:
         raise InvalidRequest("sequence numbers start at 0", param=param)
     return None if value == -1 else value
+
+
+def check_images(fields: Iterable[str], most: int) -> None:
+    """At most ``most`` image parts in one request (0: no cap), checked before anything goes downstream.
+
+    ``fields`` names each image part of the request in order, as the surface names fields
+    (``messages[2].content[5]``); the 400 names the first one past the cap (docs/architecture.md, "Limits").
+    """
+    if not most:
+        return
+    for count, field in enumerate(fields, 1):
+        if count > most:
+            raise InvalidRequest(f"A request may hold at most {most} images; this is image {count}.", param=field)

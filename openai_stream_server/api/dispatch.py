@@ -15,7 +15,7 @@ from starlette.requests import Request
 from openai_stream_protocol import Part, split_tokens
 
 from ..backend import Backend, DownstreamRequest
-from ..errors import ChatCompletionError, ModelNotFound
+from ..errors import ApiError, ModelNotFound
 from ..registry import StreamRegistry
 from ..settings import Settings
 from ..state import Status, StreamState
@@ -30,10 +30,14 @@ def sampling_metadata(
     max_tokens: int | None,
     temperature: float | None = None,
     top_p: float | None = None,
-    stop: list[str] | None = None,
+    stop: str | Sequence[str] | None = None,
     seed: int | None = None,
 ) -> dict[str, Any]:
-    """The request metadata every node reads (docs/architecture.md, "Dora wire protocol")."""
+    """The request metadata every node reads (docs/architecture.md, "Dora wire protocol").
+
+    ``stop``: one string or several (the surface's model has checked their number and length,
+    ``schema.MAX_STOP_STRINGS``), always sent as a list.
+    """
     metadata: dict[str, Any] = {
         "request_id": request_id,
         "session_id": request_id,
@@ -46,7 +50,7 @@ def sampling_metadata(
     if top_p is not None:
         metadata["top_p"] = float(top_p)
     if stop is not None:
-        metadata["stop"] = stop
+        metadata["stop"] = [stop] if isinstance(stop, str) else list(stop)
     if seed is not None:
         metadata["seed"] = seed
     return metadata
@@ -96,7 +100,7 @@ class Dispatcher:
         downstream = DownstreamRequest(request_id, [p.encode() for p in parts], metadata)
         try:
             self.backend.submit(downstream)
-        except ChatCompletionError as error:
+        except ApiError as error:
             self.registry.fail(state, error)  # never submitted: no cancel goes downstream
             raise
         self.registry.sent(state, downstream)
@@ -136,5 +140,5 @@ class Dispatcher:
             return
         try:
             self.backend.submit(request)
-        except ChatCompletionError as error:
+        except ApiError as error:
             self.registry.fail(state, error)

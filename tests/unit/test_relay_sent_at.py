@@ -11,7 +11,8 @@ import orjson
 import pytest
 
 from openai_stream_protocol import Chunk
-from openai_stream_server.api.chat_stream import ChunkEncoder, chunk_events
+from openai_stream_server.api.chat.render import ChunkEncoder, ChunkRenderer
+from openai_stream_server.api.follow import follow
 from openai_stream_server.metrics import Metrics
 from openai_stream_server.settings import Settings, load_settings
 from openai_stream_server.state import StreamState
@@ -49,6 +50,6 @@ async def test_coalesced_event_carries_the_oldest_stamp() -> None:
         state.accept(Chunk("chatcmpl-1", seq, text, sent_at=sent_at), 0.0)
     state.accept(Chunk("chatcmpl-1", 3, "", fin=True, finish_reason="stop"), 0.0)
     encoder = ChunkEncoder("chatcmpl-1", "m", 1, relay_sent_at=True)
-    events = [e async for e in chunk_events(state, encoder, Metrics())]
+    events = [e async for e in follow(ChunkRenderer(state, encoder), Metrics())]
     content = [orjson.loads(e[len(b"data: ") :]) for e in events if b'"content":"' in e and b'"content":""' not in e]
     assert [(c["choices"][0]["delta"]["content"], c["x_sent_at"]) for c in content] == [("abc", 10.0)]

@@ -8,7 +8,7 @@ import pytest
 from openai._streaming import SSEDecoder
 from sse_starlette.event import ServerSentEvent
 
-from openai_stream_server.api.chat_stream import ChunkEncoder
+from openai_stream_server.api.chat.render import ChunkEncoder
 from openai_stream_server.errors import UpstreamTimeout
 from openai_stream_server.sse import DONE, PING, error_event
 

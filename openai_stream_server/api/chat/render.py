@@ -1,4 +1,4 @@
-"""The ``chat.completion.chunk`` stream of one completion, preformatted.
+"""A chat completion rendered: the ``chat.completion`` object, and its ``chat.completion.chunk`` stream, preformatted.
 
 POST streams carry no ``id:`` lines: the SDK's decoder keeps the last ``id:``
 and turns a later comment ping into an empty event that fails to parse
@@ -8,112 +8,66 @@ and turns a later comment ping into an empty event that fails to parse
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
 from openai_stream_protocol import ToolCallDelta
 
-from ..metrics import Metrics
-from ..sse import DONE, error_event
-from ..state import Status, StreamState
-from .common import end_error
+from ...sse import DONE, error_event
+from ...state import Status, StreamState
+from ..common import end_error
+from ..tools import call_dict
 
 
-async def chunk_events(
-    state: StreamState,
-    encoder: ChunkEncoder,
-    metrics: Metrics,
-    *,
-    after: int | None = None,
-    max_events: int = 0,
-    retry_ms: int = 0,
-    on_early_close: Callable[[], None] | None = None,
-) -> AsyncIterator[bytes]:
-    """The SSE events of one completion, from the start or after sequence number ``after``.
+def completion_body(state: StreamState) -> dict[str, Any]:
+    """The ``chat.completion`` object gathered so far (``status`` is our extension, for GET by id)."""
+    body: dict[str, Any] = {
+        "id": state.request_id,
+        "object": "chat.completion",
+        "created": state.created,
+        "model": state.model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": _message(state),
+                "logprobs": None,
+                "finish_reason": state.finish_reason,
+            }
+        ],
+        "usage": state.usage,
+        "status": state.status.value,
+    }
+    if state.status in (Status.FAILED, Status.CANCELLED):
+        body["error"] = end_error(state).to_dict()["error"]
+    return body
 
-    Everything that arrived since the last wake-up goes out as one event
-    (coalesced), so a slow client gets fewer, larger events rather than an
-    unbounded queue. Ends with the finish chunk (and usage chunk) or an error
-    event, then ``[DONE]``. ``max_events`` (test-only) cuts the stream short
-    without ``[DONE]`` to simulate a dropped connection. ``retry_ms`` opens the
-    stream with a data-less ``retry:`` block (no event is dispatched for it) so
-    that an ``EventSource`` reconnects sooner than its 3 s default.
 
-    ``on_early_close`` (POST streams: cancel downstream) is called when the
-    iterator is closed or ends before ``[DONE]``: the client left. It is
-    handled here rather than in a second generator wrapped around this one
-    (``guarded``, before): every async generator layer is one more resumption
-    per event on the loop, where 1,000 streams x 30 tokens/s in step mode were
-    spending ~31 us per event against the raw SSE app's ~18 us
-    (benchmarks/README.md, "Step mode").
-    """
-    finished = False
-    try:
-        cursor = 0 if after is None else after + 1
-        sent = 0
-        if retry_ms:
-            yield b"retry: %d\n\n" % retry_ms
-        opening = encoder.role() if after is None else None
-        if opening is not None:  # chat's role chunk; /v1/completions has none
-            yield opening
-            sent += 1
-        while True:
-            pieces = state.pieces
-            end = len(pieces)
-            if cursor < end and state.tool_calls:  # tool-call deltas among them: one event per run
-                for delta, text, last in state.segments(cursor, end):
-                    if delta is None and not text:
-                        continue
-                    metrics.events.inc()
-                    yield encoder.content(text, last) if delta is None else encoder.tool_call(delta, text, last)
-                    sent += 1
-                cursor = end
-                if max_events and sent >= max_events:
-                    return
-                continue
-            if cursor < end:
-                text = pieces[cursor] if end - cursor == 1 else "".join(pieces[cursor:end])
-                oldest = cursor
-                cursor = end
-                if text:
-                    metrics.events.inc()
-                    yield encoder.content(text, end - 1, state.sent_at.get(oldest) if encoder.relay_sent_at else None)
-                    sent += 1
-                    if max_events and sent >= max_events:
-                        return
-                continue
-            if state.done:
-                break
-            await state.wait(cursor)
-        if cursor <= len(state.pieces):  # a reattached client that already saw the end gets only [DONE]
-            if state.status is Status.COMPLETED:
-                usage = state.usage
-                yield encoder.finish(state.finish_reason or "stop", len(state.pieces), usage)
-                if encoder.include_usage:
-                    yield encoder.usage(usage)
-            else:
-                yield error_event(end_error(state))
-        # Set before the last yield: closed there (its send failed), the completion has ended anyway,
-        # so a cancel would find nothing to stop.
-        finished = True
-        yield DONE
-    finally:
-        if not finished and on_early_close is not None:
-            on_early_close()
+def _message(state: StreamState) -> dict[str, Any]:
+    """The assistant message: its text, and its tool calls when it made any (content is then null if empty)."""
+    if not state.tool_calls:
+        return {"role": "assistant", "content": state.text, "refusal": None}
+    text = state.text
+    calls = [call_dict(call) for call in state.calls()]
+    return {"role": "assistant", "content": text or None, "refusal": None, "tool_calls": calls}
 
 
 class ChunkEncoder:
-    """Renders one completion's chunks; the constant parts of the JSON are built once per stream.
+    """The bytes of one completion's chunks; the constant parts of the JSON are built once per stream.
 
-    ``completions.TextCompletionEncoder`` renders the ``text_completion`` chunks of /v1/completions
-    for the same ``chunk_events`` loop: another ``OBJECT``, no role chunk, the text in ``choices[0].text``.
+    ``completions.render.TextCompletionEncoder`` renders the ``text_completion`` chunks of
+    /v1/completions: another ``OBJECT``, no role chunk, the text in ``choices[0].text``.
     """
 
     __slots__ = ("_head", "_tail", "_resumable", "include_usage", "relay_sent_at")
 
     OBJECT = "chat.completion.chunk"
+    CONTENT_HEAD = b',"choices":[{"index":0,"delta":{"content":'
+    """A content chunk's choices before the text's JSON string ..."""
+    CONTENT_TAIL = b'},"logprobs":null,"finish_reason":null}]'
+    """... and after it."""
 
     def __init__(
         self,
@@ -149,14 +103,7 @@ class ChunkEncoder:
     def content(self, text: str, seq: int | None = None, sent_at: float | None = None) -> bytes:
         # ``x_sent_at`` (benchmarks only, ``relay_sent_at``): the node's send time of the oldest chunk in this event.
         stamp = b',"x_sent_at":' + orjson.dumps(sent_at) if sent_at is not None and self.relay_sent_at else b""
-        return self._event(
-            seq,
-            b',"choices":[{"index":0,"delta":{"content":'
-            + orjson.dumps(text)
-            + b'},"logprobs":null,"finish_reason":null}]'
-            + stamp
-            + self._tail,
-        )
+        return self._event(seq, self.CONTENT_HEAD + orjson.dumps(text) + self.CONTENT_TAIL + stamp + self._tail)
 
     def tool_call(self, delta: ToolCallDelta, arguments: str, seq: int | None = None) -> bytes:
         """A ``delta.tool_calls`` chunk: id, type and name when ``delta`` starts the call, then argument text."""
@@ -185,3 +132,59 @@ class ChunkEncoder:
 
     def usage(self, usage: dict[str, Any], seq: int | None = None) -> bytes:
         return self._event(seq, b',"choices":[],"usage":' + orjson.dumps(usage) + b"}\n\n")
+
+
+class ChunkRenderer:
+    """The chunk stream of one completion for ``follow.follow``, in ``encoder``'s shape (chat's or /v1/completions').
+
+    From the start, or after sequence number ``after`` (a reattach: pieces are numbered by their
+    ``seq``, the finish chunk by the number of pieces). Text that piled up since the last wake-up
+    is one content event; with tool calls, each run of one kind (``StreamState.segments``) is one.
+    Ends with the finish chunk (and usage chunk) or an error event, then ``[DONE]``. ``retry_ms``
+    opens the stream with a data-less ``retry:`` block (no event is dispatched for it) so that an
+    ``EventSource`` reconnects sooner than its 3 s default.
+    """
+
+    __slots__ = ("state", "encoder", "start", "retry_ms", "_content", "_relay")
+
+    batch = 1 << 62
+
+    def __init__(self, state: StreamState, encoder: ChunkEncoder, *, after: int | None = None, retry_ms: int = 0) -> None:
+        self.state = state
+        self.encoder = encoder
+        self.start = 0 if after is None else after + 1
+        self.retry_ms = retry_ms
+        self._content = encoder.content
+        self._relay = encoder.relay_sent_at
+
+    def opening(self) -> bytes:
+        retry = b"retry: %d\n\n" % self.retry_ms if self.retry_ms else b""
+        role = self.encoder.role() if self.start == 0 else None
+        return retry if role is None else retry + role
+
+    def advance(self, start: int, end: int) -> Sequence[bytes]:
+        state = self.state
+        if state.tool_calls:  # tool-call deltas among them: one event per run
+            encoder = self.encoder
+            return [
+                encoder.content(text, last) if delta is None else encoder.tool_call(delta, text, last)
+                for delta, text, last in state.segments(start, end)
+                if delta is not None or text
+            ]
+        pieces = state.pieces
+        text = pieces[start] if end - start == 1 else "".join(pieces[start:end])
+        if not text:
+            return ()
+        return (self._content(text, end - 1, state.sent_at.get(start) if self._relay else None),)
+
+    def ending(self) -> bytes:
+        state = self.state
+        if self.start > len(state.pieces):  # a reattached client that already saw the end gets only [DONE]
+            return DONE
+        if state.status is not Status.COMPLETED:
+            return error_event(end_error(state)) + DONE
+        usage = state.usage
+        finish = self.encoder.finish(state.finish_reason or "stop", len(state.pieces), usage)
+        if self.encoder.include_usage:
+            return finish + self.encoder.usage(usage) + DONE
+        return finish + DONE

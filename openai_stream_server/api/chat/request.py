@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from openai_stream_protocol import Part
 
-from ..schema import I64_MAX, I64_MIN, MAX_MODEL_CHARS, StrictModel, field_names, parse_json
-from .tools import AssistantToolCall, CalledFunction, Function, FunctionName_, FunctionTool, NamedToolChoice, ToolChoice
+from ...schema import I64_MAX, I64_MIN, MAX_MODEL_CHARS, OpenAIStop, StrictModel, field_names, parse_json
+from ..tools import AssistantToolCall, CalledFunction, Function, FunctionName_, FunctionTool, NamedToolChoice, ToolChoice
 
 
 class ImageUrl(StrictModel):
@@ -76,6 +77,11 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+def include_usage(options: StreamOptions | None) -> bool:
+    """Whether a stream ends with a usage chunk (``stream_options.include_usage``; chat and /v1/completions)."""
+    return options is not None and options.include_usage
+
+
 class ChatCompletionRequest(StrictModel):
     messages: Annotated[list[Message], Field(min_length=1)]
     model: Annotated[str, Field(max_length=MAX_MODEL_CHARS)] | None = None
@@ -86,7 +92,7 @@ class ChatCompletionRequest(StrictModel):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1, le=1)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: OpenAIStop | None = None
     seed: Annotated[int, Field(ge=I64_MIN, le=I64_MAX)] | None = None
     background: bool = False
     tools: list[FunctionTool] | None = None
@@ -94,21 +100,19 @@ class ChatCompletionRequest(StrictModel):
     parallel_tool_calls: bool | None = None
 
     @property
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
-
-    @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    @property
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
     def parts(self) -> list[Part]:
         return [part for message in self.messages for part in message.parts()]
+
+    def image_fields(self) -> Iterator[str]:
+        """Each image part's field, in order (``messages[2].content[5]``), for the per-request image cap."""
+        for i, message in enumerate(self.messages):
+            if isinstance(message.content, list):
+                for j, part in enumerate(message.content):
+                    if part.type == "image_url":
+                        yield f"messages[{i}].content[{j}]"
 
 
 _FIELDS = field_names(

@@ -1,7 +1,7 @@
 """The /v1/messages request models (Anthropic Messages API) and their translation into parts and tools.
 
-Validation follows ``schema`` (strict types, unknown fields ignored), but errors name the field
-the way Anthropic does, with dots: ``messages.0.content.1.type: Input should be 'text', ...``.
+Validation is ``schema.parse_json``'s (strict types, unknown fields ignored), with fields named the
+way Anthropic names them, with dots: ``messages.0.content.1.type: Input should be 'text', ...``.
 A content block is one model with a ``type`` and the fields of every kind (as chat's
 ``ContentPart``) rather than a tagged union, whose tags would mix into the field path; what a kind
 needs is checked after, and the missing field is still named (``messages.0.content.0.source``).
@@ -10,26 +10,20 @@ needs is checked after, and the missing field is still named (``messages.0.conte
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, model_validator
 
 from openai_stream_protocol import Part, ToolCall
 
-from ..errors import InvalidRequest
-from ..schema import I64_MAX, MAX_MODEL_CHARS, StrictModel, field_names
-from .tools import Function, FunctionName, FunctionName_, FunctionTool, NamedToolChoice, ToolChoice
+from ...schema import I64_MAX, MAX_MODEL_CHARS, StopList, StrictModel, error_at, field_names, parse_json
+from ..tools import Function, FunctionName, FunctionName_, FunctionTool, NamedToolChoice, ToolChoice
 
 ToolUseId = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,256}$")]
 """Anthropic's rule for ``tool_use`` ids; our nodes' ``call_...`` ids pass through it unchanged."""
 
 MediaType = Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
-
-
-def _error_at(field: str, why: str = "Field required") -> PydanticCustomError:
-    """A check's error naming a field below the model it runs on (``_dotted`` appends ``field``)."""
-    return PydanticCustomError("invalid_field", "{why}", {"field": field, "why": why})
 
 
 class TextBlock(StrictModel):
@@ -47,11 +41,11 @@ class ImageSource(StrictModel):
     def _has_payload(self) -> ImageSource:
         if self.type == "base64":
             if self.media_type is None:
-                raise _error_at("media_type")
+                raise error_at("media_type")
             if self.data is None:
-                raise _error_at("data")
+                raise error_at("data")
         elif self.url is None:
-            raise _error_at("url")
+            raise error_at("url")
         return self
 
     def url_or_data(self) -> str:
@@ -79,7 +73,7 @@ class ContentBlock(StrictModel):
         needed = {"text": ("text",), "image": ("source",), "tool_use": ("id", "name", "input"), "tool_result": ("tool_use_id",)}
         for name in needed[self.type]:
             if getattr(self, name) is None:
-                raise _error_at(name)
+                raise error_at(name)
         return self
 
     def result_text(self) -> str:
@@ -101,7 +95,7 @@ class Message(StrictModel):
         if isinstance(self.content, list):
             for i, block in enumerate(self.content):
                 if block.type not in _ALLOWED[self.role]:
-                    raise _error_at(f"content.{i}.type", f"a {block.type} block is not allowed in the {self.role} role")
+                    raise error_at(f"content.{i}.type", f"a {block.type} block is not allowed in the {self.role} role")
         return self
 
     def parts(self) -> list[Part]:
@@ -151,7 +145,7 @@ class MessagesToolChoice(StrictModel):
     @model_validator(mode="after")
     def _named(self) -> MessagesToolChoice:
         if self.type == "tool" and self.name is None:
-            raise _error_at("name")
+            raise error_at("name")
         return self
 
     def openai(self) -> ToolChoice:
@@ -199,44 +193,30 @@ class PromptRequest(StrictModel):
 class MessagesRequest(PromptRequest):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1, le=I64_MAX)]
-    stop_sequences: list[str] | None = None
+    stop_sequences: StopList | None = None
     temperature: Annotated[float, Field(ge=0, le=1)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0, le=I64_MAX)] | None = None
     stream: bool = False
     metadata: Metadata | None = None
 
+    def image_fields(self) -> Iterator[str]:
+        """Each image block's field, in order (``messages.2.content.5``), for the per-request image cap."""
+        for i, message in enumerate(self.messages):
+            if isinstance(message.content, list):
+                for j, block in enumerate(message.content):
+                    if block.type == "image":
+                        yield f"messages.{i}.content.{j}"
+
 
 _FIELDS = field_names(TextBlock, ImageSource, ContentBlock, Message, Tool, MessagesToolChoice, Metadata, MessagesRequest)
 
 
-def _dotted(error: Any) -> str | None:
-    """A pydantic error's location as Anthropic names fields: ``messages.0.content.1.type``."""
-    names = [str(item) for item in error["loc"] if isinstance(item, int) or item in _FIELDS]
-    extra = (error.get("ctx") or {}).get("field")
-    if extra:
-        names.append(extra)
-    return ".".join(names) or None
-
-
-def parse_request(model: type[PromptRequest], body: bytes) -> Any:
-    """Validate a body as ``model``; raises ``InvalidRequest`` whose message leads with the offending field."""
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        error = max(exc.errors(include_url=False), key=lambda e: len(e["loc"]))  # a union's deepest alternative
-        if error["type"] in ("json_invalid", "json_type"):
-            raise InvalidRequest("The request body is not a valid JSON object.", code="invalid_json") from None
-        param = _dotted(error)
-        message = error["msg"]
-        raise InvalidRequest(f"{param}: {message}" if param else message, param=param) from None
-
-
 def parse_messages_request(body: bytes) -> MessagesRequest:
-    result: MessagesRequest = parse_request(MessagesRequest, body)
-    return result
+    """Validate a /v1/messages body; raises ``InvalidRequest`` naming the first offending field, Anthropic's way."""
+    return parse_json(MessagesRequest, body, _FIELDS, dotted=True)
 
 
 def parse_count_tokens_request(body: bytes) -> PromptRequest:
-    result: PromptRequest = parse_request(PromptRequest, body)
-    return result
+    """Validate a /v1/messages/count_tokens body, as ``parse_messages_request``."""
+    return parse_json(PromptRequest, body, _FIELDS, dotted=True)

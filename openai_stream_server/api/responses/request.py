@@ -14,14 +14,15 @@ node as every surface's tools are (docs/architecture.md, "Tool calls").
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
 from openai_stream_protocol import Part, ToolCall
 
-from ..schema import I64_MAX, MAX_MODEL_CHARS, StrictModel, field_names, parse_json
-from .tools import Function, FunctionName, FunctionName_, FunctionTool, NamedToolChoice, ToolChoice, tool_metadata
+from ...schema import I64_MAX, MAX_MODEL_CHARS, StrictModel, field_names, parse_json
+from ..tools import Function, FunctionName, FunctionName_, FunctionTool, NamedToolChoice, ToolChoice, tool_metadata
 
 CallId = Annotated[str, Field(min_length=1, pattern=r"^[^\r\n]*$")]
 
@@ -194,6 +195,16 @@ class ResponsesRequest(StrictModel):
         if calls:
             parts.append(Part.of_tool_calls(calls))
         return parts
+
+    def image_fields(self) -> Iterator[str]:
+        """Each image part's field, in order (``input[2].content[5]``), for the per-request image cap."""
+        if isinstance(self.input, str):
+            return
+        for i, item in enumerate(self.input):
+            if isinstance(item, InputMessage) and isinstance(item.content, list):
+                for j, part in enumerate(item.content):
+                    if part.type == "input_image":
+                        yield f"input[{i}].content[{j}]"
 
     def chat_tool_choice(self) -> ToolChoice | None:
         choice = self.tool_choice

@@ -1,14 +1,13 @@
 """/v1/responses (the OpenAI Responses API): create (JSON, events or background), and by id:
-retrieve (JSON or the event stream, resumable with ``starting_after``), cancel, delete.
+retrieve (JSON or the event stream, resumable with ``starting_after``), cancel, delete, input items.
 
-The response object and events are rendered in ``responses_stream``; the request model is in
-``responses_request`` (docs/architecture.md, "Responses API").
+The response object and events are rendered in ``render`` (items in ``items``, numbered by ``walk``);
+the request model is in ``request`` (docs/architecture.md, "Responses API").
 """
 
 from __future__ import annotations
 
-import re
-import secrets
+import itertools
 from typing import Any
 
 from starlette.requests import Request
@@ -17,28 +16,18 @@ from starlette.routing import Route
 
 from openai_stream_protocol import Part
 
-from ..errors import Cancelled, ChatCompletionError, InvalidRequest, NotFound
-from ..state import StreamState
-from .common import error_response, path_id, read_body, sequence_number
-from .dispatch import sampling_metadata
-from .responses_request import ResponsesRequest, parse_responses_request
-from .responses_stream import Echo, EventRenderer, answer_parts, input_item_list, response_body, response_events
-from .surface import Surface
-
-SURFACE = "responses"
-
-_RESPONSE_ID = re.compile(r"resp_[0-9a-f]{1,64}")
-"""What ``new_response_id`` makes; a path id (or ``previous_response_id``) must match it."""
-
-
-def new_response_id() -> str:
-    return "resp_" + secrets.token_hex(24)
-
-
-def echo_of(state: StreamState) -> Echo:
-    """The echoed request fields of a response this surface opened."""
-    echo = state.context
-    return echo if isinstance(echo, Echo) else Echo()
+from ...errors import ApiError, Cancelled, InvalidRequest, NotFound
+from ...state import StreamState
+from ..common import check_images, read_body, sequence_number
+from ..dispatch import sampling_metadata
+from ..follow import follow
+from ..surface import Surface, by_id
+from ..surfaces import RESPONSES
+from .echo import Echo, echo_of
+from .items import input_item_list
+from .render import ResponseRenderer, response_body
+from .request import ResponsesRequest, parse_responses_request
+from .walk import answer_parts
 
 
 def _flag(raw: str | None, param: str) -> bool:
@@ -52,8 +41,7 @@ def _flag(raw: str | None, param: str) -> bool:
 class Responses(Surface):
     """The Responses API routes."""
 
-    name = SURFACE
-    new_id = staticmethod(new_response_id)
+    spec = RESPONSES
 
     def routes(self) -> list[Route]:
         return [
@@ -73,6 +61,10 @@ class Responses(Surface):
         model = self.dispatcher.model(body.model)
         instructions = body.instruction_parts()
         previous = self._previous(body.previous_response_id)
+        # What the conversation carries over goes downstream again: it counts first, as it comes first.
+        carried = sum(1 for part in previous if part.kind == "image")
+        fields = itertools.chain(itertools.repeat("previous_response_id", carried), body.image_fields())
+        check_images(fields, self.settings.max_images_per_request)
         parts = instructions + previous + body.input_parts()
         echo = Echo(
             instructions=body.instructions,
@@ -94,10 +86,9 @@ class Responses(Surface):
         )
         state.context = echo
         headers = {"X-Request-Id": response_id}
-        renderer = EventRenderer(state, echo)
         if body.background:
             if body.stream:  # no header hold-back: a background response outlives this connection
-                return self.sse(response_events(renderer, self.metrics), headers)
+                return self.sse(follow(ResponseRenderer(state, echo), self.metrics), headers)
             return JSONResponse(response_body(state, echo), headers=headers)
         if not body.stream:
             try:
@@ -110,19 +101,15 @@ class Responses(Surface):
             return JSONResponse(response_body(state, echo), headers=headers)
         try:
             await self.dispatcher.first_chunk(request, state)
-        except ChatCompletionError:
+        except ApiError:
             if not body.store:
                 self.registry.delete(response_id)
             raise
-
-        def on_close() -> None:
-            """The POST stream ended or its client left: cancel what is still in flight; forget it unless stored."""
-            if body.store:
-                self.dispatcher.cancel(response_id)
-            else:
-                self.registry.delete(response_id)
-
-        events = response_events(renderer, self.metrics, on_close=on_close)
+        renderer = ResponseRenderer(state, echo)
+        if body.store:  # the client left: cancel what is still in flight
+            events = follow(renderer, self.metrics, on_early_close=lambda: self.dispatcher.cancel(response_id))
+        else:  # ended or left: forget it (cancelled first if still in flight)
+            events = follow(renderer, self.metrics, on_close=lambda: self.registry.delete(response_id))
         return self.sse(events, headers)
 
     def _previous(self, previous_id: str | None) -> list[Part]:
@@ -130,8 +117,8 @@ class Responses(Surface):
         (text, and its function calls as a tool-calls part)."""
         if previous_id is None:
             return []
-        state = self.registry.get(previous_id) if _RESPONSE_ID.fullmatch(previous_id) else None
-        if state is None or state.surface != SURFACE or not echo_of(state).store:
+        state = self.registry.get(previous_id) if RESPONSES.valid_id(previous_id) else None
+        if state is None or state.surface != RESPONSES.name or not echo_of(state).store:
             raise NotFound(f"Previous response with id {previous_id[:100]!r} not found.", param="previous_response_id")
         if not state.done:
             raise InvalidRequest(
@@ -153,59 +140,38 @@ class Responses(Surface):
 
     # -- by id ---------------------------------------------------------------
 
-    def _state(self, request: Request) -> StreamState:
-        response_id = path_id(request, _RESPONSE_ID)
-        state = None if response_id is None else self.registry.get(response_id)
-        if state is None or state.surface != SURFACE:
-            shown = request.path_params["request_id"][:100]
-            raise NotFound(f"No response with id {shown!r} in flight or retained.", param="response_id")
-        return state
-
-    async def retrieve(self, request: Request) -> Response:
+    @by_id
+    async def retrieve(self, request: Request, state: StreamState) -> Response:
         """GET: the response so far; with ``?stream=true`` its events, after ``starting_after`` if given, live."""
-        try:
-            state = self._state(request)
-            stream = _flag(request.query_params.get("stream"), "stream")
-            after = sequence_number(request.query_params.get("starting_after"))
-        except ChatCompletionError as error:
-            return error_response(error, path_id(request, _RESPONSE_ID))
+        stream = _flag(request.query_params.get("stream"), "stream")
+        after = sequence_number(request.query_params.get("starting_after"))
         headers = {"X-Request-Id": state.request_id}
         if not stream:
             return JSONResponse(response_body(state, echo_of(state)), headers=headers)
-        events = response_events(EventRenderer(state, echo_of(state)), self.metrics, after=after)
-        return self.sse(events, headers)
+        return self.sse(follow(ResponseRenderer(state, echo_of(state), after), self.metrics), headers)
 
-    async def cancel(self, request: Request) -> Response:
+    @by_id
+    async def cancel(self, request: Request, state: StreamState) -> Response:
         """POST .../cancel: cancel downstream if still in flight (harmless once ended); answers the response."""
-        try:
-            state = self._state(request)
-        except ChatCompletionError as error:
-            return error_response(error, path_id(request, _RESPONSE_ID))
         self.dispatcher.cancel(state.request_id)
         return JSONResponse(response_body(state, echo_of(state)), headers={"X-Request-Id": state.request_id})
 
-    async def delete(self, request: Request) -> Response:
+    @by_id
+    async def delete(self, request: Request, state: StreamState) -> Response:
         """DELETE: cancel if in flight, then forget it (a later GET or ``previous_response_id`` gets 404)."""
-        try:
-            state = self._state(request)
-        except ChatCompletionError as error:
-            return error_response(error, path_id(request, _RESPONSE_ID))
         self.registry.delete(state.request_id)
         return JSONResponse(
             {"id": state.request_id, "object": "response.deleted", "deleted": True}, headers={"X-Request-Id": state.request_id}
         )
 
-    async def input_items(self, request: Request) -> Response:
+    @by_id
+    async def input_items(self, request: Request, state: StreamState) -> Response:
         """GET .../input_items: this request's own input as items (not its instructions, not what
         ``previous_response_id`` carried over), paged as OpenAI pages them (``order``, ``limit``, ``after``)."""
-        try:
-            state = self._state(request)
-            order = request.query_params.get("order", "desc")
-            if order not in ("asc", "desc"):
-                raise InvalidRequest(f"'{order[:20]}' is not 'asc' or 'desc'", param="order")
-            limit = _limit(request.query_params.get("limit"))
-        except ChatCompletionError as error:
-            return error_response(error, path_id(request, _RESPONSE_ID))
+        order = request.query_params.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise InvalidRequest(f"'{order[:20]}' is not 'asc' or 'desc'", param="order")
+        limit = _limit(request.query_params.get("limit"))
         items = input_item_list(state, echo_of(state))
         if order == "desc":
             items.reverse()

@@ -1,122 +1,33 @@
-"""The Responses API's JSON object and event stream, rendered from one ``StreamState``.
-
-The events of a response and their ``sequence_number`` are a pure function of the state, so a
-stream resumed with ``starting_after=N`` gets exactly the events the first one would have sent
-after N, with the same numbers (docs/architecture.md, "Responses API"). For an answer that is
-text only (no tool-call pieces) they are:
-
-====================  ==========================================================
-``0``                 ``response.created`` (status ``queued`` in background, else ``in_progress``)
-``1``                 ``response.in_progress``
-``2``                 ``response.output_item.added`` (the one assistant message)
-``3``                 ``response.content_part.added`` (its one ``output_text`` part)
-``4 + i``             ``response.output_text.delta`` of piece ``i`` (empty pieces: an empty delta)
-``4 + n`` … ``6 + n`` ``response.output_text.done``, ``content_part.done``, ``output_item.done``
-``7 + n``             ``response.completed``, ``response.incomplete`` (finish ``length``) or
-                      ``response.failed`` (failed, and cancelled: its ``response.status`` says which)
-====================  ==========================================================
-
-where ``n`` is the number of pieces. With tool calls the pieces are split into output items in
-order of appearance (``OutputWalk``): a run of answer text is a ``message`` item, each call a
-``function_call`` item; an item opens with its ``added`` events where its first piece is, each
-piece is one delta event, and an item closes with its ``done`` events where the next item opens
-(or at the end). The numbering is still a running count over the pieces, so still a pure
-function of them. Deltas are never coalesced here (the chat stream joins what piled up into one
-event): joining would make the numbering depend on when a reader woke up. A slow reader
-therefore gets one event per chunk; that costs more per token than chat's coalesced events on a
-backlog (not measured). No ``id:`` lines and no ``[DONE]``, as OpenAI streams them.
-"""
+"""``OutputWalk``: a response's output items and its events' sequence numbers, found by walking its pieces in order."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from openai_stream_protocol import Part, ToolCall
 
-from ..metrics import Metrics
-from ..sse import named_event
-from ..state import Status, StreamState
-from .common import end_error
-
-HEAD = 4
-"""Events before the first delta of a text answer: created, in_progress, output_item.added, content_part.added."""
+from ...answer_log import fallback_call_id
+from ...state import StreamState
+from .items import function_call_item, function_call_item_id, item_status, message_id, message_item, output_text
 
 OPENING = 2
 """Events before the first item: created, in_progress."""
 
-BATCH = 256
-"""At most this many pieces are walked (and their events rendered) before the stream yields them."""
 
+class EventSink(Protocol):
+    """What a walk renders its events with (``render.ResponseRenderer``)."""
 
-@dataclass(frozen=True, slots=True)
-class Echo:
-    """The request fields a response object echoes back, kept on the state (``StreamState.context``)."""
+    def event(self, kind: str, seq: int, **fields: Any) -> bytes: ...
 
-    instructions: str | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-    max_output_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    previous_response_id: str | None = None
-    background: bool = False
-    store: bool = True
-    instruction_parts: int = 0
-    """How many leading parts of ``StreamState.parts`` are the instructions (not carried over by a continuation)."""
-    input_from: int = 0
-    """Where this request's own input starts in ``StreamState.parts`` (after the instructions and what
-    ``previous_response_id`` carried over): what ``GET .../input_items`` lists."""
-    tools: list[dict[str, Any]] = field(default_factory=list)
-    """The request's function tools, Responses-shaped (``{"type": "function", "name", ...}``)."""
-    tool_choice: str | dict[str, Any] = "auto"
-    parallel_tool_calls: bool = True
+    def text_delta(self, item: Item, seq: int, text: str) -> bytes: ...
 
+    def argument_delta(self, item: Item, seq: int, text: str) -> bytes: ...
 
-def message_id(response_id: str, nth: int = 0) -> str:
-    """The ``nth`` output message's id (0: the first, usually the only one): derived from the response's, so that
-    every rendering agrees."""
-    base = "msg_" + response_id.removeprefix("resp_")
-    return base if nth == 0 else f"{base}_{nth}"
-
-
-def function_call_item_id(response_id: str, index: int) -> str:
-    """The output item id of the response's call ``index`` (the node's ``tool_call_index``)."""
-    return f"fc_{response_id.removeprefix('resp_')}_{index}"
-
-
-def response_status(state: StreamState, echo: Echo) -> str:
-    """``queued`` (background, nothing generated yet), ``in_progress``, ``completed``, ``incomplete`` (finish
-    ``length``), ``failed`` or ``cancelled``."""
-    if state.status is Status.IN_PROGRESS:
-        return "queued" if echo.background and not state.pieces else "in_progress"
-    if state.status is Status.COMPLETED:
-        return "incomplete" if state.finish_reason == "length" else "completed"
-    return state.status.value  # failed, cancelled
-
-
-def _item_status(status: str) -> str:
-    return {"completed": "completed", "queued": "in_progress", "in_progress": "in_progress"}.get(status, "incomplete")
-
-
-def output_text(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-def message_item(item_id: str, status: str, text: str | None) -> dict[str, Any]:
-    """An assistant message item; ``text`` None: no content part yet (as ``output_item.added`` has it)."""
-    return {
-        "id": item_id,
-        "type": "message",
-        "status": status,
-        "role": "assistant",
-        "content": [] if text is None else [output_text(text)],
-    }
-
-
-def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
-    return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments, "status": status}
+    def body(self) -> dict[str, Any]:
+        """The response object as it is now (the terminal event carries it)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -154,7 +65,7 @@ class OutputWalk:
 
     __slots__ = ("state", "renderer", "last", "seq", "cursor", "items", "current", "held", "by_call", "messages", "out")
 
-    def __init__(self, state: StreamState, renderer: EventRenderer | None = None, last: int = sys.maxsize) -> None:
+    def __init__(self, state: StreamState, renderer: EventSink | None = None, last: int = sys.maxsize) -> None:
         self.state = state
         self.renderer = renderer
         self.last = last
@@ -215,9 +126,9 @@ class OutputWalk:
             self._text_deltas(self.current, start, end)  # type: ignore[arg-type]
         self.held = None
         assert self.renderer is not None, "a walk that renders nothing has no end events"
-        body = response_body(state, self.renderer.echo)
+        body = self.renderer.body()
         status = body["status"]
-        self._close(_item_status(status), end)
+        self._close(item_status(status), end)
         terminal = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(status, "response.failed")
         self._emit(terminal, response=body)
         return self.out
@@ -256,7 +167,7 @@ class OutputWalk:
             function_call_item_id(rid, index),
             first,
             call=index,
-            call_id=call_id or f"call_{rid[-8:]}_{index}",
+            call_id=call_id or fallback_call_id(rid, index),
             name=name or "",
         )
         self.by_call[index] = item
@@ -329,11 +240,11 @@ class OutputWalk:
         """The output items walked so far: closed ones ``completed``, the last one by the response's ``status``."""
         items = []
         for item in self.items:
-            item_status = "completed" if item is not self.items[-1] else _item_status(status)
+            own = "completed" if item is not self.items[-1] else item_status(status)
             if item.kind == "message":
-                items.append(message_item(item.id, item_status, self.text(item)))
+                items.append(message_item(item.id, own, self.text(item)))
             else:
-                items.append(function_call_item(item.id, item.call_id, item.name, self.arguments(item), item_status))
+                items.append(function_call_item(item.id, item.call_id, item.name, self.arguments(item), own))
         return items
 
     def call(self, item: Item) -> ToolCall:
@@ -345,43 +256,6 @@ def walked(state: StreamState) -> OutputWalk:
     walk = OutputWalk(state)
     walk.advance(len(state.pieces))
     return walk
-
-
-def input_item_list(state: StreamState, echo: Echo) -> list[dict[str, Any]]:
-    """The request's own input as Responses items, in order: consecutive text and image parts of one role are one
-    message, each call of a tool-calls part a ``function_call`` item, each tool result a ``function_call_output``.
-
-    Item ids are derived from the response id and the item's place, so every listing agrees.
-    """
-    base = state.request_id.removeprefix("resp_")
-    items: list[dict[str, Any]] = []
-
-    def next_id(prefix: str) -> str:
-        return f"{prefix}_{base}_in{len(items)}"
-
-    for part in state.parts[echo.input_from :]:
-        if part.kind == "tool_calls":
-            for call in part.calls():
-                items.append(function_call_item(next_id("fc"), call.id, call.name, call.arguments, "completed"))
-            continue
-        if part.role == "tool":
-            output = {"type": "function_call_output", "call_id": part.tool_call_id or "", "output": part.content}
-            items.append({"id": next_id("fco"), **output, "status": "completed"})
-            continue
-        if part.role == "assistant":
-            content = output_text(part.content)
-        elif part.kind == "image":
-            content = {"type": "input_image", "image_url": part.content, "detail": "auto"}
-        else:
-            content = {"type": "input_text", "text": part.content}
-        last = items[-1] if items else None
-        if last is not None and last["type"] == "message" and last["role"] == part.role:
-            last["content"].append(content)
-        else:
-            items.append(
-                {"id": next_id("msg"), "type": "message", "role": part.role, "status": "completed", "content": [content]}
-            )
-    return items
 
 
 def answer_parts(state: StreamState) -> list[Part]:
@@ -403,131 +277,3 @@ def answer_parts(state: StreamState) -> list[Part]:
     if run:
         parts.append(Part.of_tool_calls(run))
     return parts
-
-
-def response_body(state: StreamState, echo: Echo, *, status: str | None = None) -> dict[str, Any]:
-    """The ``response`` object. ``status`` given: the opening snapshot of a stream (no output, no usage)."""
-    opening = status is not None
-    if status is None:
-        status = response_status(state, echo)
-    error = None
-    if not opening and state.status in (Status.FAILED, Status.CANCELLED):
-        err = end_error(state)
-        error = {"code": err.code or "server_error", "message": err.message}
-    usage = None
-    if not opening and state.done:
-        used = state.usage
-        usage = {
-            "input_tokens": used["prompt_tokens"],
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": used["completion_tokens"],
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": used["total_tokens"],
-        }
-    if opening:
-        output: list[dict[str, Any]] = []
-    elif not state.tool_calls:
-        output = [message_item(message_id(state.request_id), _item_status(status), state.text)]
-    else:
-        output = walked(state).output(status)
-    return {
-        "id": state.request_id,
-        "object": "response",
-        "created_at": state.created,
-        "status": status,
-        "background": echo.background,
-        "error": error,
-        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-        "instructions": echo.instructions,
-        "max_output_tokens": echo.max_output_tokens,
-        "metadata": echo.metadata,
-        "model": state.model,
-        "output": output,
-        "parallel_tool_calls": echo.parallel_tool_calls,
-        "previous_response_id": echo.previous_response_id,
-        "store": echo.store,
-        "temperature": echo.temperature,
-        "text": {"format": {"type": "text"}},
-        "tool_choice": echo.tool_choice,
-        "tools": echo.tools,
-        "top_p": echo.top_p,
-        "truncation": "disabled",
-        "usage": usage,
-        "user": None,
-    }
-
-
-class EventRenderer:
-    """One response's events, each a ``named_event`` with ``type`` and ``sequence_number``."""
-
-    __slots__ = ("state", "echo")
-
-    def __init__(self, state: StreamState, echo: Echo) -> None:
-        self.state = state
-        self.echo = echo
-
-    @staticmethod
-    def event(kind: str, seq: int, **fields: Any) -> bytes:
-        return named_event(kind, {"type": kind, "sequence_number": seq, **fields})
-
-    def opening(self) -> list[bytes]:
-        """Events 0 and 1: fixed, whatever the state is by the time they are rendered."""
-        state, echo = self.state, self.echo
-        return [
-            self.event(
-                "response.created", 0, response=response_body(state, echo, status="queued" if echo.background else "in_progress")
-            ),
-            self.event("response.in_progress", 1, response=response_body(state, echo, status="in_progress")),
-        ]
-
-    def text_delta(self, item: Item, seq: int, text: str) -> bytes:
-        return self.event(
-            "response.output_text.delta",
-            seq,
-            item_id=item.id,
-            output_index=item.output_index,
-            content_index=0,
-            delta=text,
-            logprobs=[],
-        )
-
-    def argument_delta(self, item: Item, seq: int, text: str) -> bytes:
-        return self.event(
-            "response.function_call_arguments.delta", seq, item_id=item.id, output_index=item.output_index, delta=text
-        )
-
-
-async def response_events(
-    renderer: EventRenderer,
-    metrics: Metrics,
-    *,
-    after: int | None = None,
-    on_close: Callable[[], None] | None = None,
-) -> AsyncIterator[bytes]:
-    """The events with ``sequence_number`` above ``after`` (None: all), live until the response ends.
-
-    ``on_close`` runs when the iterator ends or is closed (the client left): a POST stream cancels
-    a response still in flight there, and forgets one with ``store: false``.
-    """
-    state = renderer.state
-    last = -1 if after is None else after
-    walk = OutputWalk(state, renderer, last)
-    try:
-        for seq, event in enumerate(renderer.opening()):
-            if seq > last:
-                yield event
-        while True:
-            end = len(state.pieces)
-            if walk.cursor < end:  # a bounded batch at a time: a long backlog is not rendered all at once
-                for event in walk.advance(min(end, walk.cursor + BATCH)):
-                    metrics.events.inc()
-                    yield event
-                continue
-            if state.done:
-                break
-            await state.wait(walk.cursor)
-        for event in walk.finish():
-            yield event
-    finally:
-        if on_close is not None:
-            on_close()
