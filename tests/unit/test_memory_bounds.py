@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from openai_stream_protocol import Chunk
+from openai_stream_protocol import Chunk, Part
 from openai_stream_server.errors import UpstreamError
 from openai_stream_server.registry import StreamRegistry
 from openai_stream_server.settings import Settings
@@ -73,7 +73,8 @@ def test_utf8_text_and_overhead_are_both_counted() -> None:
 
 @pytest.mark.parametrize("seed", range(8))
 def test_the_shared_ledger_always_equals_what_the_completions_hold(seed: int) -> None:
-    """Shuffled, duplicated, unicode, failed and cancelled chunks: the ledger never drifts (it is never rescanned)."""
+    """Shuffled, duplicated, unicode, failed and cancelled chunks, kept conversations: the ledger never drifts
+    (it is never rescanned), and each completion's bytes are its parts' own counts summed."""
     rng = random.Random(seed)
     ledger = ByteLedger()
     limits = Limits(max_buffered_chunks=rng.choice([4, 64]), max_completion_bytes=rng.choice([2_000, 50_000]))
@@ -85,13 +86,16 @@ def test_the_shared_ledger_always_equals_what_the_completions_hold(seed: int) ->
             state.cancel()
         elif roll < 0.02:
             state.fail(UpstreamError("boom"))
+        elif roll < 0.03:  # the conversation kept for a continuation (Responses), once or again
+            state.keep_parts([Part("user", "text", rng.choice(["", "é", "hello " * rng.randrange(5)]))])
         else:
             seq = rng.randrange(0, 40)
             state.accept(Chunk(state.request_id, seq, rng.choice(["", "a", "bc ", "é", "🚀" * 3]), fin=seq == 39), 0.0)
         for s in states:
             logged = sum(len(p.encode()) + LOGGED_CHUNK_OVERHEAD_BYTES for p in s.pieces)
             held = sum(len(c.text.encode()) + HELD_CHUNK_OVERHEAD_BYTES for c in s.reorder.held.values())
-            assert s.held_bytes == logged + held
+            kept = sum(len(p.content.encode()) + LOGGED_CHUNK_OVERHEAD_BYTES for p in s.parts)
+            assert s.held_bytes == logged + held + kept
             assert s.held_bytes <= limits.max_completion_bytes or s.done
         assert ledger.nbytes == sum(s.held_bytes for s in states)
 
