@@ -8,25 +8,16 @@ from echo_stream.engine import EchoStream, ListSource
 from echo_stream.main import main
 from echo_stream.settings import Settings
 
-from openai_stream_protocol import USER_TEXT_PREFIX, Chunk, parse_batch, parse_chunk, texts_of
+from openai_stream_protocol import USER_TEXT_PREFIX, is_batch
+from openai_stream_protocol.testing import RecordingNode
 
 FAST = Settings(token_delay_s=0)
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, Chunk, dict[str, Any]]] = []
-
-    def send_output(self, output_id: str, data: pa.Array, metadata: dict[str, Any] | None = None) -> None:
-        assert data.type == pa.string()
-        assert "flush" not in (metadata or {})
-        self.sent.append((output_id, parse_chunk(texts_of(data), metadata or {}), metadata or {}))
-
-    def chunks(self, request_id: str) -> list[Chunk]:
-        return [chunk for _, chunk, _ in self.sent if chunk.request_id == request_id]
-
-    def text(self, request_id: str) -> str:
-        return "".join(chunk.text for chunk in self.chunks(request_id))
+def check_wire(recorder: RecordingNode) -> RecordingNode:
+    """Every message is a chunk in the string form (``pa.string()``, not ``large_string``) and none sets ``flush``."""
+    assert all(sent.data.type == pa.string() and "flush" not in sent.metadata for sent in recorder.sent)
+    return recorder
 
 
 class Clock:
@@ -50,10 +41,10 @@ def cancel(request_id: str) -> dict[str, Any]:
     return {"type": "INPUT", "id": "cancel", "value": pa.array([request_id]), "metadata": {"request_id": request_id}}
 
 
-def run(events: list[dict[str, Any]], settings: Settings = FAST) -> Recorder:
-    recorder = Recorder()
+def run(events: list[dict[str, Any]], settings: Settings = FAST) -> RecordingNode:
+    recorder = RecordingNode()
     EchoStream(recorder, settings).run(events)
-    return recorder
+    return check_wire(recorder)
 
 
 TRICKY = ["hello world", "  leading and trailing  ", "tabs\tand\nnew\n\nlines \n", "x", "   ", "ünï cödé 🙂 wörds", "a  b   c"]
@@ -67,7 +58,7 @@ def test_chunks_join_to_the_exact_text(text: str) -> None:
     assert [chunk.seq for chunk in chunks] == list(range(len(chunks)))
     assert [chunk.fin for chunk in chunks] == [False] * (len(chunks) - 1) + [True]
     assert chunks[-1].finish_reason == "stop"
-    assert {output for output, _, _ in recorder.sent} == {"chunks"}
+    assert {sent.output_id for sent in recorder.sent} == {"chunks"}
 
 
 def test_echoes_the_last_user_turn_and_counts_tokens() -> None:
@@ -82,7 +73,7 @@ def test_echoes_the_last_user_turn_and_counts_tokens() -> None:
 
 def test_metadata_carries_both_ids_and_no_prompt_counts_before_the_end() -> None:
     recorder = run([request("r1", user("a b c"))])
-    metadatas = [metadata for _, _, metadata in recorder.sent]
+    metadatas = recorder.metadata()
     assert all(m["request_id"] == m["session_id"] == "r1" for m in metadatas)
     assert all("prompt_tokens" not in m and "fin" not in m for m in metadatas[:-1])
     assert metadatas[-1]["fin"] is True and "sent_at" not in metadatas[-1]
@@ -149,7 +140,7 @@ def test_the_finish_names_the_stop_sequence_that_cut_the_echo(
     assert recorder.text("r1") == expected_text
     last = recorder.chunks("r1")[-1]
     assert (last.fin, last.finish_reason, last.stop_sequence) == (True, "stop", expected_stop)
-    assert ("stop_sequence" in recorder.sent[-1][2]) is (expected_stop is not None)
+    assert ("stop_sequence" in recorder.metadata()[-1]) is (expected_stop is not None)
 
 
 def test_max_tokens_before_the_stop_sequence_is_length_without_one() -> None:
@@ -172,25 +163,25 @@ def test_tokens_per_chunk(per_chunk: int, expected: list[str]) -> None:
 
 def test_two_requests_interleave() -> None:
     recorder = run([request("a", user("a1 a2 a3 a4")), request("b", user("b1 b2 b3 b4"))])
-    order = [chunk.request_id for _, chunk, _ in recorder.sent]
+    order = [chunk.request_id for chunk in recorder.chunks()]
     assert order == ["a", "b"] * 4
     assert recorder.text("a") == "a1 a2 a3 a4" and recorder.text("b") == "b1 b2 b3 b4"
 
 
 def test_token_delay_paces_chunks() -> None:
-    clock, recorder = Clock(), Recorder()
+    clock, recorder = Clock(), RecordingNode()
     echo = EchoStream(recorder, Settings(token_delay_s=0.5), clock=clock)
     echo.handle(request("r1", user("a b c")))
     assert echo.step(0.0) == 0.5 and recorder.sent == []
     clock.now = 0.25
     echo.handle(request("r2", user("x y")))
     assert echo.step(0.5) == 0.75
-    assert [chunk.request_id for _, chunk, _ in recorder.sent] == ["r1"]
+    assert [chunk.request_id for chunk in recorder.chunks()] == ["r1"]
     assert echo.step(0.75) == 1.0
     assert echo.step(1.0) == 1.25
     assert echo.step(1.25) == 1.5
     assert echo.step(1.5) is None
-    assert [(chunk.request_id, chunk.text) for _, chunk, _ in recorder.sent] == [
+    assert [(chunk.request_id, chunk.text) for chunk in recorder.chunks()] == [
         ("r1", "a"),
         ("r2", "x"),
         ("r1", " b"),
@@ -201,7 +192,7 @@ def test_token_delay_paces_chunks() -> None:
 
 
 def test_cancel_stops_without_a_finish() -> None:
-    clock, recorder = Clock(), Recorder()
+    clock, recorder = Clock(), RecordingNode()
     echo = EchoStream(recorder, Settings(token_delay_s=0.1), clock=clock)
     echo.handle(request("r1", user("a b c d")))
     echo.handle(request("r2", user("x y")))
@@ -222,7 +213,7 @@ def test_cancel_before_any_chunk_sends_nothing() -> None:
 
 def test_stamp_adds_sent_at() -> None:
     recorder = run([request("r1", user("a b"))], Settings(token_delay_s=0, stamp=True))
-    assert all(isinstance(metadata["sent_at"], float) for _, _, metadata in recorder.sent)
+    assert all(isinstance(metadata["sent_at"], float) for metadata in recorder.metadata())
 
 
 def test_stop_event_ends_the_run_at_once() -> None:
@@ -241,9 +232,9 @@ def test_ignores_timeouts_other_inputs_and_requests_without_id() -> None:
 
 def test_many_requests_finish_with_a_round_cap() -> None:
     recorder = run([request(f"r{i}", user(" ".join(["w"] * 10))) for i in range(600)])
-    order = [chunk.request_id for _, chunk, _ in recorder.sent]
+    order = [chunk.request_id for chunk in recorder.chunks()]
     assert order[:600] == [f"r{i}" for i in range(600)] and len(order) == 6000
-    assert sum(chunk.fin for _, chunk, _ in recorder.sent) == 600
+    assert sum(chunk.fin for chunk in recorder.chunks()) == 600
 
 
 class QueueSource:
@@ -263,10 +254,10 @@ class QueueSource:
 
 
 def test_new_requests_join_while_others_stream() -> None:
-    recorder = Recorder()
+    recorder = RecordingNode()
     source = QueueSource([request("a", user("1 2 3 4 5 6")), request("b", user("x y"))])
     EchoStream(recorder, FAST).run(source)
-    order = [chunk.request_id for _, chunk, _ in recorder.sent]
+    order = [chunk.request_id for chunk in recorder.chunks()]
     assert order.index("b") < len(order) - 1 and order[-1] == "a"
     assert source.calls < 20
 
@@ -303,30 +294,16 @@ def test_main_outside_a_dataflow_raises(monkeypatch: pytest.MonkeyPatch) -> None
         main([])
 
 
-class FakeDoraNode:
-    """``dora.Node`` for ``main``: hands over two requests, then its inputs close; records what is sent."""
+class FakeDoraNode(RecordingNode):
+    """``dora.Node`` for ``main``: ``next`` and ``drain`` hand over two requests, then its inputs close."""
 
     created: list[FakeDoraNode] = []
 
     def __init__(self, node_id: str | None = None) -> None:
+        super().__init__()
         self.node_id = node_id
         self.source = ListSource([request("r1", user("one two three")), request("r2", user("four"))])
-        self.hellos: list[tuple[str, dict[str, Any]]] = []
-        self.chunks: list[Chunk] = []
-        self.batches = 0
         FakeDoraNode.created.append(self)
-
-    def send_output(self, output_id: str, data: pa.Array, metadata: dict[str, Any] | None = None) -> None:
-        if isinstance(data, pa.StructArray):
-            self.batches += 1
-            self.chunks.extend(parse_batch(data))
-        elif "hello" in (metadata or {}):
-            self.hellos.append((output_id, dict(metadata or {})))
-        else:
-            self.chunks.append(parse_chunk(texts_of(data), metadata or {}))
-
-    def text(self, request_id: str) -> str:
-        return "".join(chunk.text for chunk in self.chunks if chunk.request_id == request_id)
 
     def next(self, timeout: float | None = None) -> Any:
         return self.source.next(timeout)
@@ -357,9 +334,10 @@ def test_main_says_hello_then_serves_until_the_inputs_close(
     main(argv)
     [node] = FakeDoraNode.created
     assert node.node_id == (argv[1] if argv else None)
-    assert node.hellos == [("chunks", {"hello": hello})]
+    assert [(sent.output_id, sent.metadata) for sent in node.sent if sent.is_hello] == [("chunks", {"hello": hello})]
     assert (node.text("r1"), node.text("r2")) == ("one two three", "four")
-    assert node.batches == (3 if "ECHO_STEP_MS" in environ else 0)  # step mode: one message per step, 3 steps
+    batches = sum(is_batch(sent.data) for sent in node.sent)
+    assert batches == (3 if "ECHO_STEP_MS" in environ else 0)  # step mode: one message per step, 3 steps
 
 
 @pytest.mark.parametrize("stream", [False, "false"])
@@ -376,11 +354,11 @@ def test_a_non_streaming_request_is_answered_in_one_message(stream: Any) -> None
 def test_max_concurrent_generates_k_at_once_and_starts_the_rest_in_arrival_order() -> None:
     events = [request(f"r{i}", user(f"r{i}a r{i}b")) for i in range(4)]
     recorder = run(events, Settings(token_delay_s=0, max_concurrent=2))
-    order = [chunk.request_id for _, chunk, _ in recorder.sent]
+    order = [chunk.request_id for chunk in recorder.chunks()]
     # r0 and r1 interleave; r2 starts when one of them ends, r3 after that: never more than 2 at once
     started: list[str] = []
     ended: set[str] = set()
-    for _, chunk, _ in recorder.sent:
+    for chunk in recorder.chunks():
         if chunk.request_id not in started:
             started.append(chunk.request_id)
         if chunk.fin:

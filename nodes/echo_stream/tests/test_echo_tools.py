@@ -18,10 +18,9 @@ from openai_stream_protocol import (
     Part,
     ToolCall,
     encode_tools,
-    parse_batch,
-    parse_chunk,
-    texts_of,
+    is_batch,
 )
+from openai_stream_protocol.testing import RecordingNode
 
 FAST = Settings(token_delay_s=0)
 STEP = Settings(token_delay_s=0, step_ms=1)
@@ -35,25 +34,12 @@ TOOLS = encode_tools([tool("get_weather"), tool("get_time")])
 WEATHER = {"city": "Paris", "unit": "C"}
 
 
-class Recorder:
-    """Reads both forms: single chunks (normal mode) and batches (step mode)."""
-
-    def __init__(self) -> None:
-        self.chunks: list[Chunk] = []
-        self.batches = 0
-
-    def send_output(self, output_id: str, data: pa.Array, metadata: dict[str, Any] | None = None) -> None:
-        assert output_id == "chunks" and "flush" not in (metadata or {})
-        if isinstance(data, pa.StructArray):
-            self.batches += 1
-            self.chunks.extend(parse_batch(data))
-        else:
-            self.chunks.append(parse_chunk(texts_of(data), metadata or {}))
-
-    def of(self, request_id: str) -> list[Chunk]:
-        chunks = [c for c in self.chunks if c.request_id == request_id]
-        assert [c.seq for c in chunks] == list(range(len(chunks)))
-        return chunks
+def of(recorder: RecordingNode, request_id: str) -> list[Chunk]:
+    """One request's chunks, from single chunks (normal mode) or batches (step mode), numbered without gaps."""
+    assert all(sent.output_id == "chunks" and "flush" not in sent.metadata for sent in recorder.sent)
+    chunks = recorder.chunks(request_id)
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    return chunks
 
 
 def request(request_id: str, *texts: str, **metadata: Any) -> dict[str, Any]:
@@ -65,8 +51,8 @@ def user(text: str) -> str:
     return USER_TEXT_PREFIX + text
 
 
-def run(*events: dict[str, Any], settings: Settings = FAST) -> Recorder:
-    recorder = Recorder()
+def run(*events: dict[str, Any], settings: Settings = FAST) -> RecordingNode:
+    recorder = RecordingNode()
     (StepEcho if settings.step_ms else EchoStream)(recorder, settings).run(list(events))
     return recorder
 
@@ -91,7 +77,7 @@ def calls_of(chunks: list[Chunk]) -> list[tuple[str | None, str | None, str]]:
 @pytest.mark.parametrize("settings", [FAST, STEP], ids=["normal", "step"])
 def test_one_call_streams_its_arguments_in_pieces(settings: Settings) -> None:
     recorder = run(request("r", user(f"call get_weather {json.dumps(WEATHER)}"), **TOOLS), settings=settings)
-    chunks = recorder.of("r")
+    chunks = of(recorder, "r")
     ((call_id, name, arguments),) = calls_of(chunks)
     assert re.fullmatch(r"call_[0-9a-f]{12}", call_id or "") and name == "get_weather"
     assert json.loads(arguments) == WEATHER and arguments == json.dumps(WEATHER)
@@ -102,13 +88,13 @@ def test_one_call_streams_its_arguments_in_pieces(settings: Settings) -> None:
     assert last.completion_tokens == sum(1 for c in chunks if c.tool_call)  # one token per chunk
     assert [c.fin for c in chunks].count(True) == 1
     if settings.step_ms:
-        assert recorder.batches == len(chunks)
+        assert sum(is_batch(sent.data) for sent in recorder.sent) == len(chunks)
 
 
 @pytest.mark.parametrize("settings", [FAST, STEP], ids=["normal", "step"])
 def test_several_lines_are_parallel_calls_in_order(settings: Settings) -> None:
     text = 'call get_weather {"city": "Paris"}\n\n  call get_time {}  \ncall get_weather {"city": "Oslo"}'
-    chunks = run(request("r", user(text), **TOOLS), settings=settings).of("r")
+    chunks = of(run(request("r", user(text), **TOOLS), settings=settings), "r")
     calls = calls_of(chunks)
     assert [(name, json.loads(arguments)) for _, name, arguments in calls] == [
         ("get_weather", {"city": "Paris"}),
@@ -124,22 +110,26 @@ def test_several_lines_are_parallel_calls_in_order(settings: Settings) -> None:
 
 def test_parallel_tool_calls_false_sends_the_first_call_only() -> None:
     text = 'call get_time {}\ncall get_weather {"city": "Paris"}'
-    chunks = run(request("r", user(text), **encode_tools([tool("get_weather"), tool("get_time")], None, False))).of("r")
+    chunks = of(run(request("r", user(text), **encode_tools([tool("get_weather"), tool("get_time")], None, False))), "r")
     assert [name for _, name, _ in calls_of(chunks)] == ["get_time"]
     assert chunks[-1].finish_reason == "tool_calls"
 
 
 def test_tokens_per_chunk_groups_argument_tokens() -> None:
-    chunks = run(
-        request("r", user('call get_weather {"a": 1, "b": 2}'), **TOOLS), settings=Settings(token_delay_s=0, tokens_per_chunk=2)
-    ).of("r")
+    chunks = of(
+        run(
+            request("r", user('call get_weather {"a": 1, "b": 2}'), **TOOLS),
+            settings=Settings(token_delay_s=0, tokens_per_chunk=2),
+        ),
+        "r",
+    )
     assert [c.text for c in chunks if c.tool_call] == ['{"a": 1,', ' "b": 2}']
 
 
 @pytest.mark.parametrize("settings", [FAST, STEP], ids=["normal", "step"])
 def test_a_non_streaming_request_sends_each_call_whole(settings: Settings) -> None:
     text = 'call get_weather {"city": "Paris"}\ncall get_time {}'
-    chunks = run(request("r", user(text), stream=False, **TOOLS), settings=settings).of("r")
+    chunks = of(run(request("r", user(text), stream=False, **TOOLS), settings=settings), "r")
     assert [(c.tool_call.index, c.text) for c in chunks if c.tool_call] == [(0, '{"city": "Paris"}'), (1, "{}")]
     assert len(chunks) == 3 and chunks[-1].finish_reason == "tool_calls"
 
@@ -168,7 +158,7 @@ def test_a_non_streaming_request_sends_each_call_whole(settings: Settings) -> No
     ],
 )
 def test_anything_else_is_echoed_as_text(text: str, metadata: dict[str, Any]) -> None:
-    chunks = run(request("r", user(text), **metadata)).of("r")
+    chunks = of(run(request("r", user(text), **metadata)), "r")
     assert all(c.tool_call is None for c in chunks)
     assert "".join(c.text for c in chunks) == text and chunks[-1].finish_reason == "stop"
 
@@ -181,14 +171,14 @@ def test_a_tool_result_at_the_end_is_echoed_as_content() -> None:
         Part("tool", "text", "18 C and sunny", tool_call_id="call_1").encode(),
         Part("tool", "text", "call get_time {}", tool_call_id="call_2").encode(),  # a result that reads like a call
     ]
-    chunks = run(request("r", *texts, **TOOLS)).of("r")
+    chunks = of(run(request("r", *texts, **TOOLS)), "r")
     assert all(c.tool_call is None for c in chunks)
     assert "".join(c.text for c in chunks) == "18 C and sunny\ncall get_time {}"
     assert chunks[-1].finish_reason == "stop"
 
 
 def test_stamp_and_cancel_work_in_tool_mode() -> None:
-    recorder = Recorder()
+    recorder = RecordingNode()
     echo = EchoStream(recorder, Settings(token_delay_s=0, stamp=True), clock=lambda: 0.0)
     echo.handle(request("r", user('call get_weather {"city": "Paris", "unit": "C"}'), **TOOLS))
     echo.step(0.0)
@@ -196,6 +186,6 @@ def test_stamp_and_cancel_work_in_tool_mode() -> None:
     echo.handle({"type": "INPUT", "id": "cancel", "value": pa.array(["r"]), "metadata": {"request_id": "r"}})
     for _ in range(10):
         echo.step(0.0)
-    chunks = recorder.of("r")
+    chunks = of(recorder, "r")
     assert len(chunks) == 2 and all(c.tool_call is not None and c.sent_at is not None for c in chunks)
     assert not any(c.fin for c in chunks)

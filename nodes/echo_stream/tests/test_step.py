@@ -9,27 +9,16 @@ import pytest
 from echo_stream.settings import Settings
 from echo_stream.step import StepEcho
 
-from openai_stream_protocol import USER_TEXT_PREFIX, Chunk, parse_batch
+from openai_stream_protocol import USER_TEXT_PREFIX, Chunk, is_batch, parse_batch
+from openai_stream_protocol.testing import RecordingNode
 
 STEP = Settings(token_delay_s=0, step_ms=10)
 
 
-class Recorder:
-    """Every message must be a batch; keeps one list of chunks per message."""
-
-    def __init__(self) -> None:
-        self.messages: list[list[Chunk]] = []
-
-    def send_output(self, output_id: str, data: pa.Array, metadata: dict[str, Any] | None = None) -> None:
-        assert output_id == "chunks" and isinstance(data, pa.StructArray)
-        assert "flush" not in (metadata or {})
-        self.messages.append(parse_batch(data))
-
-    def chunks(self, request_id: str) -> list[Chunk]:
-        return [c for message in self.messages for c in message if c.request_id == request_id]
-
-    def text(self, request_id: str) -> str:
-        return "".join(c.text for c in self.chunks(request_id))
+def batches(recorder: RecordingNode) -> list[list[Chunk]]:
+    """Each message's chunks; every message must be a batch on ``chunks``, without ``flush``."""
+    assert all(sent.output_id == "chunks" and is_batch(sent.data) and "flush" not in sent.metadata for sent in recorder.sent)
+    return [parse_batch(sent.data) for sent in recorder.sent]
 
 
 class Clock:
@@ -60,13 +49,13 @@ def steps(echo: StepEcho, clock: Clock, limit: int = 100) -> None:
 
 
 def test_each_step_is_one_message_with_every_active_request() -> None:
-    clock, recorder = Clock(), Recorder()
+    clock, recorder = Clock(), RecordingNode()
     echo = StepEcho(recorder, STEP, clock=clock)
     echo.handle(request("a", "a1 a2 a3"))
     echo.handle(request("b", "b1 b2"))
-    assert echo.step(0.0) == pytest.approx(0.01) and recorder.messages == []  # the first step is one step away
+    assert echo.step(0.0) == pytest.approx(0.01) and recorder.sent == []  # the first step is one step away
     steps(echo, clock)
-    assert [[(c.request_id, c.seq, c.fin) for c in m] for m in recorder.messages] == [
+    assert [[(c.request_id, c.seq, c.fin) for c in m] for m in batches(recorder)] == [
         [("a", 0, False), ("b", 0, False)],
         [("a", 1, False), ("b", 1, True)],
         [("a", 2, True)],
@@ -78,7 +67,7 @@ def test_each_step_is_one_message_with_every_active_request() -> None:
 
 
 def test_stop_strings_max_tokens_and_tokens_per_chunk_as_in_the_normal_mode() -> None:
-    clock, recorder = Clock(), Recorder()
+    clock, recorder = Clock(), RecordingNode()
     echo = StepEcho(recorder, Settings(token_delay_s=0, step_ms=5, tokens_per_chunk=2), clock=clock)
     echo.handle(request("cut", "one two STOP three", stop=["STOP"]))
     echo.handle(request("len", "w1 w2 w3 w4 w5", max_tokens=3))
@@ -92,7 +81,7 @@ def test_stop_strings_max_tokens_and_tokens_per_chunk_as_in_the_normal_mode() ->
 
 
 def test_a_non_streaming_request_is_one_row() -> None:
-    clock, recorder = Clock(), Recorder()
+    clock, recorder = Clock(), RecordingNode()
     echo = StepEcho(recorder, STEP, clock=clock)
     echo.handle(request("r", "one two three", stream=False))
     steps(echo, clock)
@@ -101,7 +90,7 @@ def test_a_non_streaming_request_is_one_row() -> None:
 
 
 def test_cancel_drops_the_request_and_its_queued_rows() -> None:
-    clock, recorder = Clock(), Recorder()
+    clock, recorder = Clock(), RecordingNode()
     echo = StepEcho(recorder, STEP, clock=clock)
     echo.handle(request("a", "a1 a2 a3"))
     echo.handle(request("b", "b1 b2 b3"))
@@ -115,7 +104,7 @@ def test_cancel_drops_the_request_and_its_queued_rows() -> None:
 
 
 def test_a_request_joining_between_steps_starts_at_the_next_step() -> None:
-    clock, recorder = Clock(), Recorder()
+    clock, recorder = Clock(), RecordingNode()
     echo = StepEcho(recorder, STEP, clock=clock)
     echo.handle(request("a", "a1 a2 a3"))
     clock.now = 0.01
@@ -125,17 +114,17 @@ def test_a_request_joining_between_steps_starts_at_the_next_step() -> None:
     assert echo.step(clock.now) == pytest.approx(0.02)
     clock.now = 0.02
     echo.step(clock.now)
-    assert [(c.request_id, c.seq) for c in recorder.messages[-1]] == [("a", 1), ("b", 0)]
+    assert [(c.request_id, c.seq) for c in batches(recorder)[-1]] == [("a", 1), ("b", 0)]
 
 
 def test_run_serves_a_list_of_events_to_the_end() -> None:
-    recorder = Recorder()
+    recorder = RecordingNode()
     StepEcho(recorder, Settings(token_delay_s=0, step_ms=0.5, stamp=True)).run(
         [request(f"r{i}", f"x{i} y{i}") for i in range(20)]
     )
     assert all(recorder.text(f"r{i}") == f"x{i} y{i}" for i in range(20))
-    assert len(recorder.messages) == 2  # two tokens each: two steps, every request in each
-    assert all(c.sent_at is not None for m in recorder.messages for c in m)
+    assert len(batches(recorder)) == 2  # two tokens each: two steps, every request in each
+    assert all(c.sent_at is not None for m in batches(recorder) for c in m)
 
 
 @pytest.mark.parametrize("value", ["-1", "fast", "60001"])

@@ -1,4 +1,7 @@
-"""Helpers shared by this folder's tests: a recorder node, events as the server sends them, a PNG, a local HTTP server."""
+"""Helpers shared by this folder's tests: events as the server sends them, wire checks, images, a local HTTP server.
+
+The recording node and the bounded wait are the protocol package's (``openai_stream_protocol.testing``).
+"""
 
 from __future__ import annotations
 
@@ -15,34 +18,36 @@ from qwenvl_stream.engine import QwenEngine
 from qwenvl_stream.generation import GenerationParams, RowStream
 from qwenvl_stream.settings import Settings
 
-from openai_stream_protocol import USER_IMAGE_PREFIX, USER_TEXT_PREFIX
+from openai_stream_protocol import USER_IMAGE_PREFIX, USER_TEXT_PREFIX, Chunk
+from openai_stream_protocol.testing import RecordingNode, wait_for
 
 
-class Recorder:
-    """Stands in for ``dora.Node.send_output``; keeps every message with its metadata.
+def check_no_flush(node: RecordingNode) -> RecordingNode:
+    """No message carries ``flush``: dora would empty the server's whole input queue.
 
-    A batch message (a struct array, one row per chunk) is kept as its list
-    of row dicts; ``rows`` and ``chunks`` read both forms as ``(text, metadata)``.
+    (docs/architecture.md, "``flush`` is never sent".)
+    """
+    assert all("flush" not in metadata for metadata in node.metadata())
+    return node
+
+
+class Waits:
+    """Bounded waits inside an events generator, asserted after the run.
+
+    The scheduler's reader thread runs the generator and logs an exception
+    instead of raising it, so a failed wait there must be noted and checked
+    by the test itself: ``assert waits.missed == []``.
     """
 
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, list[Any], dict[str, Any]]] = []
+    def __init__(self, timeout_s: float = 30.0) -> None:
+        self.timeout_s = timeout_s
+        self.missed: list[str] = []
 
-    def send_output(self, output_id: str, data: pa.Array, metadata: dict[str, Any] | None = None) -> None:
-        self.messages.append((output_id, data.to_pylist(), dict(metadata or {})))
-
-    def rows(self) -> list[tuple[str, dict[str, Any]]]:
-        """Every chunk in sending order."""
-        out: list[tuple[str, dict[str, Any]]] = []
-        for _, values, md in self.messages:
-            if values and isinstance(values[0], dict):
-                out.extend((row["text"], {k: v for k, v in row.items() if v is not None and k != "text"}) for row in values)
-            else:
-                out.append(("".join(values), md))
-        return out
-
-    def chunks(self, request_id: str) -> list[tuple[str, dict[str, Any]]]:
-        return [(text, md) for text, md in self.rows() if md.get("request_id") == request_id]
+    def __call__(self, predicate: Callable[[], object], what: str) -> bool:
+        if wait_for(predicate, self.timeout_s):
+            return True
+        self.missed.append(what)
+        return False
 
 
 def request(request_id: str, texts: list[str], **metadata: Any) -> dict[str, Any]:
@@ -102,13 +107,12 @@ EPS_DATA_URI = (
 )
 
 
-def check_stream(chunks: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-    """The wire invariants of one request's chunks; returns the last chunk's metadata."""
+def check_stream(chunks: list[Chunk]) -> Chunk:
+    """The wire invariants of one request's chunks; returns the last one."""
     assert chunks, "no chunk was sent"
-    assert [md["seq"] for _, md in chunks] == list(range(len(chunks)))
-    assert [bool(md.get("fin")) for _, md in chunks] == [False] * (len(chunks) - 1) + [True]
-    assert all("flush" not in md for _, md in chunks)
-    return chunks[-1][1]
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert [c.fin for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    return chunks[-1]
 
 
 def png_bytes(size: tuple[int, int] = (16, 16)) -> bytes:

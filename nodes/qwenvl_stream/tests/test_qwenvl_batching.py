@@ -11,45 +11,39 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import torch
 from PIL import Image
-from qwenvl_helpers import IMAGE, USER, Recorder, cancel, check_stream, png_data_uri, request, spy
+from qwenvl_helpers import IMAGE, USER, cancel, check_no_flush, check_stream, png_data_uri, request, spy
 from qwenvl_stream.engine import QwenEngine
 from qwenvl_stream.generation import GenerationParams, IncrementalDetokenizer, StepRow
 from qwenvl_stream.scheduler import Scheduler
 from qwenvl_stream.settings import Settings
 
+from openai_stream_protocol import Chunk
+from openai_stream_protocol.testing import RecordingNode, wait_for
+
 pytestmark = pytest.mark.timeout(120)
 
 
-def serve(engine: QwenEngine, events: Any, **settings: Any) -> Recorder:
-    recorder = Recorder()
+def serve(engine: QwenEngine, events: Any, **settings: Any) -> RecordingNode:
+    recorder = RecordingNode()
     scheduler = Scheduler(recorder, engine, Settings(model_name_or_path="tiny", **settings))
     scheduler.run(events(recorder) if callable(events) else events)
-    return recorder
+    return check_no_flush(recorder)
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
-
-
-def token_messages(recorder: Recorder) -> list[list[dict[str, Any]]]:
+def token_messages(recorder: RecordingNode) -> list[list[dict[str, Any]]]:
     """The batch messages that carry text rows (not only finish rows)."""
-    return [values for _, values, _ in recorder.messages if any(not row["fin"] for row in values)]
+    return [rows for rows in recorder.values() if any(not row["fin"] for row in rows)]
 
 
-def text_of(chunks: list[tuple[str, dict[str, Any]]]) -> str:
-    return "".join(text for text, _ in chunks)
+def text_of(chunks: list[Chunk]) -> str:
+    return "".join(c.text for c in chunks)
 
 
 @dataclass(eq=False)
@@ -99,7 +93,7 @@ SURVIVORS = {
 }
 
 
-def alone(loaded_model: Any, request_id: str, texts: list[str], max_tokens: int) -> list[tuple[str, dict[str, Any]]]:
+def alone(loaded_model: Any, request_id: str, texts: list[str], max_tokens: int) -> list[Chunk]:
     engine = QwenEngine(loaded_model, Settings(model_name_or_path="tiny", max_batch=1))
     return serve(engine, [request(request_id, texts, max_tokens=max_tokens)], max_batch=1).chunks(request_id)
 
@@ -109,12 +103,12 @@ def test_six_at_once_each_answer_as_if_alone_a_cancel_within_two_steps_a_bad_ima
     engine = spy(loaded_model)
     at_cancel: dict[str, int] = {}
 
-    def events(recorder: Recorder) -> Iterator[dict[str, Any]]:
+    def events(recorder: RecordingNode) -> Iterator[dict[str, Any]]:
         for request_id, texts in SURVIVORS.items():
             yield request(request_id, texts, max_tokens=24)
         yield request("bad-image", [IMAGE + THIN, USER + "What is it?"], max_tokens=24)
         yield request("cancelled", [USER + "Go on forever"], max_tokens=1000)
-        if wait_for(lambda: len(recorder.chunks("cancelled")) >= 3):
+        if wait_for(lambda: len(recorder.chunks("cancelled")) >= 3, 30, interval_s=0.002):
             at_cancel["rows"] = len(recorder.chunks("cancelled"))
             at_cancel["tokens"] = engine.streams["cancelled"].count
         yield cancel("cancelled")
@@ -126,24 +120,24 @@ def test_six_at_once_each_answer_as_if_alone_a_cancel_within_two_steps_a_bad_ima
     for request_id, texts in SURVIVORS.items():
         batched = recorder.chunks(request_id)
         last = check_stream(batched)
-        assert last["finish_reason"] == "length" and last["completion_tokens"] == 24
+        assert last.finish_reason == "length" and last.completion_tokens == 24
         reference = alone(loaded_model, request_id, texts, 24)
         assert text_of(batched) == text_of(reference), request_id
-        assert last["prompt_tokens"] == check_stream(reference)["prompt_tokens"]
+        assert last.prompt_tokens == check_stream(reference).prompt_tokens
 
     bad = check_stream(recorder.chunks("bad-image"))
-    assert bad["finish_reason"] == "error" and "could not prepare the input" in bad["error"]
-    assert [text for text, _ in recorder.chunks("bad-image")] == [""]
+    assert bad.finish_reason == "error" and "could not prepare the input" in bad.error
+    assert [c.text for c in recorder.chunks("bad-image")] == [""]
 
     cancelled = recorder.chunks("cancelled")
-    assert not any(md.get("fin") for _, md in cancelled)
+    assert not any(c.fin for c in cancelled)
     assert len(cancelled) - at_cancel["rows"] <= 2  # rows sent after the cancel
     assert engine.streams["cancelled"].count - at_cancel["tokens"] <= 2  # tokens generated after it
 
     # Batching happened, and never more than one message per step (one row per request in each);
     # only finish rows (the bad image's error, a batch's last rows) travel outside a step.
     assert len(token_messages(recorder)) <= steps.count
-    per_message = [[row["request_id"] for row in values] for _, values, _ in recorder.messages]
+    per_message = [[row["request_id"] for row in rows] for rows in recorder.values()]
     assert all(len(ids) == len(set(ids)) for ids in per_message)
     assert max(len(ids) for ids in per_message) >= 3
 
@@ -185,10 +179,10 @@ def test_one_message_per_decode_step_in_a_generate_batch(loaded_model: Any) -> N
 
     first_streaming: list[bool] = []
 
-    def events(recorder: Recorder) -> Iterator[dict[str, Any]]:
+    def events(recorder: RecordingNode) -> Iterator[dict[str, Any]]:
         yield request("first", [USER + "Say something"], max_tokens=10, temperature=0)
         # The engine is busy with "first": the next three wait together, for the next batch.
-        first_streaming.append(wait_for(lambda: bool(recorder.chunks("first"))))
+        first_streaming.append(wait_for(lambda: bool(recorder.chunks("first")), 30))
         for i in range(3):
             yield request(f"r{i}", [USER + "Say something " * (i + 2)], max_tokens=10, temperature=0)
 
@@ -201,7 +195,7 @@ def test_one_message_per_decode_step_in_a_generate_batch(loaded_model: Any) -> N
     assert all(len({row["request_id"] for row in values}) == len(values) for values in messages)
     assert sum(1 for values in messages if len(values) == 3) >= 5
     for request_id in ("first", "r0", "r1", "r2"):
-        assert check_stream(recorder.chunks(request_id))["completion_tokens"] == 10
+        assert check_stream(recorder.chunks(request_id)).completion_tokens == 10
 
 
 def test_incremental_detokenization_never_splits_a_character(loaded_model: Any) -> None:

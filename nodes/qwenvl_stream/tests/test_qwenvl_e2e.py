@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 import yaml
 from qwenvl_helpers import png_data_uri
 
+from openai_stream_protocol.testing import wait_for
 from tests.dataflow import ROOT, Dataflow
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -104,12 +104,13 @@ def test_a_disconnect_mid_generation_stops_the_generation(qwen_flow: Dataflow) -
     response.close()
     assert completion_id is not None
     pattern = re.compile(rf"request {re.escape(completion_id)}: (?:cancelled after (\d+) of|finish_reason=)")
-    deadline = time.monotonic() + 60
-    match = None
-    while match is None and time.monotonic() < deadline:
-        match = pattern.search(qwen_flow.log_path.read_text(errors="replace"))
-        time.sleep(0.2)
-    assert match is not None, qwen_flow.log()
+
+    def logged() -> re.Match[str] | None:
+        return pattern.search(qwen_flow.log_path.read_text(errors="replace"))
+
+    assert wait_for(lambda: logged() is not None, 60, interval_s=0.2), qwen_flow.log()
+    match = logged()
+    assert match is not None
     assert match.group(1) is not None, f"the generation ran to its end: {match.group(0)}"
     assert int(match.group(1)) < max_tokens
 

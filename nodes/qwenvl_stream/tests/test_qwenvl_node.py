@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from qwenvl_helpers import EPS_DATA_URI, IMAGE, USER, Recorder, SpyEngine, cancel, check_stream, png_data_uri, request
+from qwenvl_helpers import EPS_DATA_URI, IMAGE, USER, SpyEngine, cancel, check_no_flush, check_stream, png_data_uri, request
 from qwenvl_helpers import spy as make_spy
 from qwenvl_stream.engine import QwenEngine, RowCriteria
 from qwenvl_stream.generation import GenerationParams
@@ -25,6 +25,9 @@ from qwenvl_stream.model import ModelLoadError, load_model
 from qwenvl_stream.scheduler import Scheduler
 from qwenvl_stream.settings import Settings
 from transformers import StoppingCriteria, StoppingCriteriaList
+
+from openai_stream_protocol import Chunk
+from openai_stream_protocol.testing import RecordingNode, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,14 +39,14 @@ def engine(loaded_model: Any) -> SpyEngine:
     return make_spy(loaded_model, image_timeout_s=2)
 
 
-def serve(engine: QwenEngine, events: Any) -> Recorder:
-    recorder = Recorder()
+def serve(engine: QwenEngine, events: Any) -> RecordingNode:
+    recorder = RecordingNode()
     Scheduler(recorder, engine, Settings(model_name_or_path="tiny")).run(events(recorder) if callable(events) else events)
-    return recorder
+    return check_no_flush(recorder)
 
 
-def text_of(chunks: list[tuple[str, dict[str, Any]]]) -> str:
-    return "".join(text for text, _ in chunks)
+def text_of(chunks: list[Chunk]) -> str:
+    return "".join(c.text for c in chunks)
 
 
 def test_a_request_streams_several_chunks_then_a_finish_reason(engine: SpyEngine) -> None:
@@ -51,8 +54,8 @@ def test_a_request_streams_several_chunks_then_a_finish_reason(engine: SpyEngine
     chunks = recorder.chunks("r1")
     last = check_stream(chunks)
     assert len(chunks) >= 3, chunks  # at least two pieces and the finish marker
-    assert last["finish_reason"] in ("stop", "length")
-    assert last["prompt_tokens"] > 5 and 0 < last["completion_tokens"] <= 60
+    assert last.finish_reason in ("stop", "length")
+    assert last.prompt_tokens > 5 and 0 < last.completion_tokens <= 60
     assert text_of(chunks)
 
 
@@ -70,15 +73,15 @@ def test_a_png_data_uri_goes_through_the_vision_path(engine: SpyEngine, loaded_m
     finally:
         hook.remove()
     with_image, without = check_stream(recorder.chunks("img")), check_stream(recorder.chunks("txt"))
-    assert with_image["finish_reason"] in ("stop", "length")
+    assert with_image.finish_reason in ("stop", "length")
     assert len(calls) == 1  # the vision tower ran once, for the one image
     # 60x40 resizes to 56x28: 2x4 patches of 14 px, merged 2x2 into 2 image tokens, plus vision start and end.
-    assert with_image["prompt_tokens"] - without["prompt_tokens"] == 2 + 2
+    assert with_image.prompt_tokens - without.prompt_tokens == 2 + 2
 
 
 def test_max_tokens_gives_length(engine: SpyEngine) -> None:
     last = check_stream(serve(engine, [request("r1", [USER + "Count to ten"], max_tokens=5)]).chunks("r1"))
-    assert last["finish_reason"] == "length" and last["completion_tokens"] == 5
+    assert last.finish_reason == "length" and last.completion_tokens == 5
 
 
 def test_a_stop_string_ends_the_answer_before_it(engine: SpyEngine) -> None:
@@ -87,7 +90,7 @@ def test_a_stop_string_ends_the_answer_before_it(engine: SpyEngine) -> None:
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     chunks = serve(engine, [request("b", [USER + "Tell me more"], max_tokens=40, stop=[stop])]).chunks("b")
     assert text_of(chunks) == full[: full.find(stop)]
-    assert check_stream(chunks)["finish_reason"] == "stop"
+    assert check_stream(chunks).finish_reason == "stop"
 
 
 def test_a_seed_makes_sampling_repeatable(engine: SpyEngine) -> None:
@@ -109,12 +112,10 @@ def test_cancel_stops_the_generation_within_a_token_or_two(engine: SpyEngine, lo
 
     hook = loaded_model.model.register_forward_pre_hook(slow_step)
 
-    def events(recorder: Recorder) -> Iterator[dict[str, Any]]:
+    def events(recorder: RecordingNode) -> Iterator[dict[str, Any]]:
         yield request("long", [USER + "Go on forever"], max_tokens=1500)
-        deadline = time.monotonic() + 30
-        while len(forwards) < 20 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        at_cancel.append(len(forwards))
+        if wait_for(lambda: len(forwards) >= 20, 30):
+            at_cancel.append(len(forwards))
         yield cancel("long")
         yield request("next", [USER + "Another one"], max_tokens=4)
 
@@ -122,9 +123,10 @@ def test_cancel_stops_the_generation_within_a_token_or_two(engine: SpyEngine, lo
         recorder = serve(engine, events)
     finally:
         hook.remove()
-    assert not any(md.get("fin") for _, md in recorder.chunks("long"))
+    assert at_cancel, "the long request never reached 20 model steps"
+    assert not any(c.fin for c in recorder.chunks("long"))
     assert engine.streams["long"].count <= at_cancel[0] + 2
-    assert check_stream(recorder.chunks("next"))["finish_reason"] == "length"
+    assert check_stream(recorder.chunks("next")).finish_reason == "length"
 
 
 def test_row_criteria_masks_a_halted_row_at_the_very_next_token(loaded_model: Any) -> None:
@@ -170,8 +172,8 @@ def test_a_broken_image_ends_that_request_with_an_error_and_the_node_keeps_servi
         ],
     )
     bad = check_stream(recorder.chunks("bad"))
-    assert bad["finish_reason"] == "error" and message in bad["error"]
-    assert check_stream(recorder.chunks("good"))["finish_reason"] in ("stop", "length")
+    assert bad.finish_reason == "error" and message in bad.error
+    assert check_stream(recorder.chunks("good")).finish_reason in ("stop", "length")
 
 
 def test_vision_max_pixels_scales_large_images_down(tiny_model_dir: Path) -> None:

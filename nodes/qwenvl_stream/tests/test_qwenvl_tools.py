@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from qwenvl_helpers import USER, Recorder, check_stream, request
+from qwenvl_helpers import USER, check_no_flush, check_stream, request
 from qwenvl_stream.chat import to_chat
 from qwenvl_stream.engine import QwenEngine
 from qwenvl_stream.generation import BatchRow, GenerationParams, OnStep, RequestError, StepRow
@@ -18,6 +18,7 @@ from qwenvl_stream.settings import Settings
 from qwenvl_stream.toolcalls import Piece, ToolCallParser, parse_call
 
 from openai_stream_protocol import Part, ToolCall, encode_tools, parse_request_texts
+from openai_stream_protocol.testing import RecordingNode
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -297,10 +298,10 @@ def forced(loaded_model: Any, answer: str) -> ForcedEngine:
     return engine
 
 
-def serve(engine: QwenEngine, *events: dict[str, Any]) -> Recorder:
-    recorder = Recorder()
+def serve(engine: QwenEngine, *events: dict[str, Any]) -> RecordingNode:
+    recorder = RecordingNode()
     Scheduler(recorder, engine, Settings(model_name_or_path="tiny", continuous_batching=False)).run(list(events))
-    return recorder
+    return check_no_flush(recorder)
 
 
 TOOLS = encode_tools([tool("get_weather"), tool("get_time")])
@@ -312,33 +313,31 @@ def test_the_node_sends_the_model_s_tool_calls_as_tool_call_chunks(loaded_model:
     chunks = recorder.chunks("r")
     last = check_stream(chunks)
     assert "<tools>" in engine.prompts[0]
-    content = "".join(text for text, md in chunks if "tool_call_index" not in md)
-    calls = [
-        (md["tool_call_index"], md["tool_call_id"], md["tool_call_name"], text) for text, md in chunks if "tool_call_index" in md
-    ]
+    content = "".join(c.text for c in chunks if c.tool_call is None)
+    calls = [(c.tool_call.index, c.tool_call.id, c.tool_call.name, c.text) for c in chunks if c.tool_call is not None]
     assert content == "Let me check. "
     assert [(index, name, json.loads(arguments)) for index, _, name, arguments in calls] == [
         (0, "get_weather", {"city": "Paris", "unit": "C"}),
         (1, "get_time", {}),
     ]
     assert all(call_id.startswith("call_") for _, call_id, _, _ in calls) and calls[0][1] != calls[1][1]
-    assert last["finish_reason"] == "tool_calls" and last["completion_tokens"] > 10
+    assert last.finish_reason == "tool_calls" and last.completion_tokens > 10
 
 
 def test_without_tools_the_same_text_goes_out_untouched(loaded_model: Any) -> None:
     recorder = serve(forced(loaded_model, TWO_CALLS), request("r", [USER + "Weather and time?"], max_tokens=500))
     chunks = recorder.chunks("r")
-    assert check_stream(chunks)["finish_reason"] == "stop"
-    assert "".join(text for text, _ in chunks) == TWO_CALLS
-    assert not any("tool_call_index" in md for _, md in chunks)
+    assert check_stream(chunks).finish_reason == "stop"
+    assert "".join(c.text for c in chunks) == TWO_CALLS
+    assert all(c.tool_call is None for c in chunks)
 
 
 def test_a_malformed_call_from_the_model_is_content_and_the_answer_stops(loaded_model: Any) -> None:
     answer = '<tool_call>{"name": "get_weather", "arguments": </tool_call> sorry'
     recorder = serve(forced(loaded_model, answer), request("r", [USER + "Weather?"], max_tokens=500, **TOOLS))
     chunks = recorder.chunks("r")
-    assert check_stream(chunks)["finish_reason"] == "stop"
-    assert "".join(text for text, _ in chunks) == answer
+    assert check_stream(chunks).finish_reason == "stop"
+    assert "".join(c.text for c in chunks) == answer
 
 
 def test_max_tokens_inside_a_call_ends_with_length_and_the_open_tag_as_content(loaded_model: Any) -> None:
@@ -346,18 +345,18 @@ def test_max_tokens_inside_a_call_ends_with_length_and_the_open_tag_as_content(l
     budget = len(engine.tokenizer.encode(TWO_CALLS[: TWO_CALLS.index("get_weather")], add_special_tokens=False))
     recorder = serve(engine, request("r", [USER + "Weather?"], max_tokens=budget, **TOOLS))
     chunks = recorder.chunks("r")
-    assert check_stream(chunks)["finish_reason"] == "length"
-    text = "".join(text for text, _ in chunks)
+    assert check_stream(chunks).finish_reason == "length"
+    text = "".join(c.text for c in chunks)
     assert text.startswith("Let me check.") and "<tool_call>" in text and TWO_CALLS.startswith(text.rstrip())
-    assert not any("tool_call_index" in md for _, md in chunks)
+    assert all(c.tool_call is None for c in chunks)
 
 
 def test_parallel_tool_calls_false_sends_one_call(loaded_model: Any) -> None:
     metadata = encode_tools([tool("get_weather"), tool("get_time")], "auto", False)
     recorder = serve(forced(loaded_model, TWO_CALLS), request("r", [USER + "Weather and time?"], max_tokens=500, **metadata))
     chunks = recorder.chunks("r")
-    assert [md["tool_call_name"] for _, md in chunks if "tool_call_index" in md] == ["get_weather"]
-    assert check_stream(chunks)["finish_reason"] == "tool_calls"
+    assert [c.tool_call.name for c in chunks if c.tool_call is not None] == ["get_weather"]
+    assert check_stream(chunks).finish_reason == "tool_calls"
 
 
 def test_the_request_texts_of_a_tool_conversation_parse_for_the_engine() -> None:
