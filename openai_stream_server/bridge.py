@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from openai_stream_protocol import (
@@ -58,6 +58,46 @@ before that would lose the request (docs/architecture.md, "Replicas and failover
 SLOT_WAIT_S = 0.1
 """How long one wait for a free slot lasts before the reader checks whether the bridge stopped."""
 
+ERROR_LOG_INTERVAL_S = 60.0
+"""An unexpected exception on a chunk is logged (with its traceback) at most once per this long, with a count of
+those since: a node that sends something odd on every token must not flood the log."""
+
+
+class _Batch(list[Chunk]):
+    """The chunks of one hand-over to the loop; remembers how far the sink's ``for`` loop got.
+
+    Should the sink raise, the chunk it was on is the one it could not take: that one is dropped and the
+    rest of the batch is delivered. A plain list iterator tracks its position at no cost per chunk.
+    """
+
+    __slots__ = ("_reading",)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        self._reading = reading = super().__iter__()
+        return reading
+
+    def unread(self) -> int | None:
+        """How many chunks the sink's last ``for`` loop had not reached; None if it never iterated."""
+        reading = getattr(self, "_reading", None)
+        return None if reading is None else reading.__length_hint__()
+
+
+class _ThrottledLog:
+    """``logger.error`` with the traceback, at most once per ``ERROR_LOG_INTERVAL_S``; one per thread (no lock)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.unlogged = 0
+        self.logged_at: float | None = None
+
+    def error(self, exc: BaseException) -> None:
+        self.unlogged += 1
+        now = time.monotonic()
+        if self.logged_at is not None and now - self.logged_at < ERROR_LOG_INTERVAL_S:
+            return
+        logger.error("%s (%d since the last report); dropped as malformed, serving on", self.what, self.unlogged, exc_info=exc)
+        self.unlogged, self.logged_at = 0, now
+
 
 class DoraBridge:
     def __init__(self, node: Any) -> None:
@@ -74,7 +114,12 @@ class DoraBridge:
         self._on_lost: OnLost | None = None
         self._on_orphaned: OnOrphaned | None = None
         self.last_event_at: float | None = None
-        self.malformed_chunks = 0
+        self._unreadable = 0
+        """Chunks the reader thread could not read (written by that thread only)."""
+        self._undeliverable = 0
+        """Chunks the sink raised on (written on the loop thread only)."""
+        self._read_errors = _ThrottledLog("an unexpected error reading a dora event")
+        self._deliver_errors = _ThrottledLog("an unexpected error delivering a chunk")
         self._slots = threading.Semaphore(MAX_BATCHES_IN_FLIGHT)
         """One per batch handed to the loop and not yet delivered (``MAX_BATCHES_IN_FLIGHT``)."""
 
@@ -102,11 +147,23 @@ class DoraBridge:
         legacy = LegacyReplicas(self.replicas)
         numbered = legacy.numbered
 
-        def deliver(batch: list[Chunk], unnamed: list[tuple[int, Replica]]) -> None:  # on the loop thread
+        def deliver(batch: _Batch, unnamed: list[tuple[int, Replica]]) -> None:  # on the loop thread
             try:
                 if unnamed:
-                    self._name_legacy_replies(batch, unnamed)
-                sink(batch)
+                    try:
+                        self._name_legacy_replies(batch, unnamed)
+                    except Exception as exc:  # those replies stay unnamed: dropped (and counted) as unknown
+                        self._deliver_errors.error(exc)
+                # A bug costs the chunk it tripped on, not the batch (docs/architecture.md, "Limits and failure behaviour").
+                while batch:
+                    try:
+                        sink(batch)
+                        break
+                    except Exception as exc:
+                        unread = batch.unread()
+                        self._undeliverable += 1 if unread is not None else len(batch)
+                        self._deliver_errors.error(exc)
+                        batch = _Batch(batch[len(batch) - unread :] if unread else ())
             finally:
                 slots.release()
 
@@ -122,58 +179,62 @@ class DoraBridge:
                     except RuntimeError:  # the channel closed after this event: the dataflow is stopping
                         pass
                 self.last_event_at = now = time.monotonic()
-                batch: list[Chunk] = []
+                batch = _Batch()
                 unnamed: list[tuple[int, Replica]] = []  # where a legacy reply without an id sits in ``batch``
                 signals: list[tuple[str, str]] = []
                 stop = False
                 for ev in events:
-                    kind = ev["type"]
-                    if kind == "INPUT":
-                        input_id = ev["id"]
-                        if is_tick(input_id):
-                            continue
-                        seen_at[input_id] = now
-                        if HELLO_KEY in ev["metadata"]:  # a node saying it is up, not a chunk
-                            numbered.add(input_id)
-                            closed.discard(input_id)
-                            signals.append(("hello", input_id))
-                            continue
-                        if input_id in closed:  # after `dora node restart` the input carries events again
-                            closed.discard(input_id)
-                            signals.append(("seen", input_id))
-                        value = ev["value"]
-                        if is_batch(value):
-                            # One message, one chunk per row of many requests (docs/architecture.md, "Batch form").
-                            numbered.add(input_id)
+                    try:
+                        kind = ev["type"]
+                        if kind == "INPUT":
+                            input_id = ev["id"]
+                            if is_tick(input_id):
+                                continue
+                            seen_at[input_id] = now
+                            if HELLO_KEY in ev["metadata"]:  # a node saying it is up, not a chunk
+                                numbered.add(input_id)
+                                closed.discard(input_id)
+                                signals.append(("hello", input_id))
+                                continue
+                            if input_id in closed:  # after `dora node restart` the input carries events again
+                                closed.discard(input_id)
+                                signals.append(("seen", input_id))
+                            value = ev["value"]
+                            if is_batch(value):
+                                # One message, one chunk per row of many requests (docs/architecture.md, "Batch form").
+                                numbered.add(input_id)
+                                try:
+                                    batch.extend(parse_batch(value))
+                                except Exception as exc:  # whatever a node sends: parsing it must not end the reader
+                                    self._unreadable += max(1, len(value))  # every row is a chunk dropped
+                                    logger.warning("dropping a malformed batch of %d on %s: %r", len(value), ev["id"], str(exc))
+                                continue
                             try:
-                                batch.extend(parse_batch(value))
-                            except (ValueError, TypeError, KeyError) as exc:
-                                self.malformed_chunks += max(1, len(value))  # every row is a chunk dropped
-                                logger.warning("dropping a malformed batch of %d on %s: %r", len(value), ev["id"], str(exc))
-                            continue
-                        try:
-                            chunk = parse_chunk(texts_of(value), ev["metadata"])
-                        except (ValueError, TypeError, IndexError) as exc:
-                            self.malformed_chunks += 1
-                            logger.warning("dropping a malformed chunk on %s: %r", ev["id"], str(exc))  # %r: one log line
-                            continue
-                        if chunk.seq is not None:
-                            numbered.add(input_id)
-                        elif chunk.request_id is None and (replica := legacy.replica_of(input_id)) is not None:
-                            unnamed.append((len(batch), replica))
-                        batch.append(chunk)
-                    elif kind == "STOP":
-                        stop = True
-                    elif kind == "INPUT_CLOSED":
-                        if ev["id"] in answer_inputs:
-                            closed.add(ev["id"])
-                            signals.append(("closed", ev["id"]))
-                    elif kind == "NODE_RESTARTED":  # a restart policy brought a node back; its inputs stay open
-                        node_id = str(ev["id"])
-                        closed.update(node_inputs.get(node_id, ()))  # its first event (a hello) says it is up
-                        signals.append(("restarted", node_id))
-                    elif kind == "ERROR":
-                        logger.error("dora error event: %r", ev.get("error"))
+                                chunk = parse_chunk(texts_of(value), ev["metadata"])
+                            except Exception as exc:
+                                self._unreadable += 1
+                                logger.warning("dropping a malformed chunk on %s: %r", ev["id"], str(exc))  # %r: one log line
+                                continue
+                            if chunk.seq is not None:
+                                numbered.add(input_id)
+                            elif chunk.request_id is None and (replica := legacy.replica_of(input_id)) is not None:
+                                unnamed.append((len(batch), replica))
+                            batch.append(chunk)
+                        elif kind == "STOP":
+                            stop = True
+                        elif kind == "INPUT_CLOSED":
+                            if ev["id"] in answer_inputs:
+                                closed.add(ev["id"])
+                                signals.append(("closed", ev["id"]))
+                        elif kind == "NODE_RESTARTED":  # a restart policy brought a node back; its inputs stay open
+                            node_id = str(ev["id"])
+                            closed.update(node_inputs.get(node_id, ()))  # its first event (a hello) says it is up
+                            signals.append(("restarted", node_id))
+                        elif kind == "ERROR":
+                            logger.error("dora error event: %r", ev.get("error"))
+                    except Exception as exc:  # one odd event must not end the reader, and the server with it
+                        self._unreadable += 1
+                        self._read_errors.error(exc)
                 if batch:
                     if not slots.acquire(blocking=False) and not self._wait_for_slot(loop):
                         break  # stopped, or the loop is gone: nobody left to deliver to
@@ -188,6 +249,11 @@ class DoraBridge:
             self.stopped = True
             if not loop.is_closed():
                 loop.call_soon_threadsafe(on_stop)
+
+    @property
+    def malformed_chunks(self) -> int:
+        """Chunks dropped unread or undelivered (``oss_malformed_chunks_total``): malformed, or one the code tripped on."""
+        return self._unreadable + self._undeliverable
 
     def _wait_for_slot(self, loop: asyncio.AbstractEventLoop) -> bool:
         """The loop is ``MAX_BATCHES_IN_FLIGHT`` batches behind: wait until it delivers one; False if it never will."""
