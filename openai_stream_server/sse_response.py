@@ -10,7 +10,7 @@ That per-stream cost sat in every streamed request's time to first chunk.
 What it keeps from sse-starlette, because the server relies on it:
 
 - the client's disconnect is noticed at once (a task waits on ``receive``)
-  and ends the stream: the iterator is closed, so ``api.chat_stream.chunk_events`` sends
+  and ends the stream: the iterator is closed, so ``api.follow.follow`` sends
   ``cancel`` downstream;
 - a comment ping on a quiet stream every ``ping_interval_s`` (one line,
   ``sse.PING``, docs/architecture.md: no blank line after it);

@@ -2,7 +2,7 @@
 
 A surface turns its request into parts and sampling options; ``Dispatcher`` opens the
 ``StreamState`` in the registry, waits for a live replica, sends the ``DownstreamRequest`` and
-waits, for the surface, for the first chunk or the end (docs/architecture.md, "Request path").
+waits, for the surface, for the first chunk or the end (docs/architecture.md, "A request's path through the code").
 """
 
 from __future__ import annotations
