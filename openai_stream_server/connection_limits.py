@@ -31,12 +31,12 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from .errors import ChatCompletionError, Overloaded
+from .errors import ApiError, Overloaded
 
 logger = logging.getLogger(__name__)
 
 
-class RequestTimeout(ChatCompletionError):
+class RequestTimeout(ApiError):
     """408: the request's headers or body did not arrive within ``--request-read-timeout-s``."""
 
     status, error_type, code = 408, "invalid_request_error", "request_timeout"
@@ -54,7 +54,7 @@ class ConnectionStats:
     """New connections answered 503 at the cap because every open one was serving a request."""
 
 
-def _raw_response(error: ChatCompletionError) -> bytes:
+def _raw_response(error: ApiError) -> bytes:
     """The whole response for ``error``, written straight to the transport, then the connection closes."""
     body = error.to_json()
     head = [STATUS_LINE[error.status]]
