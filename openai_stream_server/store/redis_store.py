@@ -207,9 +207,9 @@ class RedisStore(Store):
         self._closed = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            # redis-py can swallow a cancel that lands while it connects; each loop also stops on _closed
+            await asyncio.wait(self._tasks, timeout=3)
         try:
             await self._flush_once()
             await self._client.delete(self._key("instance", self.instance_id))
@@ -416,7 +416,7 @@ class RedisStore(Store):
             self.stats.expired += int(expired)
 
     async def _writer(self) -> None:
-        while True:
+        while not self._closed:
             await self._wakeup.wait()
             self._wakeup.clear()
             await self._up.wait()
@@ -432,7 +432,7 @@ class RedisStore(Store):
     async def _keeper(self) -> None:
         """Heartbeat while up; while down, ping every ``probe_interval_s`` until Redis answers."""
         next_purge = time.monotonic() + self.options.purge_interval_s
-        while True:
+        while not self._closed:
             if self._up.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._gone.wait(), self._heartbeat_s)
@@ -456,12 +456,12 @@ class RedisStore(Store):
     async def _listener(self) -> None:
         """Control messages for this process; subscribes again after Redis comes back."""
         channel = self._channel(self.instance_id)
-        while True:
+        while not self._closed:
             await self._up.wait()
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(channel)
-                while True:
+                while not self._closed:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is None or message.get("type") != "message":
                         continue
