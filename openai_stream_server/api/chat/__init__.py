@@ -1,0 +1,1 @@
+"""/v1/chat/completions: ``request`` (the model), ``render`` (the object and the chunk stream), ``routes``."""

@@ -1,0 +1,1 @@
+"""/v1/completions: ``request`` (the model), ``render`` (the object and its chunks), ``routes``."""

@@ -1,0 +1,1 @@
+"""/v1/messages (Anthropic): ``request`` (the models), ``render`` (the message and its events), ``routes``."""

@@ -1,0 +1,1 @@
+"""/v1/responses: ``request``, ``echo``, ``items``, ``walk`` (items and event numbers), ``render``, ``routes``."""
