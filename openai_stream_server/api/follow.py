@@ -8,11 +8,15 @@ stream; that is the ``Renderer``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 from ..metrics import Metrics
 from ..state import StreamState
+
+UNBATCHED = sys.maxsize
+"""``Renderer.batch`` of a renderer that takes whatever piled up in one go (it coalesces it)."""
 
 
 class Renderer(Protocol):

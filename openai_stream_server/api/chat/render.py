@@ -18,6 +18,7 @@ from openai_stream_protocol import ToolCallDelta
 from ...sse import DONE, error_event
 from ...state import Status, StreamState
 from ..common import end_error
+from ..follow import UNBATCHED
 from ..tools import call_dict
 
 
@@ -156,7 +157,7 @@ class ChunkRenderer:
 
     __slots__ = ("state", "encoder", "start", "retry_ms", "_content", "_relay")
 
-    batch = 1 << 62
+    batch = UNBATCHED
 
     def __init__(self, state: StreamState, encoder: ChunkEncoder, *, after: int | None = None, retry_ms: int = 0) -> None:
         self.state = state

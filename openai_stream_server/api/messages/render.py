@@ -22,6 +22,7 @@ from ...anthropic_errors import error_event
 from ...sse import named_event
 from ...state import Status, StreamState
 from ..common import end_error
+from ..follow import UNBATCHED
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal"}
 """The node's ``finish_reason`` -> Anthropic's ``stop_reason``. ``stop`` is ``end_turn`` unless the node's
@@ -161,7 +162,7 @@ class MessageRenderer:
     __slots__ = ("state", "blocks")
 
     start = 0
-    batch = 1 << 62
+    batch = UNBATCHED
 
     def __init__(self, state: StreamState) -> None:
         self.state = state
