@@ -105,9 +105,9 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
     metrics.count_from(
         "oss_malformed_chunks",
         "Chunks the backend could not read (a bad seq or metadata), dropped",
-        lambda: getattr(backend, "malformed_chunks", 0),
+        lambda: backend.malformed_chunks,
     )
-    metrics.replicas_from(lambda: getattr(backend, "replica_stats", list)())
+    metrics.replicas_from(backend.replica_stats)
     dispatcher = Dispatcher(settings, backend, registry)
     surfaces: list[Surface] = [
         ChatCompletions(dispatcher, metrics),

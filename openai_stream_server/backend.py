@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from openai_stream_protocol import Chunk
 
 from .errors import ChatCompletionError
+
+if TYPE_CHECKING:
+    from .replicas import Replica
 
 ChunkSink = Callable[[list[Chunk]], None]
 """Receives batches of chunks on the event loop thread (``StreamRegistry.deliver``)."""
@@ -43,6 +46,9 @@ class DownstreamRequest:
 
 
 class Backend(Protocol):
+    malformed_chunks: int
+    """Chunks it could not read (a bad ``seq`` or metadata) and dropped; ``/metrics`` exports the count."""
+
     async def start(
         self, sink: ChunkSink, on_stop: Callable[[], None], on_lost: OnLost, on_orphaned: OnOrphaned | None = None
     ) -> None:
@@ -64,5 +70,8 @@ class Backend(Protocol):
 
     def health(self) -> dict[str, Any]:
         """``connected`` and whatever else tells whether events are flowing."""
+
+    def replica_stats(self) -> list[Replica]:
+        """The model replicas, for the per-replica series of ``/metrics`` (empty for a backend without replicas)."""
 
     async def aclose(self) -> None: ...

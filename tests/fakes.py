@@ -10,6 +10,7 @@ from typing import Any
 from openai_stream_protocol import Chunk, last_user_text, parse_request_texts, split_tokens
 from openai_stream_server.backend import ChunkSink, DownstreamRequest, OnLost, OnOrphaned
 from openai_stream_server.errors import BackendUnavailable
+from openai_stream_server.replicas import Replica
 
 Plan = Callable[[DownstreamRequest, list[Chunk]], list[Chunk]]
 """Rewrites the chunks of one answer before delivery: reorder, duplicate, drop, add."""
@@ -36,6 +37,7 @@ class FakeBackend:
     _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     released: list[tuple[str, bool]] = field(default_factory=list)
+    malformed_chunks: int = 0
 
     async def start(
         self, sink: ChunkSink, on_stop: Callable[[], None], on_lost: OnLost, on_orphaned: OnOrphaned | None = None
@@ -108,6 +110,9 @@ class FakeBackend:
 
     def health(self) -> dict[str, Any]:
         return {"connected": True}
+
+    def replica_stats(self) -> list[Replica]:
+        return []
 
     async def aclose(self) -> None:
         for task in self._tasks.values():
