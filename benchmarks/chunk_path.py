@@ -4,7 +4,8 @@
 It isolates the part of the per-chunk CPU that is pure Python on the event loop, where a change
 to ``state.py``, ``registry.py`` or ``api/follow.py`` or ``api/chat/render.py`` shows without the noise of the whole
 dataflow (benchmarks/README.md, "Chunk path"). ``--server-src DIR`` imports
-``openai_stream_server`` from DIR (a ``git archive`` of another commit) for before/after runs.
+``openai_stream_server`` from DIR (a ``git archive`` of another commit of the same layout) for
+before/after runs; for an older layout, run that tree's own copy of this script.
 
 Run: ``python -m benchmarks.chunk_path [--streams 1000] [--steps 30] [--runs 7] [--server-src DIR]``.
 """
@@ -23,25 +24,17 @@ from typing import Any
 def _load(server_src: Path | None) -> dict[str, Any]:
     if server_src is not None:
         sys.path.insert(0, str(server_src))
-    import openai_stream_server
     from openai_stream_protocol import Chunk
+    from openai_stream_server.api.chat.render import ChunkEncoder, ChunkRenderer
+    from openai_stream_server.api.follow import follow
     from openai_stream_server.metrics import Metrics
     from openai_stream_server.registry import StreamRegistry
     from openai_stream_server.settings import Settings
 
-    # Decided by the directory, not by trying the import: an editable install of this checkout would
-    # answer ``openai_stream_server.api`` for an older tree that has no such package.
-    if (Path(openai_stream_server.__file__).parent / "api").is_dir():
-        from openai_stream_server.api.chat.render import ChunkEncoder, ChunkRenderer
-        from openai_stream_server.api.follow import follow
+    def chunk_events(state: Any, encoder: Any, metrics: Any) -> Any:
+        """The chat stream of ``state``: the loop every surface's stream runs, with chat's renderer."""
+        return follow(ChunkRenderer(state, encoder), metrics)
 
-        def chunk_events(state: Any, encoder: Any, metrics: Any) -> Any:
-            return follow(ChunkRenderer(state, encoder), metrics)
-
-    else:  # before the one-module-per-surface layout (issue 10)
-        from openai_stream_server.streams import chunk_events  # type: ignore[import-not-found,no-redef]
-
-        from openai_stream_server.sse import ChunkEncoder  # type: ignore[attr-defined,no-redef]
     return {
         "Chunk": Chunk,
         "Metrics": Metrics,
@@ -56,7 +49,7 @@ async def one_run(m: dict[str, Any], streams: int, steps: int) -> float:
     """CPU microseconds per chunk for ``streams`` streams of ``steps`` chunks, each step one delivered batch."""
     metrics = m["Metrics"]()
     registry = m["StreamRegistry"](m["Settings"](), metrics, on_cancel=lambda request_id: None)
-    states = [registry.open(f"chatcmpl-{i:x}", "m", 3) for i in range(streams)]
+    states = [registry.open(f"chatcmpl-{i:x}", "m", 3, "chat") for i in range(streams)]
     events = 0
 
     async def consume(state: Any) -> None:
