@@ -66,7 +66,7 @@ class CompletionRecord:
     prompt_tokens: int = 0
     completion_tokens: int | None = None
     pieces: list[str] = field(default_factory=list)
-    """The answer log in order: ``pieces[i]`` is the text of ``seq == i`` (docs/architecture.md, "Stream state")."""
+    """The answer log in order: ``pieces[i]`` is the text of ``seq == i`` (docs/architecture.md, "Room 2: stream state")."""
     tool_calls: dict[int, ToolCallDelta] = field(default_factory=dict)
     """Piece index -> the tool call that piece is an argument delta of; every other piece is answer text."""
     parts: list[Part] = field(default_factory=list)
