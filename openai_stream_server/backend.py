@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from openai_stream_protocol import Chunk
 
-from .errors import ChatCompletionError
+from .errors import ApiError
 
 if TYPE_CHECKING:
     from .replicas import Replica
@@ -21,10 +21,10 @@ if TYPE_CHECKING:
 ChunkSink = Callable[[list[Chunk]], None]
 """Receives batches of chunks on the event loop thread (``StreamRegistry.deliver``)."""
 
-OnLost = Callable[[ChatCompletionError], None]
+OnLost = Callable[[ApiError], None]
 """Every node that answers is gone: requests in flight end with the error (``StreamRegistry.fail_all``)."""
 
-OnOrphaned = Callable[[list[str], ChatCompletionError, str], None]
+OnOrphaned = Callable[[list[str], ApiError, str], None]
 """A model replica died (its inputs closed, or dora restarted it): ``(request ids it held, why, replica id)``.
 
 The ids are the wire ids the requests were submitted with. The backend has already forgotten them;

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from openai_stream_protocol import Chunk
 
 from .backend import DownstreamRequest
-from .errors import ChatCompletionError, Overloaded, TooManyRequests
+from .errors import ApiError, Overloaded, TooManyRequests
 from .metrics import Metrics
 from .settings import Settings
 from .state import ByteLedger, Limits, Outcome, Status, StreamState
@@ -178,12 +178,12 @@ class StreamRegistry:
         self._forget(state)
         return True
 
-    def fail(self, state: StreamState, error: ChatCompletionError) -> None:
+    def fail(self, state: StreamState, error: ApiError) -> None:
         if state.request_id in self.active:
             state.fail(error)
             self._ended(state)
 
-    def orphaned(self, wire_ids: list[str], error: ChatCompletionError) -> list[StreamState]:
+    def orphaned(self, wire_ids: list[str], error: ApiError) -> list[StreamState]:
         """Their replica died: fail those that had a chunk (``error``), return those to re-send.
 
         A request that has received nothing yet can go to another replica without the client ever
@@ -215,7 +215,7 @@ class StreamRegistry:
         metadata = {**request.metadata, "request_id": wire_id, "session_id": wire_id}
         return DownstreamRequest(wire_id, request.texts, metadata, retry_of=replica_id)
 
-    def fail_all(self, error: ChatCompletionError) -> None:
+    def fail_all(self, error: ApiError) -> None:
         """Shutdown: every in-flight request ends with ``error``."""
         for state in list(self.active.values()):
             self.fail(state, error)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from openai_stream_protocol import Chunk, Part, ToolCall
 
 from .answer_log import LOGGED_CHUNK_OVERHEAD_BYTES, AnswerLog, Segment, utf8_len
-from .errors import ChatCompletionError, UpstreamError, UpstreamTimeout
+from .errors import ApiError, UpstreamError, UpstreamTimeout
 from .reorder import HELD_CHUNK_OVERHEAD_BYTES, ReorderBuffer, held_cost
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ class StreamState:
         self.sent_at = log.sent_at
         """``log.sent_at`` itself. Read-only."""
         self.status = Status.IN_PROGRESS
-        self.error: ChatCompletionError | None = None
+        self.error: ApiError | None = None
         self.timed_out: str | None = None
         """Which timeout ended it, if one did: ``first_chunk``, ``idle`` or ``gap`` (the ``oss_timeouts`` label)."""
         self.started_at = time.monotonic()
@@ -359,7 +359,7 @@ class StreamState:
                 log.stop_sequence = chunk.stop_sequence
                 self._finish(chunk.finish_reason or "stop")
 
-    def _too_large(self) -> ChatCompletionError:
+    def _too_large(self) -> ApiError:
         return UpstreamError(
             f"the answer exceeded {self.limits.max_completion_bytes} bytes "
             f"(its text plus {LOGGED_CHUNK_OVERHEAD_BYTES} per chunk, {HELD_CHUNK_OVERHEAD_BYTES} per chunk held for reordering)",
@@ -370,7 +370,7 @@ class StreamState:
         self.log.finish_reason = finish_reason
         self._end(Status.COMPLETED)
 
-    def fail(self, error: ChatCompletionError) -> None:
+    def fail(self, error: ApiError) -> None:
         if self.done:
             return
         self.error = error

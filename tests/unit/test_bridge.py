@@ -22,7 +22,7 @@ import pytest
 from openai_stream_protocol import Chunk
 from openai_stream_server.app import create_app
 from openai_stream_server.bridge import MAX_BATCHES_IN_FLIGHT, DoraBridge
-from openai_stream_server.errors import BackendUnavailable, ChatCompletionError
+from openai_stream_server.errors import ApiError, BackendUnavailable
 from openai_stream_server.settings import Settings
 from tests.live import metric
 
@@ -118,7 +118,7 @@ class Recorder:
     def __init__(self) -> None:
         self.batches: list[list[Chunk]] = []
         self.stops = 0
-        self.lost: list[ChatCompletionError] = []
+        self.lost: list[ApiError] = []
 
     def sink(self, batch: list[Chunk]) -> None:
         self.batches.append(batch)
@@ -126,7 +126,7 @@ class Recorder:
     def on_stop(self) -> None:
         self.stops += 1
 
-    def on_lost(self, error: ChatCompletionError) -> None:
+    def on_lost(self, error: ApiError) -> None:
         self.lost.append(error)
 
     @property
