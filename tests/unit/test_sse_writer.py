@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from openai_stream_protocol.testing import wait_until_async
 from openai_stream_server.sse import PING
 from openai_stream_server.sse_response import SseResponse
 
@@ -25,6 +26,7 @@ class OneAtATime:
     def __init__(self, send_s: float) -> None:
         self.send_s = send_s
         self.inside = False
+        self.sending: bytes | None = None  # the body inside send() now
         self.overlaps = 0
         self.bodies: list[bytes] = []
         self._gone = asyncio.Event()
@@ -38,11 +40,13 @@ class OneAtATime:
             self.overlaps += 1
             raise RuntimeError("send entered while another send is in flight")
         self.inside = True
+        self.sending = message.get("body")
         try:
             await asyncio.sleep(0)
             await asyncio.sleep(self.send_s)
         finally:
             self.inside = False
+            self.sending = None
         if message["type"] == "http.response.body":
             self.bodies.append(message["body"])
 
@@ -88,10 +92,9 @@ async def test_a_client_leaving_mid_ping_ends_the_stream_cleanly() -> None:
 
     peer = OneAtATime(send_s=0.01)
     task = asyncio.ensure_future(SseResponse(quiet(), ping_interval_s=0.005)(scope(), peer.receive, peer.send))
-    for _ in range(2000):  # bounded: until a ping is inside send()
-        if peer.pings and peer.inside:
-            break
-        await asyncio.sleep(0.001)
-    peer.leave()
+    await wait_until_async(lambda: peer.sending == PING, 5, interval_s=0.001, what="a ping inside send()")
+    peer.leave()  # no await since the check: the ping is still inside send() (it takes send_s)
+    assert peer.sending == PING
     await asyncio.wait_for(task, 5)
     assert closed.is_set() and peer.overlaps == 0
+    assert peer.bodies[0] == b"data: first\n\n" and set(peer.bodies[1:]) <= {PING, b""}
