@@ -392,7 +392,10 @@ class RedisStore(Store):
                 for cid, (expires_at, data, _) in records.items():
                     args += (cid, expires_at, data)
                 await self._write_script(args=args, client=pipe)
-            ended = [cid for cid, (_, _, done) in records.items() if done]
+            # An end entry only where a live log was started: a stream costs ~4 KB of Redis memory even
+            # with one entry, and a tailer of a completion without one reads its end from the record.
+            logged = {cid for cid, _ in logs}
+            ended = [cid for cid, (_, _, done) in records.items() if done and (cid in self._live or cid in logged)]
             for cid in ended:
                 key = self._key("log", cid)
                 pipe.xadd(key, {"end": b"1"})
