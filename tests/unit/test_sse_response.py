@@ -84,18 +84,41 @@ async def test_client_leaving_a_quiet_stream_closes_the_iterator_at_once() -> No
     assert b"never" not in client.body
 
 
+class Pinged(Client):
+    """Also notes when each ping arrived (loop time) and sets ``enough`` at the ``wanted``-th ping."""
+
+    def __init__(self, wanted: int) -> None:
+        super().__init__()
+        self.wanted = wanted
+        self.ping_times: list[float] = []
+        self.enough = asyncio.Event()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await super().send(message)
+        if message.get("body") == PING:
+            self.ping_times.append(asyncio.get_running_loop().time())
+            if len(self.ping_times) == self.wanted:
+                self.enough.set()
+
+
 async def test_quiet_stream_gets_one_line_pings() -> None:
+    """The stream stays quiet until the third ping has been sent, so the count does not depend on the machine's load.
+
+    The next event is ready at once after that ping (its task is woken before any later timer),
+    so no fourth ping can come; pings are never closer than the interval.
+    """
+    interval = 0.02
+    client = Pinged(wanted=3)
+
     async def events() -> AsyncIterator[bytes]:
         yield b"data: 1\n\n"
-        await asyncio.sleep(0.35)
+        await asyncio.wait_for(client.enough.wait(), 5)  # quiet: only pings keep the connection busy
         yield b"data: 2\n\n"
 
-    client = Client()
-    await SseResponse(events(), ping_interval_s=0.1)(scope(), client.receive, client.send)
-    body = client.body
-    assert body.startswith(b"data: 1\n\n") and body.endswith(b"data: 2\n\n")
-    assert 2 <= body.count(PING) <= 4
-    assert body.replace(PING, b"") == b"data: 1\n\ndata: 2\n\n"
+    await SseResponse(events(), ping_interval_s=interval)(scope(), client.receive, client.send)
+    assert client.body == b"data: 1\n\n" + PING * 3 + b"data: 2\n\n"
+    gaps = [b - a for a, b in zip(client.ping_times, client.ping_times[1:], strict=False)]
+    assert all(gap >= interval * 0.95 for gap in gaps), gaps  # a ping only after a quiet interval
 
 
 async def test_head_gets_headers_and_no_body() -> None:
