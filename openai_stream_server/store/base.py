@@ -214,6 +214,10 @@ class Store:
         """Forget it (and tell its owner process, on a shared store); False if it was not there."""
         return await self._delete(completion_id)
 
+    def discard(self, completion_id: str) -> None:
+        """Queue ``delete``: the record goes with the next flush (a queued write of it at once); never blocks or raises."""
+        self._discard(completion_id)
+
     async def alive(self, instance_id: str) -> bool:
         """Whether the server process ``instance_id`` is still running (its records may still change)."""
         return instance_id == self.instance_id
@@ -251,4 +255,7 @@ class Store:
         raise NotImplementedError
 
     async def _delete(self, completion_id: str) -> bool:
+        raise NotImplementedError
+
+    def _discard(self, completion_id: str) -> None:
         raise NotImplementedError

@@ -78,3 +78,6 @@ class MemoryStore(Store):
 
     async def _delete(self, completion_id: str) -> bool:
         return self._forget(completion_id)
+
+    def _discard(self, completion_id: str) -> None:
+        self._forget(completion_id)

@@ -100,8 +100,17 @@ return {written, evicted, expired}
 _DELETE = (
     _FORGET
     + """
--- ARGV: prefix, id. Returns 1 if the record or its log existed.
-return math.min(1, forget(ARGV[1], ARGV[2]))
+-- ARGV: prefix, id, the deleting instance. Tells the record's owner, if another, to forget its copy
+-- (docs/store.md, "Control"). Returns 1 if the record or its log existed.
+local p, id = ARGV[1], ARGV[2]
+local data = redis.call('GET', p .. 'c:' .. id)
+if data then
+  local ok, record = pcall(cjson.decode, data)
+  if ok and type(record) == 'table' and type(record.i) == 'string' and record.i ~= ARGV[3] then
+    redis.call('PUBLISH', p .. 'control:' .. record.i, 'delete ' .. id)
+  end
+end
+return math.min(1, forget(p, id))
 """
 )
 
@@ -156,6 +165,8 @@ class RedisStore(Store):
         """Queued record writes by id: (expires_at, encoded, ended)."""
         self._logs: list[tuple[str, bytes]] = []
         """Queued live-log entries, in delivery order: (completion id, encoded batch)."""
+        self._deletes: set[str] = set()
+        """Queued deletions (``discard``), sent after the queued writes."""
         self._live: set[str] = set()
         """Completions of this process with a live log started (their first entry set its expiry)."""
         self._wakeup = asyncio.Event()
@@ -247,6 +258,7 @@ class RedisStore(Store):
                 logger, "completion %s (%d bytes) is larger than the store's cap: not stored", record.id, len(data)
             )
             return
+        self._deletes.discard(record.id)
         self._records[record.id] = (record.expires_at, data, record.ended)
         if len(self._records) > self.options.max_pending:
             del self._records[next(iter(self._records))]
@@ -270,21 +282,20 @@ class RedisStore(Store):
             return None
 
     async def _delete(self, completion_id: str) -> bool:
-        self._records.pop(completion_id, None)
+        queued = self._records.pop(completion_id, None) is not None
         self._live.discard(completion_id)
+        self._deletes.discard(completion_id)
         try:
-            data = await self._client.get(self._key("c", completion_id))
-            existed = await self._delete_script(args=[self.prefix, completion_id])
-            if data is not None:
-                owner = decode(data).instance
-                if owner and owner != self.instance_id:
-                    # its owner may hold it in memory: tell it to forget it (docs/store.md, "Control")
-                    await self._client.publish(self._channel(owner), f"delete {completion_id}")
+            existed = await self._delete_script(args=[self.prefix, completion_id, self.instance_id])
         except _ERRORS as exc:
             raise self._unavailable(exc) from exc
-        except RecordFormatError:
-            pass
-        return bool(existed) or data is not None
+        return bool(existed) or queued
+
+    def _discard(self, completion_id: str) -> None:
+        self._records.pop(completion_id, None)
+        self._live.discard(completion_id)
+        self._deletes.add(completion_id)
+        self._wakeup.set()
 
     async def alive(self, instance_id: str) -> bool:
         if instance_id == self.instance_id:
@@ -376,10 +387,12 @@ class RedisStore(Store):
         await self._client.set(self._key("instance", self.instance_id), value, ex=max(1, int(self._stale_after_s)))
 
     async def _flush_once(self) -> None:
-        records, logs = self._records, self._logs
-        if not records and not logs:
+        records, logs, deletes = self._records, self._logs, self._deletes
+        if not records and not logs and not deletes:
             return
-        self._records, self._logs = {}, []
+        self._records, self._logs, self._deletes = {}, [], set()
+        if deletes:
+            logs = [entry for entry in logs if entry[0] not in deletes]
         try:
             pipe = self._client.pipeline(transaction=False)
             for cid, data in logs:
@@ -400,12 +413,15 @@ class RedisStore(Store):
                 key = self._key("log", cid)
                 pipe.xadd(key, {"end": b"1"})
                 pipe.expire(key, LOG_LINGER_S)
+            for cid in deletes:
+                await self._delete_script(args=[self.prefix, cid, self.instance_id], client=pipe)
             results = await pipe.execute()
         except BaseException:
             # keep them (newer queued writes of the same id win) for the writer's next try
             records.update(self._records)
             self._records = records
             self._logs = logs + self._logs
+            self._deletes |= {cid for cid in deletes if cid not in self._records}
             raise
         for cid, _ in logs:
             self._live.add(cid)

@@ -98,6 +98,8 @@ class SqliteStore(Store):
         self._conn: sqlite3.Connection | None = None  # used in the worker thread only
         self._pending: dict[str, Row] = {}
         """Queued writes by id: an opened record and its final one queued in the same interval are written once."""
+        self._deletes: set[str] = set()
+        """Queued deletions (``discard``), done in the next flush after its writes."""
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
@@ -161,6 +163,7 @@ class SqliteStore(Store):
                 logger, "completion %s (%d bytes) is larger than the store's cap: not stored", record.id, len(data)
             )
             return
+        self._deletes.discard(record.id)
         self._pending[record.id] = (record.id, record.instance, record.status, time.time(), record.expires_at, data)
         if len(self._pending) >= self.options.max_batch:
             self._wakeup.set()
@@ -175,6 +178,12 @@ class SqliteStore(Store):
     async def _delete(self, completion_id: str) -> bool:
         queued = self._pending.pop(completion_id, None) is not None
         return bool(await self._read(self._delete_row, completion_id)) or queued
+
+    def _discard(self, completion_id: str) -> None:
+        self._pending.pop(completion_id, None)
+        self._deletes.add(completion_id)
+        if len(self._deletes) >= self.options.max_batch:
+            self._wakeup.set()
 
     async def alive(self, instance_id: str) -> bool:
         if instance_id == self.instance_id:
@@ -212,16 +221,18 @@ class SqliteStore(Store):
             now = time.monotonic()
             heartbeat = now >= self._next_heartbeat
             purge = now >= self._next_purge
-            if not (self._pending or heartbeat or purge or force):
+            if not (self._pending or self._deletes or heartbeat or purge or force):
                 return
             rows, self._pending = self._pending, {}
+            deletes, self._deletes = self._deletes, set()
             if heartbeat:
                 self._next_heartbeat = now + self._heartbeat_s
             if purge:
                 self._next_purge = now + self.options.purge_interval_s
             try:
-                evicted, expired = await self._run(self._write, list(rows.values()), heartbeat, purge)
+                evicted, expired = await self._run(self._write, list(rows.values()), deletes, heartbeat, purge)
             except sqlite3.Error as exc:
+                self._deletes |= {cid for cid in deletes if cid not in self._pending}
                 self._failed(rows, exc)
                 return
             if rows:
@@ -285,7 +296,7 @@ class SqliteStore(Store):
             raise
         self._conn = conn
 
-    def _write(self, rows: list[Row], heartbeat: bool, purge: bool) -> tuple[int, int]:
+    def _write(self, rows: list[Row], deletes: set[str], heartbeat: bool, purge: bool) -> tuple[int, int]:
         conn = self._conn
         assert conn is not None
         now = time.time()
@@ -294,6 +305,8 @@ class SqliteStore(Store):
         try:
             if rows:
                 conn.executemany(_UPSERT, rows)
+            if deletes:
+                conn.executemany("DELETE FROM completions WHERE id = ?", [(cid,) for cid in deletes])
             if heartbeat:
                 conn.execute("UPDATE instances SET heartbeat = ? WHERE id = ?", (now, self.instance_id))
             if purge:

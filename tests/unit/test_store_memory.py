@@ -63,3 +63,11 @@ async def test_an_in_flight_record_of_this_process_stays_in_flight() -> None:
     store.put(CompletionRecord("a", "chat", "m", 1))
     record = await store.get("a")
     assert record is not None and record.status == "in_progress"
+
+
+async def test_discard_forgets_at_once() -> None:
+    store = MemoryStore()
+    store.put(finished("a"))
+    store.discard("a")
+    store.discard("never-there")
+    assert await store.get("a") is None and len(store) == 0 and store.nbytes == 0

@@ -188,6 +188,23 @@ async def test_cancel_and_delete_reach_the_owner_over_pubsub(stores: tuple[Redis
     assert await a.get("chatcmpl-2") is None and not await b.delete("chatcmpl-2")
 
 
+async def test_discard_goes_with_the_next_pipeline_and_tells_the_owner(stores: tuple[RedisStore, RedisStore]) -> None:
+    a, b = stores
+    heard: list[tuple[str, str]] = []
+    a.on_control(lambda op, cid: heard.append((op, cid)))
+    await asyncio.sleep(0.2)  # the listener subscribes
+    a.put(finished("chatcmpl-3"))
+    a.append("chatcmpl-3", LogBatch(0, ["hello"]))
+    await a.flush()
+    b.discard("chatcmpl-3")
+    await eventually(lambda: (DELETE, "chatcmpl-3") in heard)
+    assert await a.get("chatcmpl-3") is None
+    assert await a._client.exists("oss:log:chatcmpl-3") == 0
+    a.discard("chatcmpl-3")  # its own: nobody else to tell
+    await a.flush()
+    assert heard.count((DELETE, "chatcmpl-3")) == 1
+
+
 async def test_an_instance_is_alive_until_it_closes(stores: tuple[RedisStore, RedisStore], redis_server: RedisServer) -> None:
     a, _ = stores
     c = RedisStore(redis_server.url)

@@ -279,3 +279,24 @@ async def test_a_locked_database_is_counted_and_written_once_free(tmp_path: Path
     finally:
         blocker.close()
         await store.aclose()
+
+
+async def test_discard_deletes_with_the_next_flush_and_drops_a_queued_write(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = await opened(path, StoreOptions(flush_interval_s=10))
+    try:
+        store.put(finished("written"))
+        await store.flush()
+        store.put(finished("queued"))
+        store.discard("written")
+        store.discard("queued")
+        assert await store.get("queued") is None
+        assert rows(path) == {"written": "completed"}  # nothing done on the caller's side
+        await store.flush()
+        assert rows(path) == {}
+        store.discard("again")
+        store.put(finished("again"))  # a write after the discard wins
+        await store.flush()
+        assert rows(path) == {"again": "completed"}
+    finally:
+        await store.aclose()
