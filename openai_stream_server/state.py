@@ -376,6 +376,12 @@ class StreamState:
         self.error = error
         self._end(Status.FAILED)
 
+    def restore_end(self, status: Status) -> None:
+        """End it as a stored record says it ended (``store/snapshot.py``): the record's pieces, finish reason and
+        usage were put in the log first. Nothing goes downstream for a completion read back from a store."""
+        if not self.done:
+            self._end(status)
+
     def cancel(self) -> bool:
         """End the request because the client is gone; False if it had already ended."""
         if self.done:
