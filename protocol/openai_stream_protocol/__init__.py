@@ -45,12 +45,52 @@ builds it, ``parse_batch`` reads it.
 
 Cancel (server -> node), output ``cancel``: ``pa.array([request_id])`` with
 metadata ``request_id``.
+
+Hello and heartbeat (node -> server, on the chunk output, never chunks): an
+empty string array with metadata ``hello: <node id>`` once the node can answer
+(with ``can_continue`` and ``heartbeat_s`` when it has them), and ``heartbeat:
+<node id>`` with ``active`` and ``queued`` every ``heartbeat_s`` while it holds
+work. ``Heartbeat`` sends both from a node's loop; ``parse_status`` reads them
+(``_status.py``).
+
+Continuation (server -> node, on a re-sent request): ``continue_from`` (int,
+the pieces the client already has, which is also the first ``seq`` to send) and
+``continued_pieces`` (JSON text: those pieces); the node answers only the rest.
+``read_continuation`` reads them, ``Continuation.to_metadata`` writes them
+(``_continuation.py``).
+
+Busy (node -> server): an ``error`` finish chunk with ``error_code: busy``
+(``ChunkSender.busy``, ``BatchSender.busy``) turns a request away with nothing
+generated, so that the server may try another replica.
 """
 
 from ._batch import BatchSender, is_batch, parse_batch
-from ._chunk import FINISH_REASONS, Chunk, ChunkSender, OutputSender, parse_chunk
+from ._chunk import BUSY, ERROR_CODE_KEY, FINISH_REASONS, Chunk, ChunkSender, OutputSender, parse_chunk
+from ._continuation import (
+    CONTINUE_FROM_KEY,
+    CONTINUED_PIECES_KEY,
+    Continuation,
+    Piece,
+    continue_from,
+    read_continuation,
+)
 from ._events import REQUEST_INPUTS, NodeEventHandler, dispatch_event
 from ._request import Kind, Part, Role, last_user_text, parse_request_texts, split_tokens
+from ._status import (
+    ACTIVE_KEY,
+    CAN_CONTINUE_KEY,
+    DEFAULT_HEARTBEAT_S,
+    HEARTBEAT_KEY,
+    HEARTBEAT_S_KEY,
+    QUEUED_KEY,
+    Heartbeat,
+    NodeStatus,
+    is_status,
+    node_id_from_env,
+    parse_status,
+    send_heartbeat,
+    send_hello,
+)
 from ._tools import (
     PARALLEL_TOOL_CALLS_KEY,
     TOOL_CALL_ID_KEY,
@@ -85,7 +125,6 @@ from ._wire import (
     as_int,
     cancelled_request_id,
     request_id_of,
-    send_hello,
     string_array,
     texts_of,
 )
@@ -93,12 +132,22 @@ from ._wire import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACTIVE_KEY",
     "ASSISTANT_PREFIX",
     "ASSISTANT_TOOL_CALLS_PREFIX",
+    "BUSY",
     "CANCEL_OUTPUT",
+    "CAN_CONTINUE_KEY",
+    "CONTINUED_PIECES_KEY",
+    "CONTINUE_FROM_KEY",
+    "DEFAULT_HEARTBEAT_S",
+    "ERROR_CODE_KEY",
     "FINISH_REASONS",
+    "HEARTBEAT_KEY",
+    "HEARTBEAT_S_KEY",
     "HELLO_KEY",
     "PARALLEL_TOOL_CALLS_KEY",
+    "QUEUED_KEY",
     "REQUEST_INPUTS",
     "REQUEST_OUTPUT",
     "SYSTEM_PREFIX",
@@ -114,10 +163,14 @@ __all__ = [
     "BatchSender",
     "Chunk",
     "ChunkSender",
+    "Continuation",
+    "Heartbeat",
     "Kind",
     "NodeEventHandler",
+    "NodeStatus",
     "OutputSender",
     "Part",
+    "Piece",
     "Role",
     "ToolCall",
     "ToolCallDelta",
@@ -125,20 +178,26 @@ __all__ = [
     "as_bool",
     "as_int",
     "cancelled_request_id",
+    "continue_from",
     "decode_tool_calls",
     "dispatch_event",
     "encode_tool_calls",
     "encode_tools",
     "is_batch",
+    "is_status",
     "last_user_text",
     "new_tool_call_id",
+    "node_id_from_env",
     "parse_batch",
     "parse_chunk",
     "parse_request_texts",
+    "parse_status",
+    "read_continuation",
     "request_id_of",
     "request_parallel_tool_calls",
     "request_tool_choice",
     "request_tools",
+    "send_heartbeat",
     "send_hello",
     "split_tokens",
     "string_array",

@@ -21,7 +21,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from ._chunk import FINISH_REASONS, Chunk, OutputSender
+from ._chunk import BUSY, FINISH_REASONS, Chunk, OutputSender
+from ._continuation import continue_from
 from ._tools import ToolCallDelta, checked_tool_call_index
 from ._wire import request_id_of
 
@@ -43,11 +44,13 @@ OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
     "tool_call_id": pa.string(),
     "tool_call_name": pa.string(),
     "stop_sequence": pa.string(),
+    "error_code": pa.string(),
 }
 """Columns a batch may leave out, nullable: null means "not given" for that row.
 
 A row with a ``tool_call_index`` is a tool-call delta (its ``text`` a piece of the arguments).
 ``stop_sequence`` (read on ``fin`` rows only): the stop string that ended that answer.
+``error_code`` (read on ``fin`` rows with an ``error`` only): ``busy`` when the node turned the request away.
 """
 
 
@@ -78,9 +81,10 @@ _TYPE_CHECKS = {
     "tool_call_id": (_is_string, "a string"),
     "tool_call_name": (_is_string, "a string"),
     "stop_sequence": (_is_string, "a string"),
+    "error_code": (_is_string, "a string"),
 }
 
-_SPARSE_COLUMNS = frozenset({"stop_sequence"})
+_SPARSE_COLUMNS = frozenset({"stop_sequence", "error_code"})
 """Optional columns that are null on almost every row: read after the rows are built, and only when
 some row has a value, so that a batch without them costs nothing more per row."""
 
@@ -108,7 +112,7 @@ def parse_batch(value: pa.Array) -> list[Chunk]:
         raise ValueError(f"batch without column(s) {', '.join(missing)}")
     columns: dict[str, list[Any]] = {}
     n = len(value)
-    stop_sequences: pa.Array | None = None
+    sparse: dict[str, pa.Array] = {}
     for name, (check, expected) in _TYPE_CHECKS.items():
         if name not in names:
             if name not in _SPARSE_COLUMNS:
@@ -120,8 +124,8 @@ def parse_batch(value: pa.Array) -> list[Chunk]:
         if name in REQUIRED_COLUMNS and column.null_count:
             raise ValueError(f"batch column {name} has {column.null_count} null(s)")
         if name in _SPARSE_COLUMNS:
-            if column.null_count < n:  # only stop_sequence today
-                stop_sequences = column
+            if column.null_count < n:
+                sparse[name] = column
             continue
         columns[name] = column.to_pylist()
     unknown = {reason for reason in columns["finish_reason"] if reason} - FINISH_REASONS
@@ -158,10 +162,14 @@ def parse_batch(value: pa.Array) -> list[Chunk]:
                 tool_call,
             )
         )
-    if stop_sequences is not None:
-        for chunk, stop_sequence in zip(chunks, stop_sequences.to_pylist(), strict=True):
+    if "stop_sequence" in sparse:
+        for chunk, stop_sequence in zip(chunks, sparse["stop_sequence"].to_pylist(), strict=True):
             if stop_sequence and chunk.fin:
                 chunk.stop_sequence = stop_sequence
+    if "error_code" in sparse:
+        for chunk, error_code in zip(chunks, sparse["error_code"].to_pylist(), strict=True):
+            if error_code and chunk.fin and chunk.error:
+                chunk.error_code = error_code
     return chunks
 
 
@@ -190,10 +198,11 @@ class BatchSender:
     counts from 0 as with ``ChunkSender``. Never sets ``flush``: dora empties
     the whole input queue on it (docs/architecture.md, "Dora wire protocol").
     With ``stamp``, every row of an emit carries ``sent_at`` (``time.time()``
-    at the send), for the benchmarks' added delay.
+    at the send), for the benchmarks' added delay. A request that continues
+    another replica's answer starts at its ``continue_from`` instead of 0.
     """
 
-    __slots__ = ("node", "output", "stamp", "_seq", "_ids", "_seqs", "_texts", "_fins", "_extra", "_tools", "_stops")
+    __slots__ = ("node", "output", "stamp", "_seq", "_ids", "_seqs", "_texts", "_fins", "_extra", "_tools", "_stops", "_codes")
 
     def __init__(self, node: OutputSender, output: str = "chunks", *, stamp: bool = False) -> None:
         self.node = node
@@ -210,13 +219,18 @@ class BatchSender:
         self._tools: dict[int, tuple[int, str | None, str | None]] = {}
         # Row index -> (stop_sequence,): only finish rows that a stop string ended have it.
         self._stops: dict[int, tuple[str]] = {}
+        # Row index -> (error_code,): only error finish rows that carry a code (busy) have it.
+        self._codes: dict[int, tuple[str]] = {}
 
     def open(self, request_metadata: Mapping[str, Any]) -> str:
-        """Register a request (``seq`` starts at 0; again for an id already open) and return its id."""
+        """Register a request and return its id; ``seq`` starts at its ``continue_from`` (0 when fresh).
+
+        Opening an id already open starts it again.
+        """
         request_id = request_id_of(request_metadata)
         if request_id is None:
             raise ValueError("request metadata has neither request_id nor session_id")
-        self._seq[request_id] = 0
+        self._seq[request_id] = continue_from(request_metadata)
         return request_id
 
     def send(self, request_id: str, text: str) -> None:
@@ -253,21 +267,29 @@ class BatchSender:
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
         stop_sequence: str | None = None,
+        error_code: str | None = None,
     ) -> None:
         """Queue the request's last row (``fin``) with its finish reason and token counts, and forget it.
 
         ``stop_sequence``: the stop string that ended the answer (the text is cut before it).
+        ``error_code``: with ``error``, what kind of failure (``BUSY``: see ``busy``).
         """
         if finish_reason not in FINISH_REASONS:
             raise ValueError(f"unknown finish_reason: {finish_reason!r}")
         seq = self._seq.pop(request_id)
         if stop_sequence:
             self._stops[len(self._ids)] = (stop_sequence,)
+        if error_code and error is not None:
+            self._codes[len(self._ids)] = (error_code,)
         self._extra[len(self._ids)] = (finish_reason, error, prompt_tokens, completion_tokens)
         self._ids.append(request_id)
         self._seqs.append(seq)
         self._texts.append(text)
         self._fins.append(True)
+
+    def busy(self, request_id: str, message: str = "the model is busy; retry later") -> None:
+        """Queue a turn-away for the request, nothing generated: an ``error`` finish row with ``error_code: busy``."""
+        self.finish(request_id, "error", error=message, error_code=BUSY)
 
     def discard(self, request_id: str) -> None:
         """Forget a request (the server cancelled it): nothing more is sent for it, not even what is queued."""
@@ -275,7 +297,7 @@ class BatchSender:
             return
         if request_id in self._ids:
             keep = [i for i, rid in enumerate(self._ids) if rid != request_id]
-            extra, tools, stops = self._extra, self._tools, self._stops
+            extra, tools, stops, codes = self._extra, self._tools, self._stops, self._codes
             self._ids = [self._ids[i] for i in keep]
             self._seqs = [self._seqs[i] for i in keep]
             self._texts = [self._texts[i] for i in keep]
@@ -283,6 +305,7 @@ class BatchSender:
             self._extra = {new: extra[old] for new, old in enumerate(keep) if old in extra}
             self._tools = {new: tools[old] for new, old in enumerate(keep) if old in tools}
             self._stops = {new: stops[old] for new, old in enumerate(keep) if old in stops}
+            self._codes = {new: codes[old] for new, old in enumerate(keep) if old in codes}
 
     @property
     def queued(self) -> int:
@@ -305,10 +328,12 @@ class BatchSender:
         _add_columns(names, arrays, n, ("finish_reason", "error", "prompt_tokens", "completion_tokens"), self._extra)
         _add_columns(names, arrays, n, ("tool_call_index", "tool_call_id", "tool_call_name"), self._tools)
         _add_columns(names, arrays, n, ("stop_sequence",), self._stops)
+        _add_columns(names, arrays, n, ("error_code",), self._codes)
         if self.stamp:
             names.append("sent_at")
             arrays.append(pa.array([time.time()] * n, type=pa.float64()))
-        self._ids, self._seqs, self._texts, self._fins, self._extra, self._tools, self._stops = [], [], [], [], {}, {}, {}
+        self._ids, self._seqs, self._texts, self._fins = [], [], [], []
+        self._extra, self._tools, self._stops, self._codes = {}, {}, {}, {}
         self.node.send_output(self.output, pa.StructArray.from_arrays(arrays, names=names), {})
         return n
 

@@ -8,10 +8,18 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+from ._continuation import continue_from
 from ._tools import TOOL_CALL_ID_KEY, TOOL_CALL_INDEX_KEY, TOOL_CALL_NAME_KEY, ToolCallDelta, checked_tool_call_index
 from ._wire import as_bool, as_int, request_id_of, string_array
 
 FINISH_REASONS = frozenset({"stop", "length", "content_filter", "error", "tool_calls"})
+
+ERROR_CODE_KEY = "error_code"
+"""Finish-chunk metadata, str, beside ``error``: what kind of failure it is, for the server to act on."""
+BUSY = "busy"
+"""``error_code`` of a node that will not serve the request now (queue full, no slot) and generated nothing
+for it: the server may send it to another replica instead of failing it (docs/architecture.md,
+"Dora wire protocol", "Busy"). Any other error is the request's own and reaches the client."""
 
 
 @dataclass(slots=True)
@@ -27,6 +35,9 @@ class Chunk:
 
     ``stop_sequence`` (finish chunks only): the stop string that ended the
     answer; the text is cut before it and ``finish_reason`` is ``stop``.
+
+    ``error_code`` (error finish chunks only): ``BUSY`` when the node turned
+    the request away without generating anything (``is_busy``).
     """
 
     request_id: str | None
@@ -40,6 +51,12 @@ class Chunk:
     sent_at: float | None = None
     tool_call: ToolCallDelta | None = None
     stop_sequence: str | None = None
+    error_code: str | None = None
+
+    @property
+    def is_busy(self) -> bool:
+        """The node turned the request away (``error_code: busy``): nothing was generated, another replica may serve it."""
+        return self.error_code == BUSY
 
 
 def tool_call_delta(index: Any, call_id: Any = None, name: Any = None) -> ToolCallDelta | None:
@@ -69,6 +86,7 @@ def parse_chunk(texts: list[str], metadata: Mapping[str, Any]) -> Chunk:
     error = metadata.get("error")
     sent_at = metadata.get("sent_at")
     stop_sequence = metadata.get("stop_sequence") if fin else None
+    error_code = metadata.get(ERROR_CODE_KEY) if fin and error else None
     return Chunk(
         request_id=request_id_of(metadata),
         seq=seq,
@@ -84,6 +102,7 @@ def parse_chunk(texts: list[str], metadata: Mapping[str, Any]) -> Chunk:
         ),
         # Lenient: anything but a non-empty string (dora's "None" included) is no stop sequence.
         stop_sequence=stop_sequence if isinstance(stop_sequence, str) and stop_sequence not in ("", "None") else None,
+        error_code=error_code if isinstance(error_code, str) and error_code not in ("", "None") else None,
     )
 
 
@@ -98,6 +117,8 @@ class ChunkSender:
 
     Never sets ``flush``: dora empties the whole input queue on it, which
     would throw away other requests' chunks (docs/architecture.md, "Dora wire protocol").
+    The first ``seq`` is the request's ``continue_from`` (0 for a fresh request): a node
+    continuing another replica's answer numbers on from the pieces already delivered.
     """
 
     __slots__ = ("node", "output", "request_id", "seq", "finished", "_ids")
@@ -109,7 +130,7 @@ class ChunkSender:
         self.node = node
         self.output = output
         self.request_id = request_id
-        self.seq = 0
+        self.seq = continue_from(request_metadata)
         self.finished = False
         self._ids = {"request_id": request_id, "session_id": request_id}
 
@@ -143,17 +164,21 @@ class ChunkSender:
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
         stop_sequence: str | None = None,
+        error_code: str | None = None,
         **extra: Any,
     ) -> None:
         """Send the last chunk: ``fin: true`` with its finish reason and token counts.
 
         ``stop_sequence``: the stop string that ended the answer (the text is cut before it).
+        ``error_code``: with ``error``, what kind of failure (``BUSY``: see ``busy``).
         """
         if finish_reason not in FINISH_REASONS:
             raise ValueError(f"unknown finish_reason: {finish_reason!r}")
         metadata: dict[str, Any] = {"fin": True, "finish_reason": finish_reason, **extra}
         if error is not None:
             metadata["error"] = error
+            if error_code:
+                metadata[ERROR_CODE_KEY] = error_code
         if prompt_tokens is not None:
             metadata["prompt_tokens"] = prompt_tokens
         if completion_tokens is not None:
@@ -162,3 +187,10 @@ class ChunkSender:
             metadata["stop_sequence"] = stop_sequence
         self.send(text, **metadata)
         self.finished = True
+
+    def busy(self, message: str = "the model is busy; retry later") -> None:
+        """Turn the request away, nothing generated: an ``error`` finish with ``error_code: busy``.
+
+        The server sends a busy request to another replica when it has one (or fails it with ``message``).
+        """
+        self.finish("error", error=message, error_code=BUSY)

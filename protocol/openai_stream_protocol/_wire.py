@@ -15,6 +15,7 @@ HELLO_KEY = "hello"
 It tells the server that this replica is (again) up, which is the only news it gets after
 ``dora node restart``: dora closes the answer input and re-opens it silently (docs/architecture.md,
 "Replicas and failover"). Optional: a node without it is picked up again on its next chunk.
+``send_hello`` and the heartbeat are in ``_status.py``.
 """
 
 SYSTEM_PREFIX = "<|system|>\n"
@@ -77,8 +78,3 @@ def as_bool(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("true", "1", "yes")
     return bool(value)
-
-
-def send_hello(node: Any, node_id: str, output: str = "chunks") -> None:
-    """Tell the server this node is up (``HELLO_KEY``): an empty string array, metadata ``hello: node_id``."""
-    node.send_output(output, pa.array([], type=pa.string()), {HELLO_KEY: node_id})

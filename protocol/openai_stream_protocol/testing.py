@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from ._batch import is_batch, parse_batch
 from ._chunk import Chunk, parse_chunk
+from ._status import NodeStatus, is_status, parse_status
 from ._wire import HELLO_KEY, request_id_of, texts_of
 
 __all__ = ["RecordingNode", "Sent", "wait_for", "wait_until", "wait_until_async"]
@@ -57,6 +58,11 @@ class Sent(NamedTuple):
         """The node's start-up hello (``send_hello``): never a chunk."""
         return HELLO_KEY in self.metadata
 
+    @property
+    def is_status(self) -> bool:
+        """A hello or a heartbeat (``_status.py``): never a chunk."""
+        return is_status(self.metadata)
+
 
 class RecordingNode:
     """Stands in for ``dora.Node``: records ``send_output`` and, if given events, replays them.
@@ -65,7 +71,8 @@ class RecordingNode:
     worker threads). The readers take an optional ``output_id`` filter and
     understand both chunk forms: a string array with per-message metadata
     (``ChunkSender``) and a struct array with one row per chunk
-    (``BatchSender``). Hello messages are skipped by the chunk readers; pass
+    (``BatchSender``). Hellos and heartbeats are skipped by the chunk readers
+    (``statuses`` reads them); pass
     ``output_id`` when the node also sends non-chunk outputs (a cancel
     message would otherwise read as a chunk).
 
@@ -106,7 +113,7 @@ class RecordingNode:
 
     def texts(self, output_id: str | None = None) -> list[str]:
         """Each string-array message's elements joined (a chunk's delta text); batches and hellos skipped."""
-        return ["".join(texts_of(s.data)) for s in self.messages(output_id) if not is_batch(s.data) and not s.is_hello]
+        return ["".join(texts_of(s.data)) for s in self.messages(output_id) if not is_batch(s.data) and not s.is_status]
 
     def metadata(self, output_id: str | None = None) -> list[dict[str, Any]]:
         """Each message's metadata, in sending order."""
@@ -116,7 +123,7 @@ class RecordingNode:
         """Every chunk sent, in order, batches unpacked; only ``request_id``'s when given."""
         out: list[Chunk] = []
         for s in self.messages(output_id):
-            if s.is_hello:
+            if s.is_status:
                 continue
             if is_batch(s.data):
                 out.extend(parse_batch(s.data))
@@ -124,13 +131,17 @@ class RecordingNode:
                 out.append(parse_chunk(texts_of(s.data), s.metadata))
         return [c for c in out if request_id is None or c.request_id == request_id]
 
+    def statuses(self, output_id: str | None = None) -> list[NodeStatus]:
+        """The hellos and heartbeats sent, in order."""
+        return [status for s in self.messages(output_id) if (status := parse_status(s.metadata)) is not None]
+
     def text(self, request_id: str, output_id: str | None = None) -> str:
         """The answer text of ``request_id`` so far: its chunks' texts joined."""
         return "".join(c.text for c in self.chunks(request_id, output_id))
 
     def request_ids(self, output_id: str | None = None) -> list[str]:
         """The request each non-batch message names (``request_id``, else ``session_id``), in order."""
-        ids = (request_id_of(s.metadata) for s in self.messages(output_id) if not is_batch(s.data))
+        ids = (request_id_of(s.metadata) for s in self.messages(output_id) if not is_batch(s.data) and not s.is_status)
         return [i for i in ids if i is not None]
 
     def clear(self) -> None:

@@ -1,0 +1,218 @@
+"""Node status messages (node -> server): the hello at start and the heartbeat while the node holds work.
+
+Both travel on the node's chunk output as an empty string array whose metadata
+names the node; neither is a chunk (docs/architecture.md, "Dora wire protocol",
+"Hello and heartbeat"):
+
+- **hello** (``hello: <node id>``), once, when the node can answer: after a
+  restart it is how the server knows the replica is back. It states what the
+  node can do: ``can_continue`` (it continues an answer another replica
+  started, see ``_continuation.py``) and ``heartbeat_s`` (it sends heartbeats
+  at that interval while it holds work).
+- **heartbeat** (``heartbeat: <node id>``), every ``heartbeat_s`` while the
+  node holds requests, with its load (``active`` generating, ``queued``
+  waiting) and ``can_continue`` again, so that a server that missed the hello
+  still learns it. A replica that holds requests and has said nothing for the
+  server's ``--replica-silence-s`` is treated as dead (a stopped process, a
+  machine whose daemon is gone): that is what the heartbeat is for. One more
+  heartbeat with no load is sent when the node becomes idle; an idle node
+  sends none, so an idle dataflow pays nothing for them.
+
+A node that sends neither keeps the older behaviour: the server learns of its
+death only from dora (``INPUT_CLOSED``, ``NODE_RESTARTED``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from ._chunk import OutputSender
+from ._wire import HELLO_KEY, as_bool
+
+HEARTBEAT_KEY = "heartbeat"
+"""Metadata key of a heartbeat: the node id."""
+CAN_CONTINUE_KEY = "can_continue"
+"""Hello and heartbeat metadata, bool: the node honours ``continue_from`` (absent: it does not)."""
+HEARTBEAT_S_KEY = "heartbeat_s"
+"""Hello metadata, float: the node sends a heartbeat at least this often while it holds work (absent: never)."""
+ACTIVE_KEY = "active"
+"""Heartbeat metadata, int: requests the node is generating."""
+QUEUED_KEY = "queued"
+"""Heartbeat metadata, int: requests waiting in the node for a slot."""
+
+DEFAULT_HEARTBEAT_S = 0.25
+"""A few hundred ms: a silence of a few seconds is then many missed heartbeats, never one late message."""
+
+_EMPTY = pa.array([], type=pa.string())
+
+
+def send_hello(
+    node: OutputSender,
+    node_id: str,
+    output: str = "chunks",
+    *,
+    can_continue: bool = False,
+    heartbeat_s: float | None = None,
+) -> None:
+    """Tell the server this node is up (``HELLO_KEY``), and what it can do.
+
+    An empty string array, metadata ``hello: node_id``; ``can_continue`` and ``heartbeat_s`` only when given.
+    """
+    metadata: dict[str, Any] = {HELLO_KEY: node_id}
+    if can_continue:
+        metadata[CAN_CONTINUE_KEY] = True
+    if heartbeat_s:
+        metadata[HEARTBEAT_S_KEY] = float(heartbeat_s)
+    node.send_output(output, _EMPTY, metadata)
+
+
+def send_heartbeat(
+    node: OutputSender,
+    node_id: str,
+    output: str = "chunks",
+    *,
+    active: int = 0,
+    queued: int = 0,
+    can_continue: bool = False,
+) -> None:
+    """One heartbeat: an empty string array, metadata ``heartbeat: node_id``, ``active``, ``queued`` (and ``can_continue``)."""
+    metadata: dict[str, Any] = {HEARTBEAT_KEY: node_id, ACTIVE_KEY: int(active), QUEUED_KEY: int(queued)}
+    if can_continue:
+        metadata[CAN_CONTINUE_KEY] = True
+    node.send_output(output, _EMPTY, metadata)
+
+
+def is_status(metadata: Mapping[str, Any]) -> bool:
+    """Whether a message on a chunk output is a hello or a heartbeat (never a chunk)."""
+    return HELLO_KEY in metadata or HEARTBEAT_KEY in metadata
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """A hello or a heartbeat as the server reads it (``parse_status``)."""
+
+    kind: Literal["hello", "heartbeat"]
+    node_id: str
+    can_continue: bool = False
+    heartbeat_s: float | None = None
+    """Hello only: the interval the node promised (``None``: it sends no heartbeats)."""
+    active: int | None = None
+    """Heartbeat only: requests generating."""
+    queued: int | None = None
+    """Heartbeat only: requests waiting in the node."""
+
+
+def parse_status(metadata: Mapping[str, Any]) -> NodeStatus | None:
+    """A hello or heartbeat (``None`` for anything else); lenient, never raises: an odd value reads as not given."""
+    if HELLO_KEY in metadata:
+        kind: Literal["hello", "heartbeat"] = "hello"
+    elif HEARTBEAT_KEY in metadata:
+        kind = "heartbeat"
+    else:
+        return None
+    return NodeStatus(
+        kind,
+        str(metadata.get(kind)),
+        can_continue=as_bool(metadata.get(CAN_CONTINUE_KEY, False)),
+        heartbeat_s=_positive_float(metadata.get(HEARTBEAT_S_KEY)) if kind == "hello" else None,
+        active=_count(metadata.get(ACTIVE_KEY)) if kind == "heartbeat" else None,
+        queued=_count(metadata.get(QUEUED_KEY)) if kind == "heartbeat" else None,
+    )
+
+
+def _positive_float(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 and number == number and number != float("inf") else None
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number >= 0 else None
+
+
+class Heartbeat:
+    """A node's hello and heartbeats, sent from the thread that owns ``send_output``.
+
+    Call ``hello()`` once the node can answer, then ``beat(active, queued)``
+    from the node's loop, and block no longer than the seconds it returns::
+
+        heartbeat = Heartbeat(node, node_id_from_env(os.environ, "my-node"), can_continue=True)
+        heartbeat.hello()
+        while True:
+            wait = heartbeat.beat(len(generating), len(waiting))  # None: idle, nothing to send
+            event = node.next(timeout=wait)
+            ...
+
+    ``beat`` sends at once when the node takes on work after being idle, then
+    every ``interval_s`` while it holds any, and once more (load 0) when it
+    becomes idle. ``interval_s`` 0 turns heartbeats off (``beat`` then only
+    returns ``None``), and the hello then promises none.
+    """
+
+    __slots__ = ("node", "node_id", "output", "interval_s", "can_continue", "clock", "sent", "_next_at", "_busy")
+
+    def __init__(
+        self,
+        node: OutputSender,
+        node_id: str,
+        output: str = "chunks",
+        *,
+        interval_s: float = DEFAULT_HEARTBEAT_S,
+        can_continue: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not interval_s >= 0:
+            raise ValueError(f"the heartbeat interval must be 0 (off) or more seconds, got {interval_s!r}")
+        self.node = node
+        self.node_id = node_id
+        self.output = output
+        self.interval_s = interval_s
+        self.can_continue = can_continue
+        self.clock = clock
+        self.sent = 0
+        """Heartbeats sent so far."""
+        self._next_at = 0.0
+        self._busy = False
+
+    def hello(self) -> None:
+        send_hello(self.node, self.node_id, self.output, can_continue=self.can_continue, heartbeat_s=self.interval_s or None)
+
+    def beat(self, active: int, queued: int = 0) -> float | None:
+        """Send a heartbeat if one is due; the seconds until the next one is (``None`` while idle or off)."""
+        if not self.interval_s:
+            return None
+        busy = active > 0 or queued > 0
+        if not busy and not self._busy:
+            return None
+        now = self.clock()
+        if busy != self._busy or now >= self._next_at:
+            self._busy = busy
+            self._next_at = now + self.interval_s
+            send_heartbeat(self.node, self.node_id, self.output, active=active, queued=queued, can_continue=self.can_continue)
+            self.sent += 1
+            if not busy:
+                return None
+        return max(0.0, self._next_at - now)
+
+
+_NODE_ID = re.compile(r"^node_id: *(\S+)", re.MULTILINE)
+
+
+def node_id_from_env(environ: Mapping[str, str], default: str) -> str:
+    """This node's id in the dataflow: the ``node_id:`` line dora writes into ``DORA_NODE_CONFIG``, else ``default``."""
+    match = _NODE_ID.search(environ.get("DORA_NODE_CONFIG", ""))
+    return match.group(1) if match else default
