@@ -1,4 +1,4 @@
-"""The demo page against a server started with an API key (issue 9).
+"""The demo page against a server started with an API key.
 
 The page keeps the key in the tab's ``sessionStorage`` and sends it as
 ``Authorization: Bearer`` on fetch and as ``?api_key=`` on the EventSource

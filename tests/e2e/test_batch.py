@@ -1,4 +1,4 @@
-"""The batch form against the real ``dora run`` (docs/architecture.md, "Batch form"; issue 12).
+"""The batch form against the real ``dora run`` (docs/architecture.md, "Batch form").
 
 echo_stream in step mode (``ECHO_STEP_MS``) sends one message per step with a row for every
 active request; ``tests/nodes/mixed.py`` answers in the batch, single and legacy forms at once

@@ -1,4 +1,4 @@
-"""/v1/completions (issue 10) with the official openai SDK against the real ``dora run dataflow-stream.yml``."""
+"""/v1/completions with the official openai SDK against the real ``dora run dataflow-stream.yml``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The guard and the no-5xx promise on the real ``dora run dataflow-stream.yml`` (issue 9).
+"""The guard and the no-5xx promise on the real ``dora run dataflow-stream.yml``.
 
 What a web page could send (a ``text/plain`` POST, a rebinding ``Host``, a
 foreign ``Origin``) is refused by the real server, and a seeded batch of odd

@@ -1,4 +1,4 @@
-"""Memory bounds against the real ``dora run`` dataflow (issue 9), with ``tests/nodes/hog.py`` as the model node.
+"""Memory bounds against the real ``dora run`` dataflow, with ``tests/nodes/hog.py`` as the model node.
 
 A node flooding empty chunks, or sending ``seq`` far ahead, ends its own request with an error event
 (the per-request byte limit counts a per-chunk overhead and held chunks) and the server goes on

@@ -1,4 +1,4 @@
-"""Replicas, failover and recovery against real ``dora run`` dataflows (issue 11).
+"""Replicas, failover and recovery against real ``dora run`` dataflows.
 
 ``dataflow-replicas.yml`` as shipped (three echo_stream replicas under ``restart_policy:
 on-failure``) with ``ECHO_MAX_CONCURRENT`` set, and ``dataflow-stream.yml`` with a restart policy

@@ -1,4 +1,4 @@
-"""Failure paths against the real ``dora run`` dataflow (issue 3).
+"""Failure paths against the real ``dora run`` dataflow.
 
 Client gone, cancel, silent / stalled / crashed model nodes, chaos ordering
 and shutdown. The model nodes are the echo_stream of ``dataflow-stream.yml``

@@ -1,4 +1,4 @@
-"""Soak: thousands of short streams with random disconnects against the real dataflow (issue 3).
+"""Soak: thousands of short streams with random disconnects against the real dataflow.
 
 Bounded (a fixed number of requests, about a minute here, under a hard
 timeout); marked ``slow`` but it runs in CI. Afterwards nothing is in flight,

@@ -1,4 +1,4 @@
-"""/v1/completions (issue 10) over httpx.ASGITransport with the in-process FakeBackend.
+"""/v1/completions over httpx.ASGITransport with the in-process FakeBackend.
 
 The client-gone path runs against a real uvicorn (``tests/live.py``): ``ASGITransport`` buffers
 whole bodies and sends ``http.disconnect`` only once the response is complete.

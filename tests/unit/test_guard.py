@@ -1,4 +1,4 @@
-"""openai_stream_server/guard.py and what goes with it (issue 9), one table per concern.
+"""openai_stream_server/guard.py and what goes with it, one table per concern.
 
 A web page must not drive a server on the user's machine: non-JSON POSTs (415),
 foreign ``Host`` headers (421, DNS rebinding), foreign ``Origin`` on

@@ -1,4 +1,4 @@
-"""Memory bounds (issue 9): bytes per completion, bytes over all completions, and no cancel for what never went out.
+"""Memory bounds: bytes per completion, bytes over all completions, and no cancel for what never went out.
 
 Per completion, ``max_completion_bytes`` counts text plus a per-chunk overhead, for chunks in the log
 and chunks held back for reordering, so empty chunks and ``seq`` far ahead end the request. Over all

@@ -1,4 +1,4 @@
-"""Failure paths of the HTTP layer with the in-process FakeBackend (issue 3).
+"""Failure paths of the HTTP layer with the in-process FakeBackend.
 
 What depends on the wire (disconnects, timing) runs against a real uvicorn in
 a thread (``tests/live.py``); finished bodies go through ``ASGITransport``.

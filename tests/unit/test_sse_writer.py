@@ -1,4 +1,4 @@
-"""``SseResponse`` sends one message at a time: pings and events never overlap in ``send`` (issue 9).
+"""``SseResponse`` sends one message at a time: pings and events never overlap in ``send``.
 
 ASGI does not promise that concurrent ``send`` calls are safe; the ping comes from a second task.
 The ``send`` here raises if it is entered while another call is still inside it, and it yields to
