@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seed = args.mode != "smoke"
     bin_path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     if args.seed and (importlib.util.find_spec("dora_openai_server") is None or shutil.which("dora-echo", path=bin_path) is None):
-        log("the seed comparison needs dora-openai-server 0.5.0, dora-echo 0.5.0 and fastapi (see README): skipped")
+        log("the seed comparison needs dora-openai-server 0.5.0, dora-echo 0.5.0 and fastapi (see benchmarks/README.md): skipped")
         args.seed = False
 
     workdir = Path(tempfile.mkdtemp(prefix="oss-bench-"))

@@ -128,7 +128,7 @@ class Settings:
 
 
 def field_docs() -> dict[str, str]:
-    """Each field's attribute docstring (the string below it), for ``--help`` and the README."""
+    """Each field's attribute docstring (the string below it), for ``--help`` and docs/configuration.md."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(Settings)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}

@@ -1,6 +1,6 @@
 """The node's event loop: batched generation, a bounded queue, cancel, one message per step.
 
-Threads (docs/architecture.md, "Dora bridge": never call into one ``Node``
+Threads (docs/architecture.md, "Room 3: dora bridge": never call into one ``Node``
 from two threads other than a blocking reader):
 
 - a reader thread iterates the events (``node.next()`` releases the GIL)
