@@ -1,4 +1,4 @@
-"""The dora bridge: owns the ``dora.Node`` (docs/architecture.md, Architecture, room 3).
+"""The dora bridge: owns the ``dora.Node`` (docs/architecture.md, "Room 3: dora bridge").
 
 One thread blocks on ``node.next()`` (it releases the GIL), takes whatever
 else is queued with ``node.drain()`` (up to 25 % more throughput than one

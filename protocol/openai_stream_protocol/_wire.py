@@ -33,7 +33,7 @@ def texts_of(value: pa.Array) -> list[str]:
     """The strings of a dora string array (one element is the common case, kept cheap).
 
     ``to_pylist()`` costs ~0.2 us for one element, ``value[0].as_py()`` ~0.9 us
-    (benchmarks/README.md, per-chunk costs): this runs once per chunk.
+    (benchmarks/README.md, "What changed in the server"): this runs once per chunk.
     """
     items = value.to_pylist()
     if len(items) == 1 and type(items[0]) is str:
