@@ -120,7 +120,3 @@ class MethodNotAllowed(ApiError):
 
     def headers(self) -> dict[str, str]:
         return {"Allow": self.allow} if self.allow else {}
-
-
-ChatCompletionError = ApiError
-"""The former name, kept only while ``state``, ``registry``, ``backend`` and their tests still import it."""
