@@ -5,6 +5,10 @@ with the shared wire protocol (``openai_stream_protocol``); ``cancel`` stops
 a request. Many requests are served at once: each one in flight is a
 ``Generation`` in a heap ordered by when its next chunk is due, so their
 chunks interleave. Step mode (``step.py``) paces them all on one clock instead.
+
+While it holds requests the loop sends a heartbeat every ``ECHO_HEARTBEAT_S``
+(``openai_stream_protocol.Heartbeat``; docs/architecture.md, "Hello and
+heartbeat"), from this thread, the one that owns ``send_output``.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from openai_stream_protocol import ChunkSender, OutputSender, dispatch_event
+from openai_stream_protocol import ChunkSender, Heartbeat, OutputSender, dispatch_event
 
 from .plan import Plan, plan
 from .settings import Settings
@@ -35,6 +40,17 @@ MAX_CHUNKS_PER_ROUND = 256
 # Chunks due within this margin are sent now: a dora ``next(timeout=...)``
 # that times out costs ~0.1 ms (it builds an error event), more than the wait.
 EARLY_S = 0.001
+EXIT_STATUS = 70
+"""The status ``ECHO_EXIT_ON`` exits with: not 0, so that a restart policy of ``on-failure`` brings the node back."""
+
+
+class ExitReached(Exception):
+    """An echo reached ``ECHO_EXIT_ON`` (tests): the node exits before sending that token."""
+
+
+def crash() -> None:
+    """Exit at once, as a crashed model would: no cleanup, no goodbye to dora (``os._exit``)."""
+    os._exit(EXIT_STATUS)
 
 
 @runtime_checkable
@@ -74,6 +90,8 @@ class Generation:
         if plan.deltas is not None:
             return self._send_next_delta(plan.deltas, extra)
         end = min(self.pos + plan.tokens_per_chunk, plan.limit)
+        if plan.exit_at is not None and end > plan.exit_at:
+            raise ExitReached(self.sender.request_id)
         text = "".join(plan.tokens[self.pos : end])
         self.pos = end
         if end < plan.limit:
@@ -115,11 +133,17 @@ class EchoStream:
         *,
         clock: Callable[[], float] = time.monotonic,
         output: str = CHUNKS_OUTPUT,
+        heartbeat: Heartbeat | None = None,
+        on_exit: Callable[[], None] = crash,
     ) -> None:
         self.node = node
         self.settings = settings or Settings()
         self.clock = clock
         self.output = output
+        self.heartbeat = heartbeat
+        """Sends the heartbeats while requests are held (``None``: none)."""
+        self.on_exit = on_exit
+        """What ``ECHO_EXIT_ON`` does once an echo reaches it: ``crash`` (tests pass a recorder)."""
         self.active: dict[str, Generation] = {}
         # (due time, tie-breaker, generation); entries of cancelled or replaced
         # generations stay until popped and are skipped then.
@@ -148,7 +172,14 @@ class EchoStream:
         except ValueError:
             logger.warning("dropping a request without request_id or session_id")
             return
-        answer = plan(texts, metadata, self.settings.tokens_per_chunk)
+        if self.settings.busy:
+            sender.busy("echo-stream is busy (ECHO_BUSY)")
+            return
+        answer = plan(texts, metadata, self.settings.tokens_per_chunk, self.settings.exit_on)
+        if answer.error is not None:
+            logger.warning("request %s: %s", sender.request_id, answer.error)
+            sender.finish("error", error=answer.error)
+            return
         request_id = sender.request_id
         if request_id in self.active:
             logger.warning("request %s arrived again: restarting it", request_id)
@@ -217,15 +248,23 @@ class EchoStream:
         if not isinstance(source, EventSource):
             source = ListSource(source)
         while True:
-            next_due = self.step(self.clock())
+            try:
+                next_due = self.step(self.clock())
+            except ExitReached as exc:
+                logger.warning("request %s reached ECHO_EXIT_ON: exiting", exc)
+                self.on_exit()
+                return
             if self.waiting and self.admit():
                 continue  # the admitted requests' first chunks may be due before next_due
+            beat_in = self.heartbeat.beat(len(self.active), len(self.waiting)) if self.heartbeat is not None else None
             if self.stopped:
                 if next_due is None:
                     return
                 time.sleep(max(0.0, next_due - self.clock()))
                 continue
             timeout = None if next_due is None else next_due - self.clock()
+            if beat_in is not None and (timeout is None or beat_in < timeout):
+                timeout = beat_in
             if timeout is not None and timeout <= EARLY_S:
                 events: list[Event | None] = _drain(source)
             else:

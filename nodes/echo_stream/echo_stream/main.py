@@ -13,22 +13,14 @@ import argparse
 import dataclasses
 import logging
 import os
-import re
-from collections.abc import Mapping
 
-from openai_stream_protocol import send_hello
+from openai_stream_protocol import Heartbeat, node_id_from_env
 
 from .engine import CHUNKS_OUTPUT, EchoStream
 from .settings import Settings
 from .step import StepEcho
 
 logger = logging.getLogger(__name__)
-
-
-def _node_id(environ: Mapping[str, str]) -> str:
-    """This node's id from dora's ``DORA_NODE_CONFIG`` (a ``node_id: <id>`` line), else the package name."""
-    match = re.search(r"^node_id: *(\S+)", environ.get("DORA_NODE_CONFIG", ""), re.MULTILINE)
-    return match.group(1) if match else "echo-stream"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,17 +36,29 @@ def main(argv: list[str] | None = None) -> None:
     if settings.step_ms and settings.max_concurrent:
         logger.warning("ECHO_MAX_CONCURRENT is ignored in step mode")
         settings = dataclasses.replace(settings, max_concurrent=0)
-    # Say we are up: after `dora node restart` that is how the server knows this replica is back.
-    send_hello(node, args.name or _node_id(os.environ), CHUNKS_OUTPUT)
+    # Say we are up: after `dora node restart` that is how the server knows this replica is back. The
+    # echo is deterministic, so it can continue any answer another echo replica started.
+    node_id = args.name or node_id_from_env(os.environ, "echo-stream")
+    heartbeat = Heartbeat(node, node_id, CHUNKS_OUTPUT, interval_s=settings.heartbeat_s, can_continue=True)
+    heartbeat.hello()
     logger.info(
-        "echo-stream: %d token(s) per chunk, %.3f s per token%s%s%s",
+        "echo-stream: %d token(s) per chunk, %.3f s per token%s%s%s%s",
         settings.tokens_per_chunk,
         settings.token_delay_s,
         ", stamped" if settings.stamp else "",
         f", step mode: one message every {settings.step_ms:g} ms" if settings.step_ms else "",
         f", at most {settings.max_concurrent} at once" if settings.max_concurrent else "",
+        "".join(
+            note
+            for on, note in (
+                (settings.busy, ", answering busy to every request (ECHO_BUSY)"),
+                (settings.exit_on, f", exiting when an echo reaches {settings.exit_on!r} (ECHO_EXIT_ON)"),
+            )
+            if on
+        ),
     )
-    engine = StepEcho(node, settings) if settings.step_ms else EchoStream(node, settings)
+    engine_type = StepEcho if settings.step_ms else EchoStream
+    engine = engine_type(node, settings, heartbeat=heartbeat)
     engine.run(node)
 
 

@@ -25,6 +25,13 @@ class Settings:
     max_concurrent: int = 0
     """``ECHO_MAX_CONCURRENT``: above 0, at most this many requests generate at once; the rest wait in arrival order
     (a model's capacity, so that replicas have something to share; ignored in step mode)."""
+    heartbeat_s: float = 0.25
+    """``ECHO_HEARTBEAT_S``: a heartbeat this often while the node holds requests (0: none, and the hello promises none)."""
+    busy: bool = False
+    """``ECHO_BUSY`` (tests): turn every request away with a busy error chunk, as a model whose queue is full."""
+    exit_on: str | None = None
+    """``ECHO_EXIT_ON`` (tests): the process exits at once when an echo reaches this text, before sending it:
+    a request that crashes its replica (a poison request). Unset: never."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -42,7 +49,21 @@ class Settings:
         max_concurrent = _env_number(environ, "ECHO_MAX_CONCURRENT", "0", int)
         if max_concurrent < 0:
             raise ValueError(f"ECHO_MAX_CONCURRENT must be 0 (no limit) or more, got {max_concurrent}")
-        return cls(tokens_per_chunk=tokens, token_delay_s=delay, stamp=stamp, step_ms=step_ms, max_concurrent=max_concurrent)
+        heartbeat_s = _env_number(environ, "ECHO_HEARTBEAT_S", "0.25", float)
+        if not 0 <= heartbeat_s <= 60:
+            raise ValueError(f"ECHO_HEARTBEAT_S must be between 0 (off) and 60 seconds, got {heartbeat_s}")
+        busy = environ.get("ECHO_BUSY", "0").strip().lower() in ("1", "true", "yes")
+        exit_on = environ.get("ECHO_EXIT_ON") or None
+        return cls(
+            tokens_per_chunk=tokens,
+            token_delay_s=delay,
+            stamp=stamp,
+            step_ms=step_ms,
+            max_concurrent=max_concurrent,
+            heartbeat_s=heartbeat_s,
+            busy=busy,
+            exit_on=exit_on,
+        )
 
 
 def _env_number(environ: Mapping[str, str], name: str, default: str, cast: Callable[[str], _N]) -> _N:

@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from openai_stream_protocol import BatchSender, ChunkSender, OutputSender
+from openai_stream_protocol import BatchSender, ChunkSender, Heartbeat, OutputSender
 
-from .engine import CHUNKS_OUTPUT, EARLY_S, EchoStream, Generation
+from .engine import CHUNKS_OUTPUT, EARLY_S, EchoStream, Generation, crash
 from .settings import Settings
 
 
@@ -53,6 +53,7 @@ class BatchRequest(ChunkSender):
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
         stop_sequence: str | None = None,
+        error_code: str | None = None,
         **extra: Any,
     ) -> None:
         self.batch.finish(
@@ -63,6 +64,7 @@ class BatchRequest(ChunkSender):
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             stop_sequence=stop_sequence,
+            error_code=error_code,
         )
         self.seq += 1
         self.finished = True
@@ -78,8 +80,10 @@ class StepEcho(EchoStream):
         *,
         clock: Callable[[], float] = time.monotonic,
         output: str = CHUNKS_OUTPUT,
+        heartbeat: Heartbeat | None = None,
+        on_exit: Callable[[], None] = crash,
     ) -> None:
-        super().__init__(node, settings, clock=clock, output=output)
+        super().__init__(node, settings, clock=clock, output=output, heartbeat=heartbeat, on_exit=on_exit)
         if self.settings.step_ms <= 0:
             raise ValueError("StepEcho needs a step of more than 0 ms (ECHO_STEP_MS)")
         self.step_s = self.settings.step_ms / 1000

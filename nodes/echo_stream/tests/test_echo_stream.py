@@ -334,7 +334,10 @@ def test_main_says_hello_then_serves_until_the_inputs_close(
     main(argv)
     [node] = FakeDoraNode.created
     assert node.node_id == (argv[1] if argv else None)
-    assert [(sent.output_id, sent.metadata) for sent in node.sent if sent.is_hello] == [("chunks", {"hello": hello})]
+    # The hello says the echo can continue another replica's answer and sends heartbeats while it holds work.
+    expected = {"hello": hello, "can_continue": True, "heartbeat_s": 0.25}
+    assert [(sent.output_id, sent.metadata) for sent in node.sent if sent.is_hello] == [("chunks", expected)]
+    assert node.sent[0].is_hello  # before anything else
     assert (node.text("r1"), node.text("r2")) == ("one two three", "four")
     batches = sum(is_batch(sent.data) for sent in node.sent)
     assert batches == (3 if "ECHO_STEP_MS" in environ else 0)  # step mode: one message per step, 3 steps
