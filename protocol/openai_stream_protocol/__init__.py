@@ -59,6 +59,15 @@ the pieces the client already has, which is also the first ``seq`` to send) and
 ``read_continuation`` reads them, ``Continuation.to_metadata`` writes them
 (``_continuation.py``).
 
+Reasoning (docs/architecture.md, "Reasoning"): a chunk with ``kind:
+"reasoning"`` (a batch row whose ``kind`` column says so) is a piece of the
+model's reasoning, not of its answer (``ChunkSender.send_reasoning``,
+``BatchSender.send_reasoning``, ``Chunk.reasoning``); a finish chunk may count
+``reasoning_tokens``. The request's ``reasoning`` entry (JSON text, from chat
+``reasoning_effort``, Responses ``reasoning.effort`` or Anthropic
+``thinking``) is read with ``request_reasoning``; a node that cannot reason
+ignores it (``_reasoning.py``).
+
 Busy (node -> server): an ``error`` finish chunk with ``error_code: busy``
 (``ChunkSender.busy``, ``BatchSender.busy``) turns a request away with nothing
 generated, so that the server may try another replica.
@@ -75,6 +84,16 @@ from ._continuation import (
     read_continuation,
 )
 from ._events import REQUEST_INPUTS, NodeEventHandler, dispatch_event
+from ._reasoning import (
+    KIND_KEY,
+    REASONING,
+    REASONING_EFFORTS,
+    REASONING_KEY,
+    REASONING_TOKENS_KEY,
+    ReasoningRequest,
+    is_reasoning,
+    request_reasoning,
+)
 from ._request import Kind, Part, Role, last_user_text, parse_request_texts, split_tokens
 from ._status import (
     ACTIVE_KEY,
@@ -146,8 +165,13 @@ __all__ = [
     "HEARTBEAT_KEY",
     "HEARTBEAT_S_KEY",
     "HELLO_KEY",
+    "KIND_KEY",
     "PARALLEL_TOOL_CALLS_KEY",
     "QUEUED_KEY",
+    "REASONING",
+    "REASONING_EFFORTS",
+    "REASONING_KEY",
+    "REASONING_TOKENS_KEY",
     "REQUEST_INPUTS",
     "REQUEST_OUTPUT",
     "SYSTEM_PREFIX",
@@ -171,6 +195,7 @@ __all__ = [
     "OutputSender",
     "Part",
     "Piece",
+    "ReasoningRequest",
     "Role",
     "ToolCall",
     "ToolCallDelta",
@@ -184,6 +209,7 @@ __all__ = [
     "encode_tool_calls",
     "encode_tools",
     "is_batch",
+    "is_reasoning",
     "is_status",
     "last_user_text",
     "new_tool_call_id",
@@ -195,6 +221,7 @@ __all__ = [
     "read_continuation",
     "request_id_of",
     "request_parallel_tool_calls",
+    "request_reasoning",
     "request_tool_choice",
     "request_tools",
     "send_heartbeat",

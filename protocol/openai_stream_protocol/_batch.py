@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from ._chunk import BUSY, FINISH_REASONS, Chunk, OutputSender
 from ._continuation import continue_from
+from ._reasoning import REASONING, is_reasoning
 from ._tools import ToolCallDelta, checked_tool_call_index
 from ._wire import request_id_of
 
@@ -45,12 +46,16 @@ OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
     "tool_call_name": pa.string(),
     "stop_sequence": pa.string(),
     "error_code": pa.string(),
+    "kind": pa.string(),
+    "reasoning_tokens": pa.int64(),
 }
 """Columns a batch may leave out, nullable: null means "not given" for that row.
 
 A row with a ``tool_call_index`` is a tool-call delta (its ``text`` a piece of the arguments).
 ``stop_sequence`` (read on ``fin`` rows only): the stop string that ended that answer.
 ``error_code`` (read on ``fin`` rows with an ``error`` only): ``busy`` when the node turned the request away.
+``kind``: ``reasoning`` on a row that is a piece of the model's reasoning (null or ``text``: answer text).
+``reasoning_tokens`` (read on ``fin`` rows only): how many of ``completion_tokens`` were reasoning.
 """
 
 
@@ -82,9 +87,11 @@ _TYPE_CHECKS = {
     "tool_call_name": (_is_string, "a string"),
     "stop_sequence": (_is_string, "a string"),
     "error_code": (_is_string, "a string"),
+    "kind": (_is_string, "a string"),
+    "reasoning_tokens": (pa.types.is_integer, "an integer"),
 }
 
-_SPARSE_COLUMNS = frozenset({"stop_sequence", "error_code"})
+_SPARSE_COLUMNS = frozenset({"stop_sequence", "error_code", "kind", "reasoning_tokens"})
 """Optional columns that are null on almost every row: read after the rows are built, and only when
 some row has a value, so that a batch without them costs nothing more per row."""
 
@@ -96,8 +103,8 @@ def parse_batch(value: pa.Array) -> list[Chunk]:
     that is what keeps a 1,000-row message cheaper than 1,000 messages.
     Malformed: not a struct array, a required column missing or null, a column
     of the wrong type, a null row, an unknown ``finish_reason``, a negative
-    ``tool_call_index``, or a ``tool_call_id``/``tool_call_name`` on a row
-    without a ``tool_call_index``. A ``stop_sequence`` on a row that is not
+    ``tool_call_index``, a ``tool_call_id``/``tool_call_name`` on a row
+    without a ``tool_call_index``, or an unknown ``kind``. A ``stop_sequence`` on a row that is not
     ``fin`` is ignored (empty: none). One bad row
     makes the whole message malformed: its rows arrive together or not at all.
     """
@@ -170,6 +177,14 @@ def parse_batch(value: pa.Array) -> list[Chunk]:
         for chunk, error_code in zip(chunks, sparse["error_code"].to_pylist(), strict=True):
             if error_code and chunk.fin and chunk.error:
                 chunk.error_code = error_code
+    if "kind" in sparse:
+        for chunk, kind in zip(chunks, sparse["kind"].to_pylist(), strict=True):
+            if kind is not None:
+                chunk.reasoning = is_reasoning(kind)
+    if "reasoning_tokens" in sparse:
+        for chunk, reasoning_tokens in zip(chunks, sparse["reasoning_tokens"].to_pylist(), strict=True):
+            if reasoning_tokens is not None and chunk.fin:
+                chunk.reasoning_tokens = reasoning_tokens
     return chunks
 
 
@@ -202,7 +217,10 @@ class BatchSender:
     another replica's answer starts at its ``continue_from`` instead of 0.
     """
 
-    __slots__ = ("node", "output", "stamp", "_seq", "_ids", "_seqs", "_texts", "_fins", "_extra", "_tools", "_stops", "_codes")
+    __slots__ = (
+        "node", "output", "stamp", "_seq", "_ids", "_seqs", "_texts", "_fins", "_extra", "_tools", "_stops", "_codes",
+        "_kinds", "_reasoning_tokens",
+    )  # fmt: skip
 
     def __init__(self, node: OutputSender, output: str = "chunks", *, stamp: bool = False) -> None:
         self.node = node
@@ -221,6 +239,10 @@ class BatchSender:
         self._stops: dict[int, tuple[str]] = {}
         # Row index -> (error_code,): only error finish rows that carry a code (busy) have it.
         self._codes: dict[int, tuple[str]] = {}
+        # Row index -> (kind,): only reasoning rows have it.
+        self._kinds: dict[int, tuple[str]] = {}
+        # Row index -> (reasoning_tokens,): only finish rows that count them have it.
+        self._reasoning_tokens: dict[int, tuple[int]] = {}
 
     def open(self, request_metadata: Mapping[str, Any]) -> str:
         """Register a request and return its id; ``seq`` starts at its ``continue_from`` (0 when fresh).
@@ -257,6 +279,12 @@ class BatchSender:
         self.send(request_id, arguments_delta)
         self._tools[row] = (index, call_id, name)
 
+    def send_reasoning(self, request_id: str, text: str) -> None:
+        """Queue a piece of the request's reasoning (``kind: "reasoning"``), numbered like its answer's deltas."""
+        row = len(self._ids)
+        self.send(request_id, text)
+        self._kinds[row] = (REASONING,)
+
     def finish(
         self,
         request_id: str,
@@ -268,11 +296,13 @@ class BatchSender:
         completion_tokens: int | None = None,
         stop_sequence: str | None = None,
         error_code: str | None = None,
+        reasoning_tokens: int | None = None,
     ) -> None:
         """Queue the request's last row (``fin``) with its finish reason and token counts, and forget it.
 
         ``stop_sequence``: the stop string that ended the answer (the text is cut before it).
         ``error_code``: with ``error``, what kind of failure (``BUSY``: see ``busy``).
+        ``reasoning_tokens``: how many of ``completion_tokens`` were reasoning.
         """
         if finish_reason not in FINISH_REASONS:
             raise ValueError(f"unknown finish_reason: {finish_reason!r}")
@@ -281,6 +311,8 @@ class BatchSender:
             self._stops[len(self._ids)] = (stop_sequence,)
         if error_code and error is not None:
             self._codes[len(self._ids)] = (error_code,)
+        if reasoning_tokens is not None:
+            self._reasoning_tokens[len(self._ids)] = (reasoning_tokens,)
         self._extra[len(self._ids)] = (finish_reason, error, prompt_tokens, completion_tokens)
         self._ids.append(request_id)
         self._seqs.append(seq)
@@ -306,6 +338,9 @@ class BatchSender:
             self._tools = {new: tools[old] for new, old in enumerate(keep) if old in tools}
             self._stops = {new: stops[old] for new, old in enumerate(keep) if old in stops}
             self._codes = {new: codes[old] for new, old in enumerate(keep) if old in codes}
+            kinds, counts = self._kinds, self._reasoning_tokens
+            self._kinds = {new: kinds[old] for new, old in enumerate(keep) if old in kinds}
+            self._reasoning_tokens = {new: counts[old] for new, old in enumerate(keep) if old in counts}
 
     @property
     def queued(self) -> int:
@@ -324,16 +359,19 @@ class BatchSender:
             pa.array(self._texts, type=pa.string()),
             pa.array(self._fins, type=pa.bool_()),
         ]
-        # The optional columns travel only in a step where some request finished, sent a tool call, or hit a stop string.
+        # The optional columns travel only in a step whose rows need them (a finish, a tool call, reasoning, a stop string).
         _add_columns(names, arrays, n, ("finish_reason", "error", "prompt_tokens", "completion_tokens"), self._extra)
         _add_columns(names, arrays, n, ("tool_call_index", "tool_call_id", "tool_call_name"), self._tools)
         _add_columns(names, arrays, n, ("stop_sequence",), self._stops)
         _add_columns(names, arrays, n, ("error_code",), self._codes)
+        _add_columns(names, arrays, n, ("kind",), self._kinds)
+        _add_columns(names, arrays, n, ("reasoning_tokens",), self._reasoning_tokens)
         if self.stamp:
             names.append("sent_at")
             arrays.append(pa.array([time.time()] * n, type=pa.float64()))
         self._ids, self._seqs, self._texts, self._fins = [], [], [], []
         self._extra, self._tools, self._stops, self._codes = {}, {}, {}, {}
+        self._kinds, self._reasoning_tokens = {}, {}
         self.node.send_output(self.output, pa.StructArray.from_arrays(arrays, names=names), {})
         return n
 

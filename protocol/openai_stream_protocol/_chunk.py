@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from ._continuation import continue_from
+from ._reasoning import KIND_KEY, REASONING, REASONING_TOKENS_KEY, is_reasoning
 from ._tools import TOOL_CALL_ID_KEY, TOOL_CALL_INDEX_KEY, TOOL_CALL_NAME_KEY, ToolCallDelta, checked_tool_call_index
 from ._wire import as_bool, as_int, request_id_of, string_array
 
@@ -38,6 +39,10 @@ class Chunk:
 
     ``error_code`` (error finish chunks only): ``BUSY`` when the node turned
     the request away without generating anything (``is_busy``).
+
+    ``reasoning``: the text is a piece of the model's reasoning, not of the
+    answer (``kind: "reasoning"``). ``reasoning_tokens`` (finish chunks only):
+    how many of ``completion_tokens`` were reasoning.
     """
 
     request_id: str | None
@@ -52,6 +57,8 @@ class Chunk:
     tool_call: ToolCallDelta | None = None
     stop_sequence: str | None = None
     error_code: str | None = None
+    reasoning: bool = False
+    reasoning_tokens: int | None = None
 
     @property
     def is_busy(self) -> bool:
@@ -75,7 +82,7 @@ def tool_call_delta(index: Any, call_id: Any = None, name: Any = None) -> ToolCa
 
 
 def parse_chunk(texts: list[str], metadata: Mapping[str, Any]) -> Chunk:
-    """Read a chunk message; raises ``ValueError`` for a malformed ``seq``, token count or ``tool_call_index``."""
+    """Read a chunk message; raises ``ValueError`` for a malformed ``seq``, token count, ``tool_call_index`` or ``kind``."""
     seq = as_int(metadata.get("seq"))
     if seq is None:
         return Chunk(request_id_of(metadata), None, "\n".join(texts), fin=True, finish_reason="stop")
@@ -103,6 +110,8 @@ def parse_chunk(texts: list[str], metadata: Mapping[str, Any]) -> Chunk:
         # Lenient: anything but a non-empty string (dora's "None" included) is no stop sequence.
         stop_sequence=stop_sequence if isinstance(stop_sequence, str) and stop_sequence not in ("", "None") else None,
         error_code=error_code if isinstance(error_code, str) and error_code not in ("", "None") else None,
+        reasoning=is_reasoning(metadata.get(KIND_KEY)),
+        reasoning_tokens=as_int(metadata.get(REASONING_TOKENS_KEY)) if fin else None,
     )
 
 
@@ -155,6 +164,10 @@ class ChunkSender:
             metadata[TOOL_CALL_NAME_KEY] = name
         self.send(arguments_delta, **metadata)
 
+    def send_reasoning(self, text: str, **extra: Any) -> None:
+        """Send one piece of the model's reasoning (``kind: "reasoning"``): numbered like the answer's deltas."""
+        self.send(text, **{KIND_KEY: REASONING, **extra})
+
     def finish(
         self,
         finish_reason: str = "stop",
@@ -165,12 +178,14 @@ class ChunkSender:
         completion_tokens: int | None = None,
         stop_sequence: str | None = None,
         error_code: str | None = None,
+        reasoning_tokens: int | None = None,
         **extra: Any,
     ) -> None:
         """Send the last chunk: ``fin: true`` with its finish reason and token counts.
 
         ``stop_sequence``: the stop string that ended the answer (the text is cut before it).
         ``error_code``: with ``error``, what kind of failure (``BUSY``: see ``busy``).
+        ``reasoning_tokens``: how many of ``completion_tokens`` were reasoning.
         """
         if finish_reason not in FINISH_REASONS:
             raise ValueError(f"unknown finish_reason: {finish_reason!r}")
@@ -185,6 +200,8 @@ class ChunkSender:
             metadata["completion_tokens"] = completion_tokens
         if stop_sequence:
             metadata["stop_sequence"] = stop_sequence
+        if reasoning_tokens is not None:
+            metadata[REASONING_TOKENS_KEY] = reasoning_tokens
         self.send(text, **metadata)
         self.finished = True
 
