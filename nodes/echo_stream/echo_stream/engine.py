@@ -90,11 +90,19 @@ class Generation:
         if plan.deltas is not None:
             return self._send_next_delta(plan.deltas, extra)
         end = min(self.pos + plan.tokens_per_chunk, plan.limit)
+        if self.pos < plan.reasoning:  # reasoning mode: a chunk is reasoning or answer, never both
+            end = min(end, plan.reasoning)
         if plan.exit_at is not None and end > plan.exit_at:
             raise ExitReached(self.sender.request_id)
         text = "".join(plan.tokens[self.pos : end])
+        reasoning = self.pos < plan.reasoning
         self.pos = end
-        if end < plan.limit:
+        if reasoning:
+            self.sender.send_reasoning(text, **extra)
+            if end < plan.limit:
+                return True
+            text = ""  # an answer of reasoning only: the finish chunk follows, empty
+        elif end < plan.limit:
             self.sender.send(text, **extra)
             return True
         self.sender.finish(
@@ -103,6 +111,7 @@ class Generation:
             prompt_tokens=plan.prompt_tokens,
             completion_tokens=plan.limit,
             stop_sequence=plan.stop_sequence,
+            reasoning_tokens=plan.reasoning if plan.reasoning else None,
             **extra,
         )
         return False

@@ -5,6 +5,12 @@ first stop string and at ``max_tokens``; a request with ``tools`` whose last
 user turn asks for calls is answered with those calls instead (``tools.py``).
 The engines (``engine.py``, ``step.py``) only pace and send what the plan holds.
 
+**Reasoning mode.** A last user turn that starts with ``<think>`` is echoed as a
+thinking model answers: the text up to ``</think>`` is its reasoning (sent as
+reasoning pieces, the tags left out), the rest its answer; with no ``</think>``
+all of it is reasoning. A request whose ``reasoning`` entry turns reasoning off
+(``effort: "none"``) gets the answer alone (docs/architecture.md, "Reasoning").
+
 A request that continues an answer another replica started (``continue_from``,
 docs/architecture.md, "Continuation") is planned as a fresh one and then
 shortened by what was delivered: the plan holds only the rest, so the client
@@ -28,6 +34,7 @@ from openai_stream_protocol import (
     last_user_text,
     parse_request_texts,
     read_continuation,
+    request_reasoning,
     split_tokens,
 )
 
@@ -57,6 +64,8 @@ class Plan:
     """``ECHO_EXIT_ON``: the index of the first token holding that text; the node exits before sending it."""
     error: str | None = None
     """The request cannot be answered (a continuation that is not of this echo): one error chunk instead."""
+    reasoning: int = 0
+    """Reasoning mode: the first ``reasoning`` of ``tokens`` are reasoning pieces (a chunk never mixes the two)."""
 
 
 def plan(texts: list[str], metadata: Mapping[str, Any], tokens_per_chunk: int = 1, exit_on: str | None = None) -> Plan:
@@ -67,8 +76,13 @@ def plan(texts: list[str], metadata: Mapping[str, Any], tokens_per_chunk: int = 
         continuation = read_continuation(metadata)
     except ValueError as exc:
         return Plan([], 0, "error", prompt_tokens, 1, error=f"cannot continue the answer: {exc}")
-    text, stop_sequence = cut_at_stop(answer_text(parts), metadata.get("stop"))
-    tokens = split_tokens(text)
+    thought, answer = split_thinking(answer_text(parts))
+    wish = request_reasoning(metadata) if thought else None
+    if wish is not None and not wish.enabled:
+        thought = ""
+    text, stop_sequence = cut_at_stop(answer, metadata.get("stop"))
+    reasoning_tokens = split_tokens(thought)
+    tokens = reasoning_tokens + split_tokens(text)
     try:
         max_tokens = as_int(metadata.get("max_tokens"))
     except ValueError:
@@ -93,14 +107,38 @@ def plan(texts: list[str], metadata: Mapping[str, Any], tokens_per_chunk: int = 
                 count -= sum(len(split_tokens(piece.text)) for piece in continuation.pieces)
                 deltas = rest
             return Plan(tokens, count, "tool_calls", prompt_tokens, per_chunk, deltas=deltas)
+    reasoning = min(len(reasoning_tokens), limit)
     if continuation is not None:
         rest = _tokens_after(tokens[:limit], continuation.text)
         if rest is None:
             return Plan([], 0, "error", prompt_tokens, 1, error=_NOT_THIS_ECHO)
+        reasoning = _tokens_within(rest, len("".join(tokens[:reasoning])) - len(continuation.text))
         tokens, limit = rest, len(rest)
     per_chunk = max(limit, 1) if whole else tokens_per_chunk
     exit_at = _exit_at(tokens[:limit], exit_on) if exit_on else None
-    return Plan(tokens, limit, finish_reason, prompt_tokens, per_chunk, stop_sequence, exit_at=exit_at)
+    return Plan(tokens, limit, finish_reason, prompt_tokens, per_chunk, stop_sequence, exit_at=exit_at, reasoning=reasoning)
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def split_thinking(text: str) -> tuple[str, str]:
+    """Reasoning mode: ``(reasoning, answer)`` of a text that starts with ``<think>``; ``("", text)`` otherwise."""
+    if not text.startswith(THINK_OPEN):
+        return "", text
+    thought, closed, answer = text[len(THINK_OPEN) :].partition(THINK_CLOSE)
+    return (thought, answer) if closed else (thought, "")
+
+
+def _tokens_within(tokens: list[str], chars: int) -> int:
+    """How many of ``tokens`` (from the first) lie within the first ``chars`` characters of their text."""
+    count = at = 0
+    for token in tokens:
+        if at >= chars:
+            break
+        at += len(token)
+        count += 1
+    return count
 
 
 _NOT_THIS_ECHO = "cannot continue the answer: the delivered pieces are not the start of this echo"

@@ -44,6 +44,10 @@ class BatchRequest(ChunkSender):
         self.batch.send_tool_call(self.request_id, index, arguments_delta, call_id=call_id, name=name)
         self.seq += 1
 
+    def send_reasoning(self, text: str, **extra: Any) -> None:
+        self.batch.send_reasoning(self.request_id, text)
+        self.seq += 1
+
     def finish(
         self,
         finish_reason: str = "stop",
@@ -54,6 +58,7 @@ class BatchRequest(ChunkSender):
         completion_tokens: int | None = None,
         stop_sequence: str | None = None,
         error_code: str | None = None,
+        reasoning_tokens: int | None = None,
         **extra: Any,
     ) -> None:
         self.batch.finish(
@@ -65,6 +70,7 @@ class BatchRequest(ChunkSender):
             completion_tokens=completion_tokens,
             stop_sequence=stop_sequence,
             error_code=error_code,
+            reasoning_tokens=reasoning_tokens,
         )
         self.seq += 1
         self.finished = True
