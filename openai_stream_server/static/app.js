@@ -5,6 +5,10 @@
 // We still skip any event whose sequence_number is not above the last one applied, so a replay
 // can never duplicate text. No framework, no build step, no CDN.
 //
+// A reasoning model's thinking arrives as delta.reasoning_content (or delta.reasoning, by the
+// server's --reasoning-field) before the answer: it goes into a fold above the answer, closed
+// unless the reader opens it.
+//
 // A server started with --api-key needs the key on every /v1 request: the page keeps it in this
 // tab's sessionStorage (gone when the tab closes, never sent to another origin), sends it as
 // Authorization: Bearer on fetch, and as ?api_key= on the EventSource, which cannot send headers.
@@ -20,6 +24,9 @@
   const stopButton = $("stop");
   const statusLine = $("status");
   const answerBox = $("answer");
+  const reasoningBox = $("reasoning");
+  const reasoningSummary = $("reasoning-summary");
+  const reasoningText = $("reasoning-text");
   const meta = $("meta");
   const stats = { ttft: $("ttft"), tokens: $("tokens"), tps: $("tps"), reconnects: $("reconnects") };
   const keyBox = $("api-key");
@@ -65,7 +72,14 @@
     stats.reconnects.textContent = String(Math.max(0, r.opens - 1));
   }
 
+  function endThinking(r) {
+    r.thoughtFor = performance.now() - r.thinkingAt;
+    reasoningSummary.textContent = "Reasoning · " + fmtMs(r.thoughtFor);
+    if (app.dataset.state === "streaming") statusLine.textContent = "streaming…";
+  }
+
   function finish(r, state, message) {
+    if (r.thinkingAt != null && r.thoughtFor == null) endThinking(r);
     if (r.source) r.source.close();
     r.endedAt = r.endedAt ?? performance.now();
     clearInterval(r.ticker);
@@ -91,12 +105,28 @@
     }
     app.dataset.applied = String(Number(app.dataset.applied) + 1);
     const choice = chunk.choices && chunk.choices[0];
-    const content = choice && choice.delta ? choice.delta.content : null;
-    if (content) {
+    const delta = choice && choice.delta ? choice.delta : {};
+    const content = delta.content;
+    // With --reasoning-field both, the two fields hold the same text: read one.
+    const thought = delta.reasoning_content ?? delta.reasoning;
+    if (thought || content) {
       if (r.firstAt == null) {
         r.firstAt = performance.now();
-        setState("streaming", "streaming…");
+        setState("streaming", thought ? "thinking…" : "streaming…");
       }
+    }
+    if (thought) {
+      if (reasoningBox.hidden) {
+        reasoningBox.hidden = false;
+        r.thinkingAt = performance.now();
+      }
+      r.reasoning.appendData(thought);
+      app.dataset.reasoning = String(r.reasoning.length);
+      if (typeof seq === "number") r.tokens = Math.max(r.tokens, seq + 1);
+      showStats(r);
+    }
+    if (content) {
+      if (r.thinkingAt != null && r.thoughtFor == null) endThinking(r);
       r.text.appendData(content);
       // One chunk per token for echo; the finish chunk's usage corrects it at the end.
       if (typeof seq === "number") r.tokens = Math.max(r.tokens, seq + 1);
@@ -167,13 +197,19 @@
       if (app.dataset.state !== "done") api(`/v1/chat/completions/${encodeURIComponent(run.id)}/cancel`, { method: "POST" });
     }
     answerBox.textContent = "";
+    reasoningText.textContent = "";
+    reasoningBox.hidden = true;
+    reasoningBox.open = false;
+    reasoningSummary.textContent = "Thinking…";
     const r = {
-      id: null, source: null, text: document.createTextNode(""), lastSeq: -1, tokens: 0, opens: 0,
-      startedAt: performance.now(), firstAt: null, endedAt: null, finishReason: null, failure: null, ticker: 0,
+      id: null, source: null, text: document.createTextNode(""), reasoning: document.createTextNode(""),
+      lastSeq: -1, tokens: 0, opens: 0, startedAt: performance.now(), firstAt: null, endedAt: null,
+      thinkingAt: null, thoughtFor: null, finishReason: null, failure: null, ticker: 0,
     };
     answerBox.appendChild(r.text);
+    reasoningText.appendChild(r.reasoning);
     run = r;
-    Object.assign(app.dataset, { opens: "0", drops: "0", applied: "0", skipped: "0", id: "" });
+    Object.assign(app.dataset, { opens: "0", drops: "0", applied: "0", skipped: "0", id: "", reasoning: "0" });
     meta.textContent = "";
     sendButton.disabled = true;
     setState("waiting", "waiting for the first token…");
