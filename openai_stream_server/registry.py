@@ -134,7 +134,7 @@ class StreamRegistry:
                 metrics.dropped_chunks.labels("stale").inc()
                 continue
             previous = state.last_chunk_at
-            pieces = state.pieces
+            pieces = state.log.pieces
             logged = len(pieces)
             outcome = state.accept(chunk, now)
             if outcome is Outcome.DELIVERED:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from openai_stream_protocol import Chunk, Part, ToolCall
 
-from .answer_log import LOGGED_CHUNK_OVERHEAD_BYTES, AnswerLog, Segment, utf8_len
+from .answer_log import LOGGED_CHUNK_OVERHEAD_BYTES, AnswerLog, utf8_len
 from .errors import ApiError, UpstreamError, UpstreamTimeout
 from .reorder import HELD_CHUNK_OVERHEAD_BYTES, ReorderBuffer, held_cost
 
@@ -125,10 +125,6 @@ class StreamState:
         "surface_data",
         "attempt",
         "_ledger",
-        # the log's own containers (the same objects), read by the renderers on every event
-        "pieces",
-        "tool_calls",
-        "sent_at",
         # its lifecycle
         "status",
         "error",
@@ -160,16 +156,10 @@ class StreamState:
         self.surface = surface
         """The API surface that opened it (``api/``): a label for metrics and the log line, and which surface may read it."""
         self.limits = limits
-        self.log = log = AnswerLog(prompt_tokens)
+        self.log = AnswerLog(prompt_tokens)
         self.reorder = ReorderBuffer()
         self.surface_data = SurfaceData()
         self._ledger = ByteLedger() if ledger is None else ledger
-        self.pieces = log.pieces
-        """``log.pieces`` itself (never rebound): ``pieces[i]`` is the text of ``seq == i``. Read-only."""
-        self.tool_calls = log.tool_calls
-        """``log.tool_calls`` itself: piece index -> its ``ToolCallDelta`` (docs/architecture.md, "Tool calls"). Read-only."""
-        self.sent_at = log.sent_at
-        """``log.sent_at`` itself. Read-only."""
         self.status = Status.IN_PROGRESS
         self.error: ApiError | None = None
         self.timed_out: str | None = None
@@ -204,7 +194,7 @@ class StreamState:
 
     async def wait(self, cursor: int, timeout_s: float | None = None) -> None:
         """Return once there is more than ``cursor`` pieces, the stream ended, or ``timeout_s`` passed."""
-        while cursor >= len(self.pieces) and self.status is Status.IN_PROGRESS:
+        while cursor >= len(self.log.pieces) and self.status is Status.IN_PROGRESS:
             if timeout_s is None:
                 await self._park()
             else:
@@ -234,50 +224,9 @@ class StreamState:
             if not waiter.done():
                 waiter.set_result(None)
 
-    # -- read-only views of the parts, for the surfaces that read them here ----
-
-    @property
-    def text(self) -> str:
-        return self.log.text
-
     def calls(self) -> list[ToolCall]:
+        """The tool calls so far, whole; a call the node named no id gets ``fallback_call_id`` of this completion."""
         return self.log.calls(self.request_id)
-
-    def segments(self, start: int, end: int) -> list[Segment]:
-        return self.log.segments(start, end)
-
-    @property
-    def usage(self) -> dict[str, int]:
-        return self.log.usage
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.log.finish_reason
-
-    @property
-    def stop_sequence(self) -> str | None:
-        return self.log.stop_sequence
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self.log.prompt_tokens
-
-    @property
-    def nbytes(self) -> int:
-        """UTF-8 bytes of the answer's pieces (``log.nbytes``)."""
-        return self.log.nbytes
-
-    @property
-    def parts(self) -> list[Part]:
-        return self.surface_data.parts
-
-    @property
-    def context(self) -> object | None:
-        return self.surface_data.context
-
-    @context.setter
-    def context(self, value: object | None) -> None:
-        self.surface_data.context = value
 
     # -- writing -------------------------------------------------------------
 
@@ -299,7 +248,7 @@ class StreamState:
             if self.status is Status.IN_PROGRESS:
                 self._finish("stop")
             return Outcome.DELIVERED
-        next_seq = len(self.pieces)
+        next_seq = len(self.log.pieces)
         reorder = self.reorder
         if seq != next_seq:
             return self._early(chunk, seq, next_seq, now)
@@ -307,7 +256,7 @@ class StreamState:
         self._append(chunk, now)
         if reorder.held:
             while self.status is Status.IN_PROGRESS:
-                following = reorder.take(len(self.pieces))
+                following = reorder.take(len(self.log.pieces))
                 if following is None:
                     break
                 self._ledger.nbytes -= held_cost(following)
@@ -403,9 +352,8 @@ class StreamState:
         gap_since = self.reorder.gap_since
         if gap_since is not None and now - gap_since > gap_timeout_s:
             self.timed_out = "gap"
-            self.fail(
-                UpstreamError(f"chunk seq {len(self.pieces)} never arrived (waited {gap_timeout_s:g} s)", code="missing_chunk")
-            )
+            missing = len(self.log.pieces)
+            self.fail(UpstreamError(f"chunk seq {missing} never arrived (waited {gap_timeout_s:g} s)", code="missing_chunk"))
         elif self.first_chunk_at is None and not self.reorder.held:
             if now - self.started_at > first_chunk_timeout_s:
                 self.timed_out = "first_chunk"

@@ -117,7 +117,7 @@ class Dispatcher:
         if not await unless_disconnected(request.receive, state.wait(0, timeout_s=self.settings.header_grace_s)):
             self.cancel(state.request_id)
             raise end_error(state)
-        if state.done and not state.nbytes and state.status is not Status.COMPLETED:
+        if state.done and not state.log.nbytes and state.status is not Status.COMPLETED:
             raise end_error(state)
 
     async def gathered(self, request: Request, state: StreamState) -> None:

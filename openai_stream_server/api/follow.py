@@ -1,6 +1,6 @@
 """Following one completion's log to its end: the loop every surface's event stream runs, with its own renderer.
 
-Subscribers never get a queue of their own: each keeps a cursor into ``StreamState.pieces`` and
+Subscribers never get a queue of their own: each keeps a cursor into ``StreamState.log.pieces`` and
 waits for more (docs/architecture.md, "Slow clients: coalescing, not queues"). What differs
 between surfaces is only what bytes a stretch of pieces becomes, and what opens and ends the
 stream; that is the ``Renderer``.
@@ -78,7 +78,7 @@ async def follow(
         advance = renderer.advance
         count = metrics.events.inc
         while True:
-            end = len(state.pieces)
+            end = len(state.log.pieces)
             if cursor < end:
                 if end - cursor > batch:
                     end = cursor + batch

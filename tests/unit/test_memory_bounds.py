@@ -47,9 +47,9 @@ def test_a_flood_of_empty_chunks_ends_the_request() -> None:
     assert state.accept(Chunk("r", allowed, ""), 0.0) is Outcome.DELIVERED
     assert state.status is Status.FAILED
     assert isinstance(state.error, UpstreamError) and state.error.code == "completion_too_large"
-    assert state.nbytes == 0  # no text at all: the overhead alone reached the limit
+    assert state.log.nbytes == 0  # no text at all: the overhead alone reached the limit
     assert state.accept(Chunk("r", allowed + 1, ""), 0.0) is Outcome.LATE  # nothing more is kept
-    assert len(state.pieces) == allowed + 1
+    assert len(state.log.pieces) == allowed + 1
 
 
 def test_chunks_held_for_reordering_count_towards_the_limit() -> None:
@@ -66,7 +66,7 @@ def test_utf8_text_and_overhead_are_both_counted() -> None:
     rocket = "🚀" * 10  # 40 bytes, 10 characters
     state = StreamState("r", "m", "chat", limits=Limits(max_completion_bytes=40 + LOGGED_CHUNK_OVERHEAD_BYTES))
     state.accept(Chunk("r", 0, rocket), 0.0)
-    assert (state.nbytes, state.held_bytes, state.done) == (40, 40 + LOGGED_CHUNK_OVERHEAD_BYTES, False)
+    assert (state.log.nbytes, state.held_bytes, state.done) == (40, 40 + LOGGED_CHUNK_OVERHEAD_BYTES, False)
     state.accept(Chunk("r", 1, ""), 0.0)
     assert state.status is Status.FAILED
 
@@ -92,9 +92,9 @@ def test_the_shared_ledger_always_equals_what_the_completions_hold(seed: int) ->
             seq = rng.randrange(0, 40)
             state.accept(Chunk(state.request_id, seq, rng.choice(["", "a", "bc ", "é", "🚀" * 3]), fin=seq == 39), 0.0)
         for s in states:
-            logged = sum(len(p.encode()) + LOGGED_CHUNK_OVERHEAD_BYTES for p in s.pieces)
+            logged = sum(len(p.encode()) + LOGGED_CHUNK_OVERHEAD_BYTES for p in s.log.pieces)
             held = sum(len(c.text.encode()) + HELD_CHUNK_OVERHEAD_BYTES for c in s.reorder.held.values())
-            kept = sum(len(p.content.encode()) + LOGGED_CHUNK_OVERHEAD_BYTES for p in s.parts)
+            kept = sum(len(p.content.encode()) + LOGGED_CHUNK_OVERHEAD_BYTES for p in s.surface_data.parts)
             assert s.held_bytes == logged + held + kept
             assert s.held_bytes <= limits.max_completion_bytes or s.done
         assert ledger.nbytes == sum(s.held_bytes for s in states)

@@ -17,7 +17,7 @@ def test_chunks_released_from_the_reorder_buffer_are_counted_as_delivered() -> N
     registry.deliver([Chunk("chatcmpl-1", 2, "c", fin=True, finish_reason="stop"), Chunk("chatcmpl-1", 1, "b")])
     registry.deliver([Chunk("chatcmpl-1", 0, "a")])
     text = metrics.render().decode()
-    assert state.text == "abc"
+    assert state.log.text == "abc"
     assert metric(text, "oss_reordered_chunks_total") == 2
     assert metric(text, "oss_chunks_total") == 3
 
@@ -28,5 +28,5 @@ def test_a_chunk_without_id_is_never_routed_by_the_registry() -> None:
     registry = StreamRegistry(Settings(), metrics, on_cancel=lambda _: None)
     state = registry.open("chatcmpl-1", "m", prompt_tokens=1, surface="chat")
     registry.deliver([Chunk(None, None, "", fin=True, finish_reason="stop"), Chunk(None, 0, "x")])
-    assert not state.done and state.pieces == []
+    assert not state.done and state.log.pieces == []
     assert metric(metrics.render().decode(), 'oss_dropped_chunks_total{reason="unknown"}') == 2

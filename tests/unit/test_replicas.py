@@ -213,7 +213,7 @@ async def test_a_dead_replica_s_unanswered_requests_are_re_sent_elsewhere_and_an
     async with app_over(node) as (client, registry, bridge):
         ids = [(await background(client, f"q{i}")).json()["id"] for i in range(6)]  # a: 0, 3; b: 1, 4; c: 2, 5
         node.push(chunk_event(ids[0], 0, "q0", input_id="chunks/a"))  # q0 has streamed, q3 has not
-        assert await until(lambda: registry.get(ids[0]).pieces == ["q0"])
+        assert await until(lambda: registry.get(ids[0]).log.pieces == ["q0"])
         node.push(closed("chunks/a"))
         assert await until(lambda: registry.get(ids[0]).done and len(node.requests()) == 7)
         first = registry.get(ids[0])
@@ -223,7 +223,7 @@ async def test_a_dead_replica_s_unanswered_requests_are_re_sent_elsewhere_and_an
         assert node.cancels() == []  # nobody left on a to tell
         node.push(*answer(f"{ids[3]}~1", "b", ["q3"]))
         assert await until(lambda: registry.get(ids[3]).done)
-        assert registry.get(ids[3]).status is Status.COMPLETED and registry.get(ids[3]).text == "q3"
+        assert registry.get(ids[3]).status is Status.COMPLETED and registry.get(ids[3]).log.text == "q3"
         # new requests avoid a
         more = [(await background(client, f"n{i}")).json()["id"] for i in range(2)]
         assert {out for out, rid in node.requests() if rid in more} <= {"v1/chat/completions/b", "v1/chat/completions/c"}
@@ -255,7 +255,7 @@ async def test_a_node_restarted_by_dora_gets_a_cancel_for_what_it_held_and_is_us
         # had the new process got the queued copy, its chunks under the old id would never mix in
         node.push(chunk_event(ids[0], 0, "STALE", input_id="chunks/a"), *answer(f"{ids[0]}~1", "b", ["q0"]))
         assert await until(lambda: registry.get(ids[0]).status is Status.COMPLETED)
-        assert registry.get(ids[0]).text == "q0"
+        assert registry.get(ids[0]).log.text == "q0"
         metrics = (await client.get("/metrics")).text
     assert metric(metrics, 'oss_dropped_chunks_total{reason="stale"}') == 1
 
@@ -287,7 +287,7 @@ async def test_an_unanswered_request_waits_for_its_only_replica_to_come_back() -
         assert node.requests()[-1] == ("v1/chat/completions/a", f"{rid}~1")
         node.push(*answer(f"{rid}~1", "a", ["patience"]))
         assert await until(lambda: registry.get(rid).status is Status.COMPLETED)
-        assert registry.get(rid).text == "patience"
+        assert registry.get(rid).log.text == "patience"
 
 
 async def test_a_hello_from_a_live_replica_means_a_new_process_and_orphans_what_the_old_one_held() -> None:
@@ -322,4 +322,4 @@ async def test_a_reply_without_id_or_seq_answers_only_the_oldest_request_of_its_
 
         assert await until(lambda: dropped() == 2)  # b's, and a's third: a holds no request any more
         assert [registry.get(i).status for i in ids] == [Status.COMPLETED, Status.IN_PROGRESS] * 2
-        assert (registry.get(ids[0]).text, registry.get(ids[2]).text) == ("first", "second")
+        assert (registry.get(ids[0]).log.text, registry.get(ids[2]).log.text) == ("first", "second")

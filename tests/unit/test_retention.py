@@ -82,7 +82,7 @@ async def test_byte_bound_evicts_oldest_first() -> None:
                 kept.pop(0)
         assert kept == [3, 4, 5]
         assert [await status_of(client, ids[i]) for i in range(len(ids))] == [200 if i in kept else 404 for i in range(len(ids))]
-        assert sum(s.nbytes for s in registry.retained.values()) <= 100
+        assert sum(s.log.nbytes for s in registry.retained.values()) <= 100
 
 
 async def test_a_completion_larger_than_the_byte_bound_is_not_retained() -> None:
@@ -100,7 +100,7 @@ async def test_memory_does_not_grow_with_finished_requests() -> None:
         for batch in range(4):
             await asyncio.gather(*(complete(client, f"batch {batch} request {i} " + "z" * 40) for i in range(25)))
             assert len(registry.retained) <= 5
-            assert sum(s.nbytes for s in registry.retained.values()) <= 1000
+            assert sum(s.log.nbytes for s in registry.retained.values()) <= 1000
             assert registry.active == {}
         metrics = (await client.get("/metrics")).text
     assert "\noss_active_streams 0.0\n" in metrics

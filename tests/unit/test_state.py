@@ -28,8 +28,8 @@ async def test_any_order_with_duplicates_reassembles(seed: int) -> None:
     state = StreamState("r", "m", "chat")
     outcomes = [state.accept(c, 0.0) for c in incoming]
     assert state.status is Status.COMPLETED
-    assert state.text == "".join(WORDS)
-    assert state.finish_reason == "stop"
+    assert state.log.text == "".join(WORDS)
+    assert state.log.finish_reason == "stop"
     assert outcomes.count(Outcome.DUPLICATE) + outcomes.count(Outcome.LATE) == 10
 
 
@@ -39,7 +39,7 @@ async def test_gap_times_out_naming_the_missing_seq() -> None:
     del incoming[7]
     for c in incoming:
         state.accept(c, 10.0)
-    assert state.text == "".join(WORDS[:7]) and not state.done
+    assert state.log.text == "".join(WORDS[:7]) and not state.done
     assert not state.check_deadlines(14.0, 60, 30, gap_timeout_s=5)
     assert state.check_deadlines(15.5, 60, 30, gap_timeout_s=5)
     assert state.status is Status.FAILED
@@ -74,7 +74,7 @@ async def test_chunk_past_the_finish_marker_is_dropped() -> None:
     assert state.accept(Chunk("r", 3, "x"), 0) is Outcome.DUPLICATE
     state.accept(Chunk("r", 1, "b"), 0)
     state.accept(Chunk("r", 0, "a"), 0)
-    assert state.text == "ab" and state.finish_reason == "length"
+    assert state.log.text == "ab" and state.log.finish_reason == "length"
 
 
 async def test_buffer_limit_fails_the_request() -> None:
@@ -90,10 +90,10 @@ async def test_node_error_and_usage_from_the_node() -> None:
     assert state.status is Status.FAILED and state.error is not None and "CUDA" in state.error.message
     state = StreamState("r", "m", "chat", prompt_tokens=9)
     state.accept(Chunk("r", 0, "a", fin=True, finish_reason="stop", prompt_tokens=4, completion_tokens=7), 0)
-    assert state.usage == {"prompt_tokens": 4, "completion_tokens": 7, "total_tokens": 11}
+    assert state.log.usage == {"prompt_tokens": 4, "completion_tokens": 7, "total_tokens": 11}
 
 
 async def test_legacy_reply_is_the_whole_answer() -> None:
     state = StreamState("r", "m", "chat")
     assert state.accept(Chunk(None, None, "all of it", fin=True, finish_reason="stop"), 0) is Outcome.DELIVERED
-    assert state.status is Status.COMPLETED and state.text == "all of it"
+    assert state.status is Status.COMPLETED and state.log.text == "all of it"

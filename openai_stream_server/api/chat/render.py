@@ -35,10 +35,10 @@ def completion_body(state: StreamState) -> dict[str, Any]:
                 "index": 0,
                 "message": _message(state),
                 "logprobs": None,
-                "finish_reason": state.finish_reason,
+                "finish_reason": state.log.finish_reason,
             }
         ],
-        "usage": state.usage,
+        "usage": state.log.usage,
         "status": state.status.value,
     }
     if state.status in (Status.FAILED, Status.CANCELLED):
@@ -48,9 +48,9 @@ def completion_body(state: StreamState) -> dict[str, Any]:
 
 def _message(state: StreamState) -> dict[str, Any]:
     """The assistant message: its text, and its tool calls when it made any (content is then null if empty)."""
-    if not state.tool_calls:
-        return {"role": "assistant", "content": state.text, "refusal": None}
-    text = state.text
+    if not state.log.tool_calls:
+        return {"role": "assistant", "content": state.log.text, "refusal": None}
+    text = state.log.text
     calls = [call_dict(call) for call in state.calls()]
     return {"role": "assistant", "content": text or None, "refusal": None, "tool_calls": calls}
 
@@ -174,27 +174,27 @@ class ChunkRenderer:
 
     def advance(self, start: int, end: int) -> Sequence[bytes]:
         state = self.state
-        if state.tool_calls:  # tool-call deltas among them: one event per run
+        if state.log.tool_calls:  # tool-call deltas among them: one event per run
             encoder = self.encoder
             return [
                 encoder.content(text, last) if delta is None else encoder.tool_call(delta, text, last)
-                for delta, text, last in state.segments(start, end)
+                for delta, text, last in state.log.segments(start, end)
                 if delta is not None or text
             ]
-        pieces = state.pieces
+        pieces = state.log.pieces
         text = pieces[start] if end - start == 1 else "".join(pieces[start:end])
         if not text:
             return ()
-        return (self._content(text, end - 1, state.sent_at.get(start) if self._relay else None),)
+        return (self._content(text, end - 1, state.log.sent_at.get(start) if self._relay else None),)
 
     def ending(self) -> bytes:
         state = self.state
-        if self.start > len(state.pieces):  # a reattached client that already saw the end gets only [DONE]
+        if self.start > len(state.log.pieces):  # a reattached client that already saw the end gets only [DONE]
             return DONE
         if state.status is not Status.COMPLETED:
             return error_event(end_error(state)) + DONE
-        usage = state.usage
-        finish = self.encoder.finish(state.finish_reason or "stop", len(state.pieces), usage)
+        usage = state.log.usage
+        finish = self.encoder.finish(state.log.finish_reason or "stop", len(state.log.pieces), usage)
         if self.encoder.include_usage:
             return finish + self.encoder.usage(usage) + DONE
         return finish + DONE

@@ -21,8 +21,8 @@ def completion_body(state: StreamState) -> dict[str, Any]:
         "created": state.created,
         "model": state.model,
         "system_fingerprint": None,
-        "choices": [{"text": state.text, "index": 0, "logprobs": None, "finish_reason": state.finish_reason}],
-        "usage": state.usage,
+        "choices": [{"text": state.log.text, "index": 0, "logprobs": None, "finish_reason": state.log.finish_reason}],
+        "usage": state.log.usage,
     }
 
 

@@ -42,8 +42,8 @@ def stop_reason(finish_reason: str | None, stop_sequence: str | None = None) -> 
 
 def stop_fields(state: StreamState) -> dict[str, Any]:
     """``stop_reason`` and ``stop_sequence`` of a finished message (``stop_sequence`` null unless one ended it)."""
-    sequence = state.stop_sequence if (state.finish_reason or "stop") == "stop" else None
-    return {"stop_reason": stop_reason(state.finish_reason, sequence), "stop_sequence": sequence}
+    sequence = state.log.stop_sequence if (state.log.finish_reason or "stop") == "stop" else None
+    return {"stop_reason": stop_reason(state.log.finish_reason, sequence), "stop_sequence": sequence}
 
 
 def tool_input(arguments: str) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def tool_input(arguments: str) -> dict[str, Any]:
 
 
 def usage(state: StreamState) -> dict[str, int]:
-    counted = state.usage
+    counted = state.log.usage
     return {
         "input_tokens": counted["prompt_tokens"],
         "output_tokens": counted["completion_tokens"],
@@ -67,12 +67,12 @@ def usage(state: StreamState) -> dict[str, int]:
 
 def content_blocks(state: StreamState) -> list[dict[str, Any]]:
     """The answer as content blocks, in the order they began: text runs and one ``tool_use`` per call."""
-    if not state.tool_calls:
-        text = state.text
+    if not state.log.tool_calls:
+        text = state.log.text
         return [{"type": "text", "text": text}] if text else []
     blocks: list[dict[str, Any]] = []
     by_call: dict[int, dict[str, Any]] = {}
-    for delta, text, _ in state.segments(0, len(state.pieces)):
+    for delta, text, _ in state.log.segments(0, len(state.log.pieces)):
         if delta is None:
             if not text:
                 continue
@@ -98,7 +98,7 @@ def message_body(state: StreamState, content: list[dict[str, Any]] | None = None
         "model": state.model,
         "content": content_blocks(state) if content is None else content,
         **(stop_fields(state) if done else {"stop_reason": None, "stop_sequence": None}),
-        "usage": usage(state) if done else {"input_tokens": state.prompt_tokens, "output_tokens": 0},
+        "usage": usage(state) if done else {"input_tokens": state.log.prompt_tokens, "output_tokens": 0},
     }
 
 
@@ -173,7 +173,7 @@ class MessageRenderer:
 
     def advance(self, start: int, end: int) -> Sequence[bytes]:
         state = self.state
-        runs = state.segments(start, end) if state.tool_calls else [(None, "".join(state.pieces[start:end]), end - 1)]
+        runs = state.log.segments(start, end) if state.log.tool_calls else [(None, "".join(state.log.pieces[start:end]), end - 1)]
         events = b"".join(self.blocks.run(delta, text) for delta, text, _ in runs)
         return (events,) if events else ()
 

@@ -33,5 +33,5 @@ class Echo:
 
 def echo_of(state: StreamState) -> Echo:
     """The echoed request fields of a response this surface opened."""
-    echo = state.context
+    echo = state.surface_data.context
     return echo if isinstance(echo, Echo) else Echo()

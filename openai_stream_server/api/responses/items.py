@@ -56,7 +56,7 @@ def input_item_list(state: StreamState, echo: Echo) -> list[dict[str, Any]]:
     def next_id(prefix: str) -> str:
         return f"{prefix}_{base}_in{len(items)}"
 
-    for part in state.parts[echo.input_from :]:
+    for part in state.surface_data.parts[echo.input_from :]:
         if part.kind == "tool_calls":
             for call in part.calls():
                 items.append(function_call_item(next_id("fc"), call.id, call.name, call.arguments, "completed"))

@@ -47,9 +47,9 @@ def response_status(state: StreamState, echo: Echo) -> str:
     """``queued`` (background, nothing generated yet), ``in_progress``, ``completed``, ``incomplete`` (finish
     ``length``), ``failed`` or ``cancelled``."""
     if state.status is Status.IN_PROGRESS:
-        return "queued" if echo.background and not state.pieces else "in_progress"
+        return "queued" if echo.background and not state.log.pieces else "in_progress"
     if state.status is Status.COMPLETED:
-        return "incomplete" if state.finish_reason == "length" else "completed"
+        return "incomplete" if state.log.finish_reason == "length" else "completed"
     return state.status.value  # failed, cancelled
 
 
@@ -64,7 +64,7 @@ def response_body(state: StreamState, echo: Echo, *, status: str | None = None) 
         error = {"code": err.code or "server_error", "message": err.message}
     usage = None
     if not opening and state.done:
-        used = state.usage
+        used = state.log.usage
         usage = {
             "input_tokens": used["prompt_tokens"],
             "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
@@ -74,8 +74,8 @@ def response_body(state: StreamState, echo: Echo, *, status: str | None = None) 
         }
     if opening:
         output: list[dict[str, Any]] = []
-    elif not state.tool_calls:
-        output = [message_item(message_id(state.request_id), item_status(status), state.text)]
+    elif not state.log.tool_calls:
+        output = [message_item(message_id(state.request_id), item_status(status), state.log.text)]
     else:
         output = walked(state).output(status)
     return {

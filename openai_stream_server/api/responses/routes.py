@@ -84,7 +84,7 @@ class Responses(Surface):
         state = await self.dispatcher.submit(
             response_id, self.name, model, parts, self._metadata(body, model, response_id), keep_parts=body.store
         )
-        state.context = echo
+        state.surface_data.context = echo
         headers = {"X-Request-Id": response_id}
         if body.background:
             if body.stream:  # no header hold-back: a background response outlives this connection
@@ -125,7 +125,7 @@ class Responses(Surface):
                 f"Previous response {previous_id!r} is still in progress; continue it once it has ended.",
                 param="previous_response_id",
             )
-        return state.parts[echo_of(state).instruction_parts :] + answer_parts(state)
+        return state.surface_data.parts[echo_of(state).instruction_parts :] + answer_parts(state)
 
     @staticmethod
     def _metadata(body: ResponsesRequest, model: str, response_id: str) -> dict[str, Any]:

@@ -85,7 +85,7 @@ class OutputWalk:
         """Walk pieces ``cursor:end``; the events they make."""
         self.out = []
         state = self.state
-        pieces, calls = state.pieces, state.tool_calls
+        pieces, calls = state.log.pieces, state.log.tool_calls
         i = self.cursor
         while i < end:
             delta = calls.get(i) if calls else None
@@ -119,7 +119,7 @@ class OutputWalk:
         """Once the state has ended and every piece was walked: close the last item, then the terminal event."""
         self.out = []
         state = self.state
-        end = len(state.pieces)
+        end = len(state.log.pieces)
         if not self.items:  # no pieces, or only empty ones: the text answer's message, as ever
             start = end if self.held is None else self.held
             self._open_message(start)
@@ -208,14 +208,14 @@ class OutputWalk:
         renderer = self.renderer
         first = self.seq
         if renderer is not None and end > start:
-            pieces = self.state.pieces
+            pieces = self.state.log.pieces
             for i in range(max(start, start + self.last - first + 1), end):
                 self.out.append(renderer.text_delta(item, first + i - start, pieces[i]))
         self.seq = first + end - start
 
     def _argument_delta(self, item: Item, i: int) -> None:
         if self._wanted():
-            self.out.append(self.renderer.argument_delta(item, self.seq, self.state.pieces[i]))  # type: ignore[union-attr]
+            self.out.append(self.renderer.argument_delta(item, self.seq, self.state.log.pieces[i]))  # type: ignore[union-attr]
         self.seq += 1
 
     # -- reading items -----------------------------------------------------------
@@ -223,16 +223,16 @@ class OutputWalk:
     def text(self, item: Item) -> str:
         """A message item's text: the answer text pieces of its span."""
         state = self.state
-        end = len(state.pieces) if item.end is None else item.end
-        calls = state.tool_calls
+        end = len(state.log.pieces) if item.end is None else item.end
+        calls = state.log.tool_calls
         if not calls:
-            return "".join(state.pieces[item.first : end])
-        return "".join(state.pieces[i] for i in range(item.first, end) if i not in calls)
+            return "".join(state.log.pieces[item.first : end])
+        return "".join(state.log.pieces[i] for i in range(item.first, end) if i not in calls)
 
     def arguments(self, item: Item, end: int | None = None) -> str:
         """A call's arguments: its pieces before ``end`` (None: all of them)."""
         state = self.state
-        calls, pieces = state.tool_calls, state.pieces
+        calls, pieces = state.log.tool_calls, state.log.pieces
         stop = len(pieces) if end is None else end
         return "".join(pieces[i] for i in range(item.first, stop) if (d := calls.get(i)) is not None and d.index == item.call)
 
@@ -254,15 +254,15 @@ class OutputWalk:
 def walked(state: StreamState) -> OutputWalk:
     """The items of every piece so far (no events rendered)."""
     walk = OutputWalk(state)
-    walk.advance(len(state.pieces))
+    walk.advance(len(state.log.pieces))
     return walk
 
 
 def answer_parts(state: StreamState) -> list[Part]:
     """The answer as the assistant parts of a continued conversation (``previous_response_id``): each message's
     text, and each run of function calls as one tool-calls part."""
-    if not state.tool_calls:
-        return [Part("assistant", "text", state.text)]
+    if not state.log.tool_calls:
+        return [Part("assistant", "text", state.log.text)]
     walk = walked(state)
     parts: list[Part] = []
     run: list[ToolCall] = []
