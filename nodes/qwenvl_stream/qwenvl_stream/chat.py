@@ -21,6 +21,10 @@ Tool calling (docs/architecture.md, "Tool calls") has two renderings:
 
 A tool part in a conversation that does not use tool calling (no tools, no
 calls, no call ids: the old form) stays a ``tool`` turn of its own, as before.
+
+A continued answer (docs/architecture.md, "Continuation") is the start of the
+assistant turn: ``delivered_pieces`` gives it back as the model wrote it, piece
+by piece (its tool calls in the ``<tool_call>`` form the parser read them from).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from openai_stream_protocol import Part, ToolCall
+from openai_stream_protocol import Continuation, Part, ToolCall
 
 Message = dict[str, Any]
 
@@ -119,14 +123,33 @@ def _add_calls(messages: list[Message], calls: list[ToolCall], native: bool) -> 
         else:
             messages.append({"role": "assistant", "content": "", "tool_calls": tool_calls})
         return
-    text = "\n".join(
-        "<tool_call>\n" + json.dumps({"name": c.name, "arguments": _arguments(c)}, ensure_ascii=False) + "\n</tool_call>"
-        for c in calls
-    )
+    text = "\n".join(call_text(c) for c in calls)
     if last is not None and isinstance(last["content"], list):
         last["content"].append({"type": "text", "text": ("\n" if last["content"] else "") + text})
     else:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+
+
+def call_text(call: ToolCall) -> str:
+    """One call as Qwen writes it: ``<tool_call>``, the JSON object, ``</tool_call>``."""
+    return "<tool_call>\n" + json.dumps({"name": call.name, "arguments": _arguments(call)}, ensure_ascii=False) + "\n</tool_call>"
+
+
+def delivered_pieces(continuation: Continuation) -> list[str]:
+    """The delivered answer as the model's own text, one string per piece: the answer text as it was sent,
+    and each tool call (whole, at the place of its first piece) in the form the parser read it from,
+    after a line break when text came before it (as Qwen separates calls)."""
+    # calls() is in index order, one per index that has a piece.
+    order = sorted({piece.tool_call.index for piece in continuation.pieces if piece.tool_call is not None})
+    by_index = dict(zip(order, continuation.calls(), strict=True))
+    out: list[str] = []
+    for piece in continuation.pieces:
+        if piece.tool_call is None:
+            if piece.text:
+                out.append(piece.text)
+        elif (call := by_index.pop(piece.tool_call.index, None)) is not None:
+            out.append(("\n" if out else "") + call_text(call))
+    return out
 
 
 def _add_result(messages: list[Message], content: str, native: bool) -> None:

@@ -24,6 +24,15 @@ at a step boundary (its requests keep their cache and resume after).
 Checked with transformers 5.24 on CPU (tiny random models): continuous
 batching with ``sdpa`` gives the same greedy tokens as ``generate`` alone,
 and so does left-padded ``generate``; ``paged|eager`` did not.
+
+A continued request (docs/architecture.md, "Continuation") is prepared as the
+prompt the chat template renders with the delivered text as the start of the
+assistant turn (``continue_final_message``), tokenized in two parts: the prompt
+before that text exactly as a fresh request's, then each delivered piece on its
+own. A piece is one decode step's text, so this gives back the tokens the first
+replica generated where a tokenizer of the whole text might merge across them;
+greedy decoding then goes on with the very tokens the uninterrupted answer had.
+Either scheme serves it, the seed is the request's.
 """
 
 from __future__ import annotations
@@ -41,9 +50,9 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
 from transformers.generation.streamers import BaseStreamer
 
-from openai_stream_protocol import parse_request_texts
+from openai_stream_protocol import Continuation, parse_request_texts
 
-from .chat import template_knows_tools, to_chat
+from .chat import Message, delivered_pieces, template_knows_tools, to_chat
 from .generation import BatchRow, GenerationParams, OnStep, RequestError, RowStream, StepRow, sampling_kwargs
 from .model import LoadedModel
 from .settings import Settings
@@ -63,6 +72,14 @@ class Prepared:
     inputs: Any
     """The processor's output for this request alone (a batch of one)."""
     prompt_tokens: int
+    """The length of ``inputs``' token row, a continued answer's delivered tokens included."""
+    continued_ids: tuple[int, ...] = ()
+    """A continued answer's delivered text as tokens: the end of the token row, not the client's prompt."""
+
+    @property
+    def reported_prompt_tokens(self) -> int:
+        """The prompt as the client sent it (``prompt_tokens`` in the usage): without the delivered tokens."""
+        return self.prompt_tokens - len(self.continued_ids)
 
 
 class RowCriteria(StoppingCriteria):
@@ -122,11 +139,18 @@ class QwenEngine:
 
     # -- both schemes --------------------------------------------------------------------------
 
-    def prepare(self, texts: list[str], images: Sequence[Any], tools: Sequence[dict[str, Any]] = ()) -> Prepared:
+    def prepare(
+        self,
+        texts: list[str],
+        images: Sequence[Any],
+        tools: Sequence[dict[str, Any]] = (),
+        continuation: Continuation | None = None,
+    ) -> Prepared:
         """Chat template and processor for one request; ``RequestError`` for what the client must fix.
 
         ``tools`` go to a template that renders them (``tools=``); for one that
         does not (Qwen2.5-VL's), ``to_chat`` writes them into the system turn.
+        ``continuation``: the answer so far, the start of the assistant turn (see the module's docstring).
         """
         processor = self.loaded.processor
         template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
@@ -137,18 +161,65 @@ class QwenEngine:
         if len(images) != len(chat.image_sources):
             raise RuntimeError(f"{len(chat.image_sources)} image(s) in the prompt but {len(images)} loaded")
         template_kwargs: dict[str, Any] = {"tools": list(tools)} if tools and native else {}
+        pieces = delivered_pieces(continuation) if continuation is not None else []
         try:
-            prompt = processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+            if pieces:
+                prompt = self._continue_prompt(chat.messages, "".join(pieces), template_kwargs)
+            else:
+                prompt = self._fresh_prompt(chat.messages, template_kwargs)
         except Exception as exc:  # jinja2 errors, raise_exception() in templates
             raise RequestError(f"the model's chat template rejected the conversation: {exc}") from exc
         try:
             inputs = processor(text=[prompt], images=list(images) or None, return_tensors="pt")
         except (ValueError, TypeError) as exc:  # e.g. an image of extreme aspect ratio
             raise RequestError(f"could not prepare the input: {exc}") from exc
-        return Prepared(inputs, int(inputs["input_ids"].shape[-1]))
+        if not pieces:
+            return Prepared(inputs, int(inputs["input_ids"].shape[-1]))
+        continued = [token for piece in pieces for token in self.tokenizer.encode(piece, add_special_tokens=False)]
+        row = inputs["input_ids"]
+        tail = torch.tensor([continued], dtype=row.dtype)
+        inputs["input_ids"] = torch.cat([row, tail], dim=-1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(tail)], dim=-1)
+        if "mm_token_type_ids" in inputs:  # text tokens are type 0
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(tail)], dim=-1)
+        return Prepared(inputs, int(inputs["input_ids"].shape[-1]), tuple(continued))
 
-    def stream(self, request_id: str, params: GenerationParams, halt: threading.Event, prompt_tokens: int) -> RowStream:
-        return RowStream(request_id, params, halt, self.tokenizer, self.loaded.eos_token_ids, prompt_tokens)
+    def _continue_prompt(self, messages: list[Message], delivered: str, template_kwargs: dict[str, Any]) -> str:
+        """The prompt up to where the delivered text starts: the template's ``continue_final_message`` rendering of
+        the conversation with the delivered text as the final assistant turn, cut before that text.
+
+        A template that cannot (or renders the text changed) gets the fresh request's prompt: for Qwen's
+        templates both are the same string (``<|im_start|>assistant\n``, then the text).
+        """
+        processor = self.loaded.processor
+        turn: Message = {"role": "assistant", "content": [{"type": "text", "text": delivered}]}
+        try:
+            rendered = processor.apply_chat_template(
+                [*messages, turn], continue_final_message=True, add_generation_prompt=False, tokenize=False, **template_kwargs
+            )
+        except Exception:
+            rendered = ""
+        if isinstance(rendered, str) and rendered.endswith(delivered):
+            return rendered[: len(rendered) - len(delivered)]
+        logger.info("the chat template cannot continue an assistant turn; the delivered text follows the generation prompt")
+        return self._fresh_prompt(messages, template_kwargs)
+
+    def _fresh_prompt(self, messages: list[Message], template_kwargs: dict[str, Any]) -> str:
+        """The prompt of a new answer: the conversation, then the template's generation prompt."""
+        return str(
+            self.loaded.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+        )
+
+    def stream(
+        self,
+        request_id: str,
+        params: GenerationParams,
+        halt: threading.Event,
+        prompt_tokens: int,
+        continued_ids: Sequence[int] = (),
+    ) -> RowStream:
+        """One row's stream; ``prompt_tokens`` as reported, ``continued_ids`` a continued answer's delivered tokens."""
+        return RowStream(request_id, params, halt, self.tokenizer, self.loaded.eos_token_ids, prompt_tokens, continued_ids)
 
     def start(self, on_step: OnStep) -> None:
         """Start the continuous-batching manager (engine thread, before any batch); without it every request uses ``generate``."""
@@ -184,15 +255,21 @@ class QwenEngine:
         manager = self._manager
         if manager is None:
             return False
-        prepared = self.prepare(row.texts, (), row.params.tools)
+        prepared = self.prepare(row.texts, (), row.params.tools, row.continuation)
         ids = prepared.inputs["input_ids"][0].tolist()
+        stream = self.stream(row.request_id, row.params, row.halt, prepared.reported_prompt_tokens, prepared.continued_ids)
+        spent = stream.spent()
+        if spent is not None:  # a continuation with no token left to generate
+            if self._cb_on_step is not None:
+                self._cb_on_step([spent])
+            return True
         with self._lock:
-            self._cb_rows[row.request_id] = self.stream(row.request_id, row.params, row.halt, prepared.prompt_tokens)
+            self._cb_rows[row.request_id] = stream
             self._cb_seen[row.request_id] = 0
         manager.add_request(
             ids,
             request_id=row.request_id,
-            max_new_tokens=row.params.max_tokens,
+            max_new_tokens=stream.max_tokens,
             streaming=True,
             eos_token_id=sorted(self.loaded.eos_token_ids),
         )
@@ -283,17 +360,23 @@ class QwenEngine:
         failed: list[StepRow] = []
         for row in rows:
             try:
-                ready.append((row, self.prepare(row.texts, row.row_images, row.params.tools)))
+                ready.append((row, self.prepare(row.texts, row.row_images, row.params.tools, row.continuation)))
             except RequestError as exc:
                 failed.append(StepRow(row.request_id, error=str(exc)))
             except Exception as exc:
                 logger.exception("request %s: preparing its input failed", row.request_id)
                 failed.append(StepRow(row.request_id, error=f"could not prepare the input: {exc}"))
-        if failed:
-            on_step(failed)
+        streams = [
+            self.stream(row.request_id, row.params, row.halt, p.reported_prompt_tokens, p.continued_ids) for row, p in ready
+        ]
+        spent = [end for stream in streams if (end := stream.spent()) is not None]
+        if spent:  # continuations with no token left: they end now, the others generate
+            ready = [(row, p) for (row, p), stream in zip(ready, streams, strict=True) if not stream.ended]
+            streams = [stream for stream in streams if not stream.ended]
+        if failed or spent:
+            on_step(failed + spent)
         if not ready:
             return
-        streams = [self.stream(row.request_id, row.params, row.halt, p.prompt_tokens) for row, p in ready]
         inputs = self._collate([p for _, p in ready])
         params = ready[0][0].params
         with self._exclusive(), torch.inference_mode():
@@ -304,7 +387,7 @@ class QwenEngine:
                 self.loaded.model.generate(
                     **inputs,
                     streamer=_RowStreamer(streams, on_step),
-                    max_new_tokens=max(row.params.max_tokens for row, _ in ready),
+                    max_new_tokens=max(stream.max_tokens for stream in streams),
                     stopping_criteria=StoppingCriteriaList([RowCriteria(streams)]),
                     eos_token_id=sorted(self.loaded.eos_token_ids),
                     pad_token_id=self.pad_token_id,

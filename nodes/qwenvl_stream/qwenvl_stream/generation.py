@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from openai_stream_protocol import allowed_tools, as_int, request_parallel_tool_calls
+from openai_stream_protocol import Continuation, allowed_tools, as_int, request_parallel_tool_calls
 
 logger = logging.getLogger(__name__)
 
@@ -218,15 +218,21 @@ class IncrementalDetokenizer:
     and each step decodes only a short window (from ``prefix`` on), not the
     whole answer again: the offsets scheme of vLLM's detokenizer. Special
     tokens (end of text) are skipped, as the single-request engine did.
+
+    ``context``: the last tokens of an answer being continued (already
+    delivered, never released again), so that the first new token is decoded
+    after them as it would have been in the uninterrupted answer.
     """
 
-    __slots__ = ("tokenizer", "tokens", "prefix", "read")
+    __slots__ = ("tokenizer", "tokens", "prefix", "read", "context")
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
-        self.tokens: list[int] = []
+        self.tokens: list[int] = list(context)
         self.prefix = 0
-        self.read = 0
+        self.read = len(self.tokens)
+        self.context = len(self.tokens)
+        """How many of ``tokens`` are context, not this answer's own."""
 
     def push(self, token_id: int) -> str:
         self.tokens.append(token_id)
@@ -266,14 +272,33 @@ OnStep = Callable[[list[StepRow]], None]
 """Called once per decode step with that step's rows; the scheduler sends them as one message."""
 
 
+DETOKENIZER_CONTEXT = 5
+"""Delivered tokens a continued answer's detokenizer starts after (vLLM's detokenizer keeps 5 before its window)."""
+
+
 class RowStream:
     """One request's tokens through the detokenizer, its stop strings and its ``max_tokens``.
 
     Shared by both batching schemes in ``engine.py``, so that a request's
     text and finish reason do not depend on which scheme served it.
+
+    A continued answer (``continued_ids``: the delivered text's tokens, already
+    in the prompt) may generate only what ``max_tokens`` leaves after them, and
+    counts only its own tokens.
     """
 
-    __slots__ = ("request_id", "params", "halt", "eos_token_ids", "detok", "stops", "count", "prompt_tokens", "ended")
+    __slots__ = (
+        "request_id",
+        "params",
+        "halt",
+        "eos_token_ids",
+        "detok",
+        "stops",
+        "count",
+        "prompt_tokens",
+        "ended",
+        "max_tokens",
+    )
 
     def __init__(
         self,
@@ -283,16 +308,19 @@ class RowStream:
         tokenizer: Tokenizer,
         eos_token_ids: frozenset[int],
         prompt_tokens: int,
+        continued_ids: Sequence[int] = (),
     ) -> None:
         self.request_id = request_id
         self.params = params
         self.halt = halt
         self.eos_token_ids = eos_token_ids
-        self.detok = IncrementalDetokenizer(tokenizer)
+        self.detok = IncrementalDetokenizer(tokenizer, continued_ids[-DETOKENIZER_CONTEXT:])
         self.stops = StopFilter(params.stop)
         self.count = 0
         self.prompt_tokens = prompt_tokens
         self.ended = False
+        self.max_tokens = params.max_tokens - len(continued_ids)
+        """New tokens this answer may still generate (``max_tokens`` counts the delivered ones too)."""
 
     def push(self, token_id: int) -> StepRow | None:
         """The row for this token (``None`` when there is nothing to send); ends the row on EOS, a stop string or the limit."""
@@ -308,7 +336,7 @@ class RowStream:
             return self._end(text, "stop")
         if token_id in self.eos_token_ids:
             return self._end(text, "stop")
-        if self.count >= self.params.max_tokens:
+        if self.count >= self.max_tokens:
             return self._end(text, "length")
         return StepRow(self.request_id, text, tokens=self.count) if text else None
 
@@ -317,6 +345,12 @@ class RowStream:
         if self.ended:
             return None
         return self._end("", "stop")
+
+    def spent(self) -> StepRow | None:
+        """The finish of a continued answer that ``max_tokens`` leaves no token (``None`` when it may generate)."""
+        if self.max_tokens > 0:
+            return None
+        return self._end("", "length")
 
     def _end(self, text: str, finish_reason: str) -> StepRow:
         self.ended = True
@@ -335,6 +369,8 @@ class BatchRow(Protocol):
     params: GenerationParams
     halt: threading.Event
     """Set on cancel or STOP: the row ends within a step or two and nothing more is sent for it."""
+    continuation: Continuation | None
+    """What the client already has of this answer (another replica started it): the row continues after it."""
 
     @property
     def row_images(self) -> Sequence[Any]: ...

@@ -1,8 +1,12 @@
 """qwenvl-stream: Qwen2.5-VL answering chat requests token by token over the chunk protocol.
 
-The model is loaded before the node joins the dataflow, so a model that
-cannot load ends the process with a message saying why, and the server's
-requests only start once the model can answer them.
+The node joins the dataflow first and loads the model after: dora delivers
+what is sent to a node only once its process has subscribed, so a node that
+loaded for minutes before subscribing lost what the server sent it meanwhile
+(after a restart, say). Requests that arrive during the load wait in dora's
+queue. The hello goes out once the model is loaded: that is when the server
+may count on this replica (docs/architecture.md, "Replicas and failover"). A
+model that cannot load ends the process with a message saying why.
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, node_factory: Callable[[str | None], Any] | None = None) -> None:
+    """Run the node; ``node_factory`` (tests) makes the dora node from the ``--name`` (default ``dora.Node``)."""
     parser = argparse.ArgumentParser(prog="qwenvl-stream", description="Qwen2.5-VL streaming node for dora-rs")
     parser.add_argument("--name", help="node id when run as a dynamic node (default: the id given by the dataflow)")
     args = parser.parse_args(argv)
@@ -26,6 +33,16 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         sys.exit(f"qwenvl-stream: {exc}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+    from openai_stream_protocol import Heartbeat, node_id_from_env
+
+    if node_factory is None:
+        from dora import Node
+
+        def node_factory(name: str | None) -> Any:
+            return Node(name) if name else Node()
+
+    node = node_factory(args.name)
 
     # Imported here so that `--help` and a bad setting answer without loading torch.
     from .engine import QwenEngine
@@ -38,17 +55,18 @@ def main(argv: list[str] | None = None) -> None:
         logger.error("%s", exc)
         sys.exit(f"qwenvl-stream: {exc}")
 
-    from dora import Node
-
-    from openai_stream_protocol import send_hello
-
-    node = Node(args.name) if args.name else Node()
-    # The model is loaded: say so. After `dora node restart` (or a restart on another machine) this
-    # hello is how the server knows the replica is back (docs/architecture.md, "Replicas and failover").
-    send_hello(node, args.name or "qwenvl-stream", "chunks")
+    # The model is loaded: say so, and that this node continues answers other replicas started. After a
+    # restart (on this machine or another) the hello is how the server knows the replica is back.
+    heartbeat = Heartbeat(
+        node,
+        args.name or node_id_from_env(os.environ, "qwenvl-stream"),
+        "chunks",
+        interval_s=settings.heartbeat_s,
+        can_continue=True,
+    )
+    heartbeat.hello()
     logger.info("qwenvl-stream serving %s (queue of %d)", settings.model_name_or_path, settings.max_queued_requests)
-    # dora's stub annotates send_output's metadata as `dict = None`, not Optional.
-    Scheduler(node, QwenEngine(loaded, settings), settings).run(node)  # type: ignore[arg-type]
+    Scheduler(node, QwenEngine(loaded, settings), settings, heartbeat=heartbeat).run(node)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,15 @@ from two threads other than a blocking reader):
   (``BatchSender``; docs/architecture.md, "Dora wire protocol", batch form).
 
 At most ``max_batch`` requests generate at once, in either scheme; the
-others wait in the queue. ``STOP`` drops everything (the server is going
-away); when the events simply end (a test's list, or every input closed),
-what is queued is still finished.
+others wait in the queue, and one past ``max_queued_requests`` is turned away
+as busy (``error_code: busy``: the server may send it to another replica).
+``STOP`` drops everything (the server is going away); when the events simply
+end (a test's list, or every input closed), what is queued is still finished.
+
+While it holds requests, the owner thread sends a heartbeat every
+``QWENVL_HEARTBEAT_S`` (docs/architecture.md, "Hello and heartbeat"). A
+request with ``continue_from`` continues an answer another replica started
+(``engine.py``); its chunks are numbered on from there (``BatchSender``).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from openai_stream_protocol import BatchSender, OutputSender, dispatch_event
+from openai_stream_protocol import BatchSender, Continuation, Heartbeat, OutputSender, dispatch_event, read_continuation
 
 from .generation import (
     BatchEngine,
@@ -81,6 +87,8 @@ class Job:
     """With tools: reads the model's ``<tool_call>`` tags out of the text (``None``: text goes out untouched)."""
     tool_calls: int = 0
     """Tool calls sent so far (the next one's index)."""
+    continuation: Continuation | None = None
+    """What the client already has of this answer (another replica started it)."""
 
     @property
     def row_images(self) -> Sequence[Any]:
@@ -103,8 +111,11 @@ class Scheduler:
         *,
         output: str = CHUNKS_OUTPUT,
         load_images: LoadImages | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.node = node
+        self.heartbeat = heartbeat
+        """Sends the heartbeats while requests are held, from the owner thread (``None``: none)."""
         self.engine: BatchEngine = engine if hasattr(engine, "generate_batch") else SerialEngine(engine)  # type: ignore[arg-type]
         self.settings = settings
         self.max_batch = max(1, min(settings.max_batch, self.engine.max_batch))
@@ -140,6 +151,7 @@ class Scheduler:
         while True:
             if not self.stopping:
                 self._schedule()
+            beat_in = self._beat()
             idle = not self.running and not self.batch_busy
             if idle and (self.stopping or (self.closed and not self.pending)):
                 return
@@ -148,9 +160,14 @@ class Scheduler:
             deadline = stop_deadline
             if deadline is None and self.running:
                 deadline = self.last_step_at + self.settings.streamer_timeout_s
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if beat_in is not None and (timeout is None or beat_in < timeout):
+                timeout = beat_in
             try:
-                message = self.inbox.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                message = self.inbox.get(timeout=timeout)
             except queue.Empty:
+                if deadline is None or time.monotonic() < deadline:
+                    continue  # only a heartbeat was due
                 if self.stopping:
                     logger.warning("the generation in flight did not stop within %.0f s; exiting anyway", STOP_GRACE_S)
                     return
@@ -164,6 +181,16 @@ class Scheduler:
                     self._dispatch(self.inbox.get_nowait())
                 except queue.Empty:
                     break
+
+    def _beat(self) -> float | None:
+        """Send a heartbeat if one is due; the seconds until the next (``None``: idle or no heartbeats)."""
+        if self.heartbeat is None:
+            return None
+        try:
+            return self.heartbeat.beat(len(self.running), len(self.pending))
+        except Exception as exc:
+            logger.warning("could not send a heartbeat (%s)", exc)
+            return self.heartbeat.interval_s
 
     def _read(self, events: Iterable[Event]) -> None:
         try:
@@ -249,6 +276,11 @@ class Scheduler:
         except RequestError as exc:
             self._fail(request_id, str(exc))
             return
+        try:
+            continuation = read_continuation(metadata)
+        except ValueError as exc:  # never answer from the start: the client already has part of it
+            self._fail(request_id, f"cannot continue the answer: {exc}")
+            return
         if self.stopping:
             self.sender.discard(request_id)
             return
@@ -267,11 +299,15 @@ class Scheduler:
                 request_id,
                 f"the model is busy: {waiting} requests are already waiting "
                 f"(QWENVL_MAX_QUEUED_REQUESTS={self.settings.max_queued_requests}); retry later",
+                busy=True,
             )
             return
-        job = Job(request_id, texts, params, image_sources=sources, images=None if sources else [])
+        job = Job(request_id, texts, params, image_sources=sources, images=None if sources else [], continuation=continuation)
+        if continuation is not None:
+            job.tool_calls = len(continuation.calls())  # the next call's index goes on from the delivered ones
         if params.tools:
-            job.tool_parser = ToolCallParser(max_calls=None if params.parallel_tool_calls else 1)
+            remaining = None if params.parallel_tool_calls else max(0, 1 - job.tool_calls)
+            job.tool_parser = ToolCallParser(max_calls=remaining)
         self.pending.append(job)
         if sources:
             self.prefetcher.submit(job)
@@ -436,9 +472,13 @@ class Scheduler:
         self._fail(job.request_id, message)
         self._log_completion(job, "error", 0)
 
-    def _fail(self, request_id: str, message: str) -> None:
+    def _fail(self, request_id: str, message: str, *, busy: bool = False) -> None:
+        """End the request with an error chunk; ``busy``: a turn-away (nothing generated) another replica may serve."""
         try:
-            self.sender.finish(request_id, "error", error=message)
+            if busy:
+                self.sender.busy(request_id, message)
+            else:
+                self.sender.finish(request_id, "error", error=message)
         except KeyError:  # cancelled meanwhile
             return
         self._emit()

@@ -51,6 +51,9 @@ class Settings:
     streamer_timeout_s: float = 300.0
     """Longest wait for the next step's output (prefill included) while requests generate; past it
     they fail with an error chunk."""
+    heartbeat_s: float = 0.25
+    """Seconds between the heartbeats the node sends while it holds requests (docs/architecture.md, "Hello and
+    heartbeat"): a replica that holds requests and goes silent is treated as dead by the server."""
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ import http.server
 import io
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -191,8 +191,15 @@ class SpyEngine(QwenEngine):
 
     streams: dict[str, RowStream]
 
-    def stream(self, request_id: str, params: GenerationParams, halt: threading.Event, prompt_tokens: int) -> RowStream:
-        stream = super().stream(request_id, params, halt, prompt_tokens)
+    def stream(
+        self,
+        request_id: str,
+        params: GenerationParams,
+        halt: threading.Event,
+        prompt_tokens: int,
+        continued_ids: Sequence[int] = (),
+    ) -> RowStream:
+        stream = super().stream(request_id, params, halt, prompt_tokens, continued_ids)
         self.streams[request_id] = stream
         return stream
 

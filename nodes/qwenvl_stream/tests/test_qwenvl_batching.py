@@ -55,6 +55,7 @@ class Row:
     params: GenerationParams
     row_images: list[Any]
     halt: threading.Event = field(default_factory=threading.Event)
+    continuation: Any = None
 
 
 class StepCounter:

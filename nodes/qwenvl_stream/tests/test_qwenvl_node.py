@@ -21,6 +21,7 @@ from qwenvl_helpers import EPS_DATA_URI, IMAGE, USER, SpyEngine, cancel, check_n
 from qwenvl_helpers import spy as make_spy
 from qwenvl_stream.engine import QwenEngine, RowCriteria
 from qwenvl_stream.generation import GenerationParams
+from qwenvl_stream.main import main
 from qwenvl_stream.model import ModelLoadError, load_model
 from qwenvl_stream.scheduler import Scheduler
 from qwenvl_stream.settings import Settings
@@ -216,13 +217,50 @@ def run_main(model: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_main_exits_with_the_reason_when_the_model_cannot_load(tmp_path: Path) -> None:
-    result = run_main(str(tmp_path / "nowhere"))
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("qwenvl-stream: could not load")
+def test_main_exits_with_the_reason_when_the_model_cannot_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODEL_NAME_OR_PATH", str(tmp_path / "nowhere"))
+    node = RecordingNode()
+    with pytest.raises(SystemExit) as exited:
+        main([], node_factory=lambda name: node)
+    assert str(exited.value.code).startswith("qwenvl-stream: could not load")
+    assert node.sent == []  # no hello: the server never counts on a replica that cannot answer
 
 
-def test_main_outside_a_dataflow_loads_the_model_then_fails_to_join(tiny_model_dir: Path) -> None:
+def test_main_joins_the_dataflow_before_loading_the_model(tiny_model_dir: Path) -> None:
+    # Outside a dataflow dora's Node() fails: it does at once, before the (long) load.
     result = run_main(str(tiny_model_dir))
     assert result.returncode != 0
-    assert "model ready" in result.stderr and "RuntimeError" in result.stderr
+    assert "RuntimeError" in result.stderr and "model ready" not in result.stderr
+
+
+def test_main_says_hello_once_the_model_is_loaded_then_serves(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import qwenvl_stream.model
+
+    order: list[str] = []
+    real_load = qwenvl_stream.model.load_model
+
+    def load(settings: Settings) -> Any:
+        order.append("load")
+        return real_load(settings)
+
+    class Node(RecordingNode):
+        def send_output(self, output_id: str, data: Any, metadata: dict[str, Any] | None = None) -> None:
+            order.append("hello" if metadata and "hello" in metadata else "send")
+            super().send_output(output_id, data, metadata)
+
+    created: list[Node] = []
+
+    def factory(name: str | None) -> Node:
+        order.append(f"node {name}")
+        created.append(Node([request("r1", [USER + "Hello there"], max_tokens=8)]))
+        return created[-1]
+
+    monkeypatch.setattr(qwenvl_stream.model, "load_model", load)
+    monkeypatch.setenv("MODEL_NAME_OR_PATH", str(tiny_model_dir))
+    monkeypatch.setenv("DORA_NODE_CONFIG", "node_id: qwen-2\n")
+    main([], node_factory=factory)
+    [node] = created
+    assert order[:3] == ["node None", "load", "hello"]
+    assert node.statuses()[0].kind == "hello" and node.statuses()[0].node_id == "qwen-2"
+    assert node.statuses()[0].can_continue and node.statuses()[0].heartbeat_s == 0.25
+    assert check_stream(node.chunks("r1")).finish_reason in ("stop", "length")

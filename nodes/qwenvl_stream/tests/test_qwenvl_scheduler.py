@@ -28,6 +28,7 @@ from qwenvl_stream.generation import GenerationParams, Outcome, RequestError
 from qwenvl_stream.scheduler import Scheduler
 from qwenvl_stream.settings import Settings
 
+from openai_stream_protocol import Heartbeat
 from openai_stream_protocol.testing import RecordingNode
 
 pytestmark = pytest.mark.timeout(60)
@@ -181,6 +182,7 @@ def test_requests_wait_in_a_bounded_queue_and_a_full_queue_answers_an_error() ->
     assert waits.missed == []
     refused = check_stream(recorder.chunks("r4"))
     assert refused.finish_reason == "error" and "busy" in refused.error
+    assert refused.is_busy  # error_code busy: the server may send it to another replica
     assert check_stream(recorder.chunks("r2")).completion_tokens == 3
     assert recorder.chunks("r3") == []
     assert [call[0] for call in engine.calls] == ["first", "second"]
@@ -324,7 +326,7 @@ def test_requests_still_fetching_count_against_the_queue_bound() -> None:
             slow.release.set()
     refused = check_stream(recorder.chunks("i3"))
     assert waits.missed == []
-    assert refused.finish_reason == "error" and "busy" in refused.error
+    assert refused.finish_reason == "error" and "busy" in refused.error and refused.is_busy
     assert check_stream(recorder.chunks("i1")).finish_reason == "stop"
     assert check_stream(recorder.chunks("i2")).finish_reason == "stop"
 
@@ -412,3 +414,29 @@ def test_an_image_error_is_a_fixed_text_and_every_log_line_stays_one_line(
     assert caplog.records and forged == []
     assert image_error(recorder, "bad") == error
     assert check_stream(recorder.chunks("good")).finish_reason == "stop"
+
+
+# -- heartbeats (docs/architecture.md, "Hello and heartbeat") -------------------------------------------
+
+
+def test_heartbeats_flow_while_requests_are_held_and_one_says_when_idle() -> None:
+    engine = FakeEngine(["tok "] * 20, delay_s=0.01)
+    recorder = RecordingNode()
+    heartbeat = Heartbeat(recorder, "qwen-1", interval_s=0.02, can_continue=True)
+    Scheduler(recorder, engine, Settings(), heartbeat=heartbeat).run(
+        [request("r1", ["first"], max_tokens=20), request("r2", ["second"], max_tokens=20)]
+    )
+    beats = [s for s in recorder.statuses() if s.kind == "heartbeat"]
+    # Two answers of 20 pieces at 10 ms, one after the other (batches of one): 400 ms or more, a beat every 20 ms.
+    assert len(beats) >= 3 and all(b.can_continue and b.node_id == "qwen-1" for b in beats)
+    assert max(b.active or 0 for b in beats) == 1 and beats[-1].active == 0 and beats[-1].queued == 0
+    sent = recorder.sent
+    chunk_at = [i for i, s in enumerate(sent) if not s.is_status]
+    assert any(s.is_status for s in sent[chunk_at[0] : chunk_at[-1]]), "no heartbeat while the answers streamed"
+    assert check_stream(recorder.chunks("r1")).completion_tokens == 20
+    assert check_stream(recorder.chunks("r2")).completion_tokens == 20
+
+
+def test_without_a_heartbeat_nothing_but_chunks_is_sent() -> None:
+    recorder = run(FakeEngine(["a ", "b "], delay_s=0.01), [request("r1", ["x"], max_tokens=5)])
+    assert recorder.statuses() == [] and check_stream(recorder.chunks("r1")).finish_reason == "stop"
