@@ -13,7 +13,8 @@ metadata keys, added to the request's own (seed, sampling, tools unchanged):
   start there by themselves), so the answer keeps one numbering.
 - ``continued_pieces`` (JSON text): those pieces, in order; a string is answer
   text, an object ``{"text", "tool_call_index", "tool_call_id"?,
-  "tool_call_name"?}`` a tool-call piece (the chunk keys of "Tool calls").
+  "tool_call_name"?}`` a tool-call piece (the chunk keys of "Tool calls"), and
+  ``{"text", "kind": "reasoning"}`` a piece of the model's reasoning.
 
 The node answers only what comes after them: no piece again, nothing left out.
 ``completion_tokens`` on its finish chunk counts the tokens *it* generated (the
@@ -30,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ._reasoning import KIND_KEY, REASONING
 from ._tools import TOOL_CALL_ID_KEY, TOOL_CALL_INDEX_KEY, TOOL_CALL_NAME_KEY, ToolCall, ToolCallDelta
 from ._wire import as_int
 
@@ -41,15 +43,16 @@ CONTINUED_PIECES_KEY = "continued_pieces"
 
 @dataclass(frozen=True, slots=True)
 class Piece:
-    """One delivered piece: answer text, or (``tool_call`` set) a piece of that call's arguments."""
+    """One delivered piece: answer text, reasoning (``reasoning``), or (``tool_call`` set) a piece of that call's arguments."""
 
     text: str
     tool_call: ToolCallDelta | None = None
+    reasoning: bool = False
 
     def to_json(self) -> str | dict[str, Any]:
         delta = self.tool_call
         if delta is None:
-            return self.text
+            return {"text": self.text, KIND_KEY: REASONING} if self.reasoning else self.text
         item: dict[str, Any] = {"text": self.text, TOOL_CALL_INDEX_KEY: delta.index}
         if delta.id:
             item[TOOL_CALL_ID_KEY] = delta.id
@@ -84,12 +87,13 @@ class Continuation:
 
     @property
     def text(self) -> str:
-        """The answer text delivered (tool-call pieces left out): what the node's answer must go on from."""
+        """The text delivered, reasoning included, tool-call pieces left out: what the model wrote outside its calls,
+        which the node's answer must go on from."""
         return "".join(piece.text for piece in self.pieces if piece.tool_call is None)
 
     @property
     def texts(self) -> list[str]:
-        """The answer-text pieces, one string each, in order (a model node re-encodes them one by one)."""
+        """The text pieces (reasoning included), one string each, in order (a model node re-encodes them one by one)."""
         return [piece.text for piece in self.pieces if piece.tool_call is None]
 
     def calls(self) -> list[ToolCall]:
@@ -154,6 +158,8 @@ def read_continuation(metadata: Mapping[str, Any]) -> Continuation | None:
 def _piece(item: Any, position: int) -> Piece:
     if isinstance(item, str):
         return Piece(item)
+    if isinstance(item, Mapping) and isinstance(item.get("text"), str) and item.get(KIND_KEY) == REASONING:
+        return Piece(item["text"], reasoning=True)
     if isinstance(item, Mapping) and isinstance(item.get("text"), str):
         index = item.get(TOOL_CALL_INDEX_KEY)
         if isinstance(index, int) and not isinstance(index, bool) and index >= 0:

@@ -112,3 +112,11 @@ def test_continue_from_is_lenient_for_the_senders() -> None:
     assert continue_from({CONTINUE_FROM_KEY: "4"}) == 4
     assert continue_from({CONTINUE_FROM_KEY: "None"}) == 0  # dora's spelling of a None value
     assert continue_from({CONTINUE_FROM_KEY: -2}) == 0
+
+
+def test_reasoning_pieces_keep_their_kind_and_count_as_text_the_answer_goes_on_from() -> None:
+    continuation = Continuation((Piece("hmm, ", reasoning=True), Piece("so "), Piece("x", ToolCallDelta(0, "c", "f"))))
+    raw = json.loads(continuation.to_metadata()[CONTINUED_PIECES_KEY])
+    assert raw[0] == {"text": "hmm, ", "kind": "reasoning"} and raw[1] == "so "
+    back = read_continuation(continuation.to_metadata())
+    assert back == continuation and back.text == "hmm, so "
