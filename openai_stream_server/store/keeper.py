@@ -48,12 +48,12 @@ class InFlightElsewhere(ApiError):
 
 def persisted(state: StreamState) -> bool:
     """Whether a completion is written to the store: all but a Responses ``store: false`` response."""
-    return bool(getattr(state.context, "store", True))
+    return bool(getattr(state.surface_data.context, "store", True))
 
 
 def stored(state: StreamState) -> bool:
     """Whether it is a stored response (Responses ``store: true``): kept for the stored-response TTL."""
-    return bool(getattr(state.context, "store", False))
+    return bool(getattr(state.surface_data.context, "store", False))
 
 
 class RecordKeeper:
@@ -100,12 +100,12 @@ class RecordKeeper:
         """One delivered batch: each completion it extended, with its first new piece, goes to the live log."""
         append = self.store.append
         for state, start in touched.items():
-            end = len(state.pieces)
+            end = len(state.log.pieces)
             if end <= start or not persisted(state):
                 continue
-            calls = state.tool_calls
+            calls = state.log.tool_calls
             batch_calls = {i: calls[i] for i in range(start, end) if i in calls} if calls else {}
-            append(state.request_id, LogBatch(start, state.pieces[start:end], batch_calls))
+            append(state.request_id, LogBatch(start, state.log.pieces[start:end], batch_calls))
 
     def ended(self, state: StreamState) -> None:
         if persisted(state):
@@ -157,7 +157,7 @@ class RecordKeeper:
     async def _tail(self, mirror: StreamState) -> None:
         request_id = mirror.request_id
         try:
-            async for item in self.store.tail(request_id, len(mirror.pieces) - 1):
+            async for item in self.store.tail(request_id, len(mirror.log.pieces) - 1):
                 if isinstance(item, LogBatch):
                     extend(mirror, item)
                 else:

@@ -59,8 +59,8 @@ def record_of(state: StreamState, *, stored: bool = False) -> CompletionRecord:
         # copies: the record may be encoded later (Redis, a queued write) while a mirror still grows
         pieces=list(log.pieces),
         tool_calls=dict(log.tool_calls),
-        parts=list(state.parts),
-        context=context_json(state.context),
+        parts=list(state.surface_data.parts),
+        context=context_json(state.surface_data.context),
         stored=stored,
     )
 
@@ -77,14 +77,14 @@ def state_of(record: CompletionRecord, *, ledger: ByteLedger | None = None) -> S
     )  # fmt: skip
     if record.parts:
         state.keep_parts(record.parts)
-    state.context = record.context
+    state.surface_data.context = record.context
     finish(state, record)
     return state
 
 
 def extend(state: StreamState, batch: LogBatch) -> None:
     """Append a batch of another process's live log to a mirror; pieces it already has are skipped."""
-    have = len(state.pieces)
+    have = len(state.log.pieces)
     skip = have - batch.start
     if skip < 0 or skip >= len(batch.pieces):  # nothing new (or a gap, which ordered batches never leave)
         return

@@ -17,7 +17,7 @@ from openai_stream_server.store.snapshot import extend, finish, record_of, state
 def streamed(end: str) -> StreamState:
     state = StreamState("resp_1", "m", "responses", prompt_tokens=5, created=123)
     state.keep_parts([Part("system", "text", "be brief"), Part("user", "text", "hi")])
-    state.context = {"instructions": "be brief", "input_from": 1}
+    state.surface_data.context = {"instructions": "be brief", "input_from": 1}
     call = ToolCallDelta(0, "call_1", "lookup")
     chunks = [
         Chunk("resp_1", 0, "Hel"),
@@ -40,8 +40,9 @@ def streamed(end: str) -> StreamState:
 def view(state: StreamState) -> tuple[object, ...]:
     error = None if state.error is None else (state.error.message, state.error.error_type, state.error.code)
     return (
-        state.request_id, state.model, state.surface, state.created, state.status, state.pieces, state.tool_calls,
-        state.finish_reason, state.stop_sequence, state.usage, state.parts, state.text, state.calls(), error,
+        state.request_id, state.model, state.surface, state.created, state.status,
+        state.log.pieces, state.log.tool_calls, state.log.finish_reason, state.log.stop_sequence, state.log.usage,
+        state.surface_data.parts, state.log.text, state.calls(), error,
     )  # fmt: skip
 
 
@@ -52,20 +53,20 @@ def test_a_rebuilt_state_reads_as_the_original(end: str) -> None:
     assert record.stored and record.context == {"instructions": "be brief", "input_from": 1}
     rebuilt = state_of(record)
     assert view(rebuilt) == view(original)
-    assert rebuilt.context == original.context and rebuilt.done
+    assert rebuilt.surface_data.context == original.surface_data.context and rebuilt.done
 
 
 def test_an_opened_record_rebuilds_in_flight_and_a_mirror_follows_the_log() -> None:
     original = StreamState("chatcmpl-1", "m", "chat")
     mirror = state_of(record_of(original))
-    assert mirror.status is Status.IN_PROGRESS and mirror.pieces == []
+    assert mirror.status is Status.IN_PROGRESS and mirror.log.pieces == []
     extend(mirror, LogBatch(0, ["a", "b"]))
     extend(mirror, LogBatch(1, ["b", "c"]))  # overlapping: only what is new
     extend(mirror, LogBatch(5, ["x"]))  # a gap: ignored
-    assert mirror.pieces == ["a", "b", "c"]
+    assert mirror.log.pieces == ["a", "b", "c"]
     final = CompletionRecord("chatcmpl-1", "chat", "m", 1, status="completed", finish_reason="stop", pieces=["a", "b", "c", "d"])
     finish(mirror, final)
-    assert mirror.pieces == ["a", "b", "c", "d"] and mirror.status is Status.COMPLETED and mirror.finish_reason == "stop"
+    assert mirror.log.pieces == ["a", "b", "c", "d"] and mirror.status is Status.COMPLETED and mirror.log.finish_reason == "stop"
 
 
 async def test_a_mirror_wakes_its_readers() -> None:
