@@ -100,9 +100,10 @@ class AppThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-app", daemon=True)
         self.backend = DoraLikeBackend()
-        values = {"sweep_interval_s": 0.02, "first_chunk_timeout_s": 2, "header_grace_s": 0.5, **settings}
+        values = {"sweep_interval_s": 0.02, "first_chunk_timeout_s": 2, "header_grace_s": 0.1, **settings}
         self.app = create_app(Settings(**values), self.backend)
         self.examples: Counter[str] = Counter()
+        self.statuses: dict[str, Counter[int]] = {}
         self.ids: dict[str, list[str]] = {name: [] for name in ID_PATTERNS}
 
     def __enter__(self) -> AppThread:
@@ -132,6 +133,17 @@ class AppThread:
         # a raw URL: httpx would otherwise re-quote the path; headers as bytes, so any byte gets through
         url = httpx.URL("http://localhost").copy_with(raw_path=path.encode("ascii"))
         return self.run(self.client.request(method, url, headers=headers or [], content=content))  # type: ignore[no-any-return]
+
+    def count(self, test: str, status: int) -> None:
+        self.examples[test] += 1
+        self.statuses.setdefault(test, Counter())[status] += 1
+
+    def summary(self) -> str:
+        """Examples and statuses per test, for the record (printed by the fuzz modules; ``-s`` shows it)."""
+        return "\n".join(
+            f"{test}: {self.examples[test]} requests, " + ", ".join(f"{k}x{v}" for k, v in sorted(counts.items()))
+            for test, counts in self.statuses.items()
+        )
 
     def known_id(self, surface: str, index: int) -> str | None:
         ids = self.ids[surface]
@@ -178,6 +190,112 @@ stop = st.one_of(any_text, st.lists(any_text, max_size=6), json_value)
 stream_options = maybe(st.fixed_dictionaries({}, optional={"include_usage": maybe(st.booleans())}))
 
 
+def fuzz_of(legal: st.SearchStrategy[dict[str, Any]], wild: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Legal bodies (they reach the backend and the renderers), legal ones with one field replaced by anything
+    (each field's check meets an otherwise good body), and wild ones, in equal parts."""
+
+    def one_field_wrong(body: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+        return st.builds(lambda key, value: {**body, key: value}, st.sampled_from(sorted(body)) | any_text, json_value)
+
+    return st.one_of(legal, legal.flatmap(one_field_wrong), wild)
+
+
+# Legal values: right types, in range. Sizes stay small here; test_fuzz_large.py makes them large.
+short_text = st.text(max_size=20)
+some_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+good_name = st.from_regex(r"[a-zA-Z_][a-zA-Z0-9_-]{0,20}", fullmatch=True)
+object_schema = st.just({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
+legal_stops = st.lists(st.text(min_size=1, max_size=8), max_size=4)
+few_tokens = st.integers(1, 64)
+
+legal_chat_body = st.fixed_dictionaries(
+    {
+        "messages": st.lists(
+            st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user", "assistant"]), "content": some_text}),
+            min_size=1,
+            max_size=4,
+        )
+    },
+    optional={
+        "model": short_text,
+        "stream": st.booleans(),
+        "max_tokens": few_tokens,
+        "temperature": st.floats(0, 2),
+        "top_p": st.floats(0, 1),
+        "stop": legal_stops,
+        "seed": st.integers(*I64),
+        "tools": st.lists(
+            st.fixed_dictionaries(
+                {"type": st.just("function"), "function": st.fixed_dictionaries({"name": good_name, "parameters": object_schema})}
+            ),
+            max_size=3,
+        ),
+        "tool_choice": st.sampled_from(["none", "auto"]),
+        "user": short_text,
+    },
+)
+legal_completion_body = st.fixed_dictionaries(
+    {"prompt": some_text},
+    optional={
+        "model": short_text,
+        "stream": st.booleans(),
+        "max_tokens": few_tokens,
+        "temperature": st.floats(0, 2),
+        "top_p": st.floats(0, 1),
+        "stop": legal_stops,
+        "seed": st.integers(*I64),
+        "n": st.just(1),
+    },
+)
+legal_response_input = st.one_of(
+    some_text,
+    st.lists(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "developer", "assistant"]), "content": some_text}),
+        min_size=1,
+        max_size=4,
+    ),
+)
+legal_response_body = st.fixed_dictionaries(
+    {"input": legal_response_input},
+    optional={
+        "model": short_text,
+        "instructions": some_text,
+        "max_output_tokens": few_tokens,
+        "temperature": st.floats(0, 2),
+        "top_p": st.floats(0, 1),
+        "stream": st.booleans(),
+        "background": st.booleans(),
+        "metadata": st.dictionaries(st.text(max_size=10), st.text(max_size=20), max_size=3),
+        "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "name": good_name, "parameters": object_schema})),
+        "tool_choice": st.sampled_from(["none", "auto", "required"]),
+        "parallel_tool_calls": st.booleans(),
+    },
+)
+legal_anthropic_messages = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": some_text}), min_size=1, max_size=4
+).map(lambda ms: [{"role": "user", "content": "hi"}, *ms] if ms[0]["role"] != "user" else ms)
+legal_anthropic_prompt = {
+    "system": some_text,
+    "tools": st.lists(st.fixed_dictionaries({"name": good_name, "input_schema": object_schema}), max_size=3),
+    "tool_choice": st.fixed_dictionaries({"type": st.sampled_from(["auto", "none"])}),
+}
+legal_message_body = st.fixed_dictionaries(
+    {"model": st.text(min_size=1, max_size=20), "max_tokens": few_tokens, "messages": legal_anthropic_messages},
+    optional={
+        **legal_anthropic_prompt,
+        "stop_sequences": legal_stops,
+        "stream": st.booleans(),
+        "temperature": st.floats(0, 1),
+        "top_p": st.floats(0, 1),
+        "top_k": st.integers(0, 100),
+        "metadata": st.fixed_dictionaries({"user_id": short_text}),
+    },
+)
+legal_count_tokens_body = st.fixed_dictionaries(
+    {"model": st.text(min_size=1, max_size=20), "messages": legal_anthropic_messages}, optional=legal_anthropic_prompt
+)
+
+
 # -- checks ----------------------------------------------------------------------
 
 
@@ -202,7 +320,7 @@ def assert_answer_shape(r: httpx.Response, path: str, what: str) -> None:
 def check_post(app: AppThread, test: str, path: str, content: bytes, content_type: str = "application/json") -> httpx.Response:
     """POST a fuzzed body to a surface's create route; an accepted request names its new id, which is kept."""
     r = app.post(path, content, content_type)
-    app.examples[test] += 1
+    app.count(test, r.status_code)
     assert_answer_shape(r, path, repr(content))
     surface = surface_of(path)
     if r.status_code not in GUARD_STATUSES and surface is not None and not path.endswith("/count_tokens"):
