@@ -287,7 +287,7 @@ class StreamState:
             self.first_chunk_at = now
         self.last_chunk_at = now
         log = self.log
-        size = log.append(chunk.text, chunk.tool_call, chunk.sent_at) + LOGGED_CHUNK_OVERHEAD_BYTES
+        size = log.append(chunk.text, chunk.tool_call, chunk.sent_at, chunk.reasoning) + LOGGED_CHUNK_OVERHEAD_BYTES
         self._ledger.nbytes += size
         if self._waiters:  # the first chunk of a batch wakes each subscriber; the rest find none parked
             self._wake()
@@ -301,6 +301,8 @@ class StreamState:
         if chunk.completion_tokens is not None:
             log.completion_tokens = chunk.completion_tokens
         if chunk.fin:
+            if chunk.reasoning_tokens is not None:
+                log.reasoning_tokens = chunk.reasoning_tokens
             if chunk.finish_reason == "error":
                 log.finish_reason = "error"
                 self.fail(UpstreamError(chunk.error or "the model node reported an error"))
