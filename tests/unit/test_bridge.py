@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pytest
 
 from openai_stream_protocol import Chunk
+from openai_stream_protocol.testing import RecordingNode, wait_for, wait_until_async
 from openai_stream_server.app import create_app
 from openai_stream_server.bridge import MAX_BATCHES_IN_FLIGHT, DoraBridge
 from openai_stream_server.errors import ApiError, BackendUnavailable
@@ -33,17 +33,20 @@ END = object()  # the fake's channel ends: next() returns None
 NEXT_WAIT_S = 5.0  # one next() waits at most this long for an event, then reports the end
 
 
-class FakeNode:
-    """A stand-in for ``dora.Node``. After it has returned STOP, ``drain`` raises RuntimeError as dora's does."""
+class FakeNode(RecordingNode):
+    """A stand-in for ``dora.Node`` that records what is sent (``RecordingNode``) and scripts its events.
+
+    After it has returned STOP, ``drain`` raises RuntimeError as dora's does.
+    """
 
     def __init__(self, *, batch: bool = True, inputs: dict[str, Any] | None = None) -> None:
+        super().__init__()
         self.batch = batch
         """``drain()`` returns whatever is queued; False: nothing, so each event is its own batch."""
         self.inputs = inputs
         self.drain_raises_once = False
         self.next_calls = 0
         self.calls_after_stop = 0
-        self.sent: list[tuple[str, list[Any], dict[str, Any]]] = []
         self._events: queue.Queue[Any] = queue.Queue()
         self._stopped = False
 
@@ -91,9 +94,6 @@ class FakeNode:
             self._stopped = True
         return event  # type: ignore[no-any-return]
 
-    def send_output(self, output_id: str, data: pa.Array, metadata: dict[str, Any] | None = None) -> None:
-        self.sent.append((output_id, data.to_pylist(), dict(metadata or {})))
-
     def node_config(self) -> dict[str, Any]:
         if self.inputs is None:
             raise AttributeError("node_config")
@@ -134,25 +134,6 @@ class Recorder:
         return [c for b in self.batches for c in b]
 
 
-async def until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.005)
-    return predicate()
-
-
-def until_sync(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    """Poll from a thread that must not run the event loop (bounded in time)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
-
-
 def reader_of(bridge: DoraBridge) -> threading.Thread:
     thread = bridge._thread
     assert thread is not None
@@ -170,7 +151,7 @@ async def ended(bridge: DoraBridge, node: FakeNode) -> None:
     if reader_of(bridge).is_alive():
         node.push(STOP)
     reader = reader_of(bridge)
-    assert await until(lambda: not reader.is_alive())
+    await wait_until_async(lambda: not reader.is_alive())
 
 
 # -- events that are not chunks ------------------------------------------------------
@@ -185,7 +166,7 @@ async def test_tick_inputs_are_neither_delivered_nor_counted_as_malformed() -> N
         STOP,
     )
     bridge, rec = await started(node)
-    assert await until(lambda: rec.stops == 1)
+    await wait_until_async(lambda: rec.stops == 1)
     await ended(bridge, node)
     assert [(c.request_id, c.seq, c.text) for c in rec.chunks] == [("r1", 0, "hello")]
     assert bridge.malformed_chunks == 0
@@ -197,12 +178,12 @@ async def test_stop_ends_the_reader_once_even_when_drain_raises_around_it() -> N
     node.drain_raises_once = True
     node.push(chunk_event("r1", 0, "a"))  # next() returns it, then drain() raises
     bridge, rec = await started(node)
-    assert await until(lambda: len(rec.chunks) == 1)
+    await wait_until_async(lambda: len(rec.chunks) == 1)
     node.push(chunk_event("r1", 1, "b"), STOP, chunk_event("r1", 2, "never read"))
     reader = reader_of(bridge)
-    assert await until(lambda: not reader.is_alive())
+    await wait_until_async(lambda: not reader.is_alive())
     await asyncio.sleep(0)  # on_stop is handed over with call_soon_threadsafe
-    assert await until(lambda: rec.stops == 1)
+    await wait_until_async(lambda: rec.stops == 1)
     assert [c.text for c in rec.chunks] == ["a", "b"]
     assert rec.stops == 1 and node.calls_after_stop == 0 and rec.lost == []
     assert bridge.stopped and not bridge.health()["connected"]
@@ -212,9 +193,9 @@ async def test_stop_from_next_is_not_followed_by_drain() -> None:
     node = FakeNode()
     bridge, rec = await started(node)
     node.push(STOP)
-    assert await until(lambda: rec.stops == 1)
+    await wait_until_async(lambda: rec.stops == 1)
     reader = reader_of(bridge)
-    assert await until(lambda: not reader.is_alive())
+    await wait_until_async(lambda: not reader.is_alive())
     assert node.calls_after_stop == 0 and rec.stops == 1
 
 
@@ -228,7 +209,7 @@ async def test_a_malformed_chunk_is_counted_and_exported_in_metrics() -> None:
             chunk_event("r1", 1, "y", finish_reason="bogus"),
             chunk_event("r2", 0, "fine"),
         )
-        assert await until(lambda: bridge.malformed_chunks == 2)
+        await wait_until_async(lambda: bridge.malformed_chunks == 2)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
             for _ in range(200):  # bounded: until the well-formed one has reached the registry (on the loop)
                 metrics = (await client.get("/metrics")).text
@@ -236,7 +217,7 @@ async def test_a_malformed_chunk_is_counted_and_exported_in_metrics() -> None:
                     break
                 await asyncio.sleep(0.01)
         node.push(STOP)
-        assert await until(lambda: not reader_of(bridge).is_alive())
+        await wait_until_async(lambda: not reader_of(bridge).is_alive())
     assert metric(metrics, "oss_malformed_chunks_total") == 2
     assert metric(metrics, 'oss_dropped_chunks_total{reason="unknown"}') == 1  # the well-formed one, for no request
 
@@ -254,7 +235,7 @@ async def test_the_last_answer_input_closing_means_lost() -> None:
 
     node.push({"type": "INPUT_CLOSED", "id": "tick"})  # a timer closing is no news about the model
     node.push({"type": "INPUT_CLOSED", "id": ANSWERS})
-    assert await until(lambda: len(rec.lost) == 1)
+    await wait_until_async(lambda: len(rec.lost) == 1)
     assert isinstance(rec.lost[0], BackendUnavailable) and ANSWERS in rec.lost[0].message
     health = bridge.health()
     assert health["connected"] is False and "gone" in health["error"]
@@ -275,12 +256,12 @@ async def test_the_reader_waits_when_the_loop_is_behind_and_resumes_when_it_catc
     node.push(*(chunk_event("r", seq, f"t{seq}") for seq in range(total)))
     bridge, rec = await started(node)
     # This test's code now blocks the loop thread: no callback runs, so no batch is delivered.
-    assert until_sync(lambda: node.next_calls >= MAX_BATCHES_IN_FLIGHT + 1)
+    assert wait_for(lambda: node.next_calls >= MAX_BATCHES_IN_FLIGHT + 1)
     reader_of(bridge).join(0.3)  # a bounded look: it must be waiting, not reading on
     assert node.next_calls == MAX_BATCHES_IN_FLIGHT + 1  # the 65th batch waits for a slot
     assert rec.batches == []
     # Let the loop run: it delivers, each delivery frees a slot, the reader goes on.
-    assert await until(lambda: len(rec.chunks) == total)
+    await wait_until_async(lambda: len(rec.chunks) == total)
     assert [c.seq for c in rec.chunks] == list(range(total))
     await ended(bridge, node)
 
@@ -294,7 +275,7 @@ def stalled_loop(node: FakeNode) -> Iterator[tuple[asyncio.AbstractEventLoop, Do
         loop.run_until_complete(bridge.start(rec.sink, rec.on_stop, rec.on_lost))
         # Only now, with the loop stopped for good, is there anything to read.
         node.push(*(chunk_event("r", seq, "x") for seq in range(MAX_BATCHES_IN_FLIGHT * 2)))
-        assert until_sync(lambda: node.next_calls >= MAX_BATCHES_IN_FLIGHT + 1)
+        assert wait_for(lambda: node.next_calls >= MAX_BATCHES_IN_FLIGHT + 1)
         reader_of(bridge).join(0.2)  # a bounded look: it is waiting for a slot
         assert reader_of(bridge).is_alive() and node.next_calls == MAX_BATCHES_IN_FLIGHT + 1 and rec.batches == []
         yield loop, bridge, rec
@@ -349,7 +330,7 @@ async def test_batch_single_and_legacy_messages_mixed_become_one_list_of_chunks_
         STOP,
     )
     bridge, rec = await started(node)
-    assert await until(lambda: rec.stops == 1)
+    await wait_until_async(lambda: rec.stops == 1)
     await ended(bridge, node)
     assert [(c.request_id, c.seq, c.text, c.fin) for c in rec.chunks] == [
         ("a", 0, "a0", False),
@@ -372,7 +353,7 @@ async def test_a_malformed_batch_is_dropped_and_counted_and_the_reader_reads_on(
     )
     async with app.router.lifespan_context(app):
         node.push({"type": "INPUT", "id": ANSWERS, "value": no_seq, "metadata": {}})
-        assert await until(lambda: bridge.malformed_chunks == 2)  # both rows dropped
+        await wait_until_async(lambda: bridge.malformed_chunks == 2)  # both rows dropped
         node.push(batch_event(["nobody"], [0], ["after"], [False]))  # read on: a well-formed batch for no request
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
             for _ in range(200):  # bounded: until the well-formed batch has reached the registry (on the loop)
@@ -382,6 +363,6 @@ async def test_a_malformed_batch_is_dropped_and_counted_and_the_reader_reads_on(
                 await asyncio.sleep(0.01)
         assert reader_of(bridge).is_alive()
         node.push(STOP)
-        assert await until(lambda: not reader_of(bridge).is_alive())
+        await wait_until_async(lambda: not reader_of(bridge).is_alive())
     assert metric(metrics, "oss_malformed_chunks_total") == 2
     assert metric(metrics, 'oss_dropped_chunks_total{reason="unknown"}') == 1
