@@ -35,6 +35,8 @@ from .metrics import Metrics
 from .middleware import RawSendApp, middleware_stack
 from .registry import StreamRegistry
 from .settings import Settings
+from .store.config import open_store
+from .store.keeper import RecordKeeper
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,24 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         return error_shape(request.url.path).response(error, None)
     body = {"error": {"message": detail, "type": "invalid_request_error", "param": None, "code": None}}
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def _store_keeper(settings: Settings, metrics: Metrics) -> RecordKeeper | None:
+    """The store ``--store`` names, with its counters on /metrics; None for ``memory`` (docs/store.md)."""
+    store = open_store(settings)
+    if not store.persistent:
+        return None
+    stats = store.stats
+    for name, documentation, read in (
+        ("oss_store_records_written", "Records the store wrote (opened and final)", lambda: stats.records_written),
+        ("oss_store_write_errors", "Store flushes that failed (disk full, locked, Redis lost)", lambda: stats.write_errors),
+        ("oss_store_dropped", "Records never stored: larger than the cap, or queued past the limit", lambda: stats.dropped),
+        ("oss_store_evicted", "Records deleted early to stay under --store-max-bytes", lambda: stats.evicted),
+        ("oss_store_expired", "Records deleted after their TTL", lambda: stats.expired),
+        ("oss_store_log_batches", "Live-log batches appended to the shared store", lambda: stats.log_batches),
+    ):
+        metrics.count_from(name, documentation, read)
+    return RecordKeeper(store)
 
 
 def _service_routes(settings: Settings, backend: Backend, registry: StreamRegistry, metrics: Metrics) -> list[BaseRoute]:
@@ -74,10 +94,14 @@ def _service_routes(settings: Settings, backend: Backend, registry: StreamRegist
     async def health(request: Request) -> Response:
         status = backend.health()
         ok = bool(status.get("connected"))
+        store = registry.keeper.health() if registry.keeper is not None else {"backend": "memory", "ok": True}
         body = {
-            "status": "ok" if ok else "degraded",
+            # A store problem degrades but does not stop the server: it still serves from memory (docs/store.md,
+            # "Failures"), so it stays 200; only a lost dora side is a 503.
+            "status": "ok" if ok and store["ok"] else "degraded",
             "active_streams": len(registry.active),
             "held_bytes": registry.held_bytes,
+            "store": store,
             **status,
         }
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -101,7 +125,10 @@ def _service_routes(settings: Settings, backend: Backend, registry: StreamRegist
 def create_app(settings: Settings, backend: Backend) -> Starlette:
     """The ASGI app. The backend is started in the lifespan; the registry lives on ``app.state``."""
     metrics = Metrics()
-    registry = StreamRegistry(settings, metrics, on_cancel=backend.cancel, on_release=backend.release)
+    keeper = _store_keeper(settings, metrics)
+    registry = StreamRegistry(settings, metrics, on_cancel=backend.cancel, on_release=backend.release, keeper=keeper)
+    if keeper is not None:
+        keeper.attach(registry.cancel, registry.delete)  # what another server process asks of this one
     metrics.count_from(
         "oss_malformed_chunks",
         "Chunks the backend could not read (a bad seq or metadata), dropped",
@@ -131,6 +158,8 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
             app.state.stopped.set()
 
         app.state.stopped = asyncio.Event()
+        if keeper is not None:
+            await keeper.start()
         await backend.start(registry.deliver, on_stop, registry.fail_all, on_orphaned)
         sweeper = asyncio.create_task(_sweep(registry, settings.sweep_interval_s))
         try:
@@ -140,6 +169,8 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
             sweeper.cancel()
             registry.fail_all(_shutdown_error())
             await backend.aclose()
+            if keeper is not None:
+                await keeper.aclose()  # flushes every record written above (docs/store.md, "What is written when")
 
     routes = _service_routes(settings, backend, registry, metrics)
     for surface in surfaces:

@@ -14,6 +14,11 @@ in flight fails (docs/architecture.md, "Limits and failure behaviour").
 
 How each completion went downstream (its ``Attempt``: wire id, try number, the request to re-send)
 is the registry's record: it alone writes it (docs/architecture.md, "Replicas and failover").
+
+With a store that outlives the process (``--store sqlite`` or ``redis://``), a ``RecordKeeper``
+beside the registry writes each completion's record when it goes downstream and when it ends, its
+live log per delivered batch (Redis), and answers the lookups that miss memory (``find``) from the
+store (docs/store.md).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from .errors import ApiError, Overloaded, TooManyRequests
 from .metrics import Metrics
 from .settings import Settings
 from .state import ByteLedger, Limits, Outcome, Status, StreamState
+from .store.keeper import RecordKeeper
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +76,12 @@ class StreamRegistry:
         metrics: Metrics,
         on_cancel: Callable[[str], None],
         on_release: Callable[[str, bool], None] | None = None,
+        keeper: RecordKeeper | None = None,
     ) -> None:
         self.settings = settings
+        self.keeper = keeper
+        """The store's side (None with ``--store memory``: nothing outlives the process)."""
+        self._live_logs = keeper is not None and keeper.live_logs
         self.metrics = metrics
         self._on_cancel = on_cancel
         self._on_release = on_release
@@ -108,9 +118,21 @@ class StreamRegistry:
         attempt = state.attempt
         attempt.submitted = True
         attempt.request = request
+        if self.keeper is not None and attempt.number == 0:
+            self.keeper.opened(state)
 
     def get(self, request_id: str) -> StreamState | None:
         return self.active.get(request_id) or self.retained.get(request_id)
+
+    async def find(self, request_id: str) -> StreamState | None:
+        """``get``, else the store's record of it (read-only, or following another process's live completion).
+
+        Raises the keeper's 503 errors when the store cannot answer (docs/store.md, "Failures").
+        """
+        state = self.active.get(request_id) or self.retained.get(request_id)
+        if state is None and self.keeper is not None:
+            state = await self.keeper.lookup(request_id)
+        return state
 
     # -- from the backend --------------------------------------------------
 
@@ -121,6 +143,8 @@ class StreamRegistry:
         metrics = self.metrics
         delivered = 0
         active, retained, retried = self.active, self.retained, self._retried
+        # A shared store gets each completion's new pieces once per delivered batch (docs/store.md).
+        touched: dict[StreamState, int] | None = {} if self._live_logs else None
         for chunk in chunks:
             rid = chunk.request_id
             # A chunk names its request: one without an id (a legacy reply) is named by the backend, which
@@ -142,6 +166,8 @@ class StreamRegistry:
                 # count once per batch, and observe a gap once per stream per batch (one batch is one arrival).
                 # One chunk in order may release held ones after it: count everything it appended.
                 delivered += len(pieces) - logged
+                if touched is not None and state not in touched:
+                    touched[state] = logged
                 if previous is not None:
                     if previous != now:
                         metrics.inter_chunk.observe(now - previous)
@@ -155,6 +181,8 @@ class StreamRegistry:
                 self._ended(state)
         if delivered:
             metrics.chunks.inc(delivered)
+        if touched:
+            self.keeper.delivered(touched)  # type: ignore[union-attr]  # touched is only made with a keeper
         if self._ledger.nbytes > self._max_total_bytes:
             self._reclaim()
 
@@ -169,9 +197,18 @@ class StreamRegistry:
         self._ended(state)
         return True
 
+    async def cancel_anywhere(self, request_id: str) -> bool:
+        """``cancel`` here, or ask the server process that runs it (a shared store) and wait briefly for its end."""
+        if self.cancel(request_id):
+            return True
+        return self.keeper is not None and await self.keeper.cancel_elsewhere(request_id)
+
     def delete(self, request_id: str) -> bool:
-        """Forget a completion: cancel it if in flight (a ``cancel`` goes downstream), then drop it; False if unknown."""
+        """Forget a completion: cancel it if in flight (a ``cancel`` goes downstream), then drop it, here and in the
+        store (whose owner process, on a shared store, forgets it too); False if it was not in memory."""
         self.cancel(request_id)
+        if self.keeper is not None:
+            self.keeper.discarded(request_id)
         state = self.retained.pop(request_id, None)
         if state is None:
             return False
@@ -253,6 +290,8 @@ class StreamRegistry:
         if attempt.number:
             self._retried.pop(attempt.wire_id, None)
         attempt.request = None
+        if self.keeper is not None and attempt.submitted:
+            self.keeper.ended(state)
         if state.status is Status.FAILED and state.error is not None:
             self.metrics.errors.labels(state.error.code or state.error.error_type).inc()
         self._log(state)

@@ -87,16 +87,22 @@ class Dispatcher:
         metadata: dict[str, Any],
         *,
         keep_parts: bool = False,
+        context: object | None = None,
     ) -> StreamState:
         """Open the completion and send it downstream; raises (and records nothing in flight) when it cannot.
 
-        ``keep_parts``: keep the conversation on the state (``StreamState.parts``) for as long as the
-        completion is retained, for a later request that continues it.
+        ``keep_parts``: keep the conversation on the state (``surface_data.parts``) for as long as the
+        completion is retained, for a later request that continues it. ``context``: what the surface keeps
+        to render it again (``surface_data.context``). Both are set before it goes downstream, so that the
+        store's "opened" record holds them (docs/store.md, "What is written when").
         """
         # No replica live (one is restarting): wait a little for one rather than fail at once
         # (docs/architecture.md, "Replicas and failover"); returns at once while one is live.
         await self.backend.wait_live(self.settings.model_wait_s)
         state = self.registry.open(request_id, model, prompt_tokens=prompt_tokens(parts), surface=surface)
+        state.surface_data.context = context
+        if keep_parts:
+            state.keep_parts(parts)
         downstream = DownstreamRequest(request_id, [p.encode() for p in parts], metadata)
         try:
             self.backend.submit(downstream)
@@ -104,8 +110,6 @@ class Dispatcher:
             self.registry.fail(state, error)  # never submitted: no cancel goes downstream
             raise
         self.registry.sent(state, downstream)
-        if keep_parts:
-            state.keep_parts(parts)
         return state
 
     async def first_chunk(self, request: Request, state: StreamState) -> None:
@@ -129,6 +133,10 @@ class Dispatcher:
 
     def cancel(self, request_id: str) -> None:
         self.registry.cancel(request_id)
+
+    async def cancel_anywhere(self, request_id: str) -> None:
+        """A client's cancel by id: here, or on the server process that runs it (a shared store)."""
+        await self.registry.cancel_anywhere(request_id)
 
     async def resend(self, state: StreamState, replica_id: str) -> None:
         """Re-send a request whose replica died before its first chunk, to another (or the same, restarted) one."""

@@ -56,12 +56,13 @@ class Surface:
     async def _create(self, request: Request, request_id: str) -> Response:
         raise NotImplementedError
 
-    def lookup(self, request: Request) -> StreamState:
-        """The completion the path's ``request_id`` names, if this surface opened it and it is in flight or retained."""
+    async def lookup(self, request: Request) -> StreamState:
+        """The completion the path's ``request_id`` names, if this surface opened it and it is in flight or retained
+        here, or in the store (docs/store.md)."""
         spec = self.spec
         raw: str = request.path_params["request_id"]
         request_id = spec.valid_id(raw)
-        state = None if request_id is None else self.registry.get(request_id)
+        state = None if request_id is None else await self.registry.find(request_id)
         if state is None or state.surface != spec.name:
             raise NotFound(f"No {spec.noun} with id {raw[:100]!r} in flight or retained.", param=spec.id_param)
         return state
@@ -83,7 +84,7 @@ def by_id(
     @functools.wraps(handler)
     async def route(self: S, request: Request) -> Response:
         try:
-            return await handler(self, request, self.lookup(request))
+            return await handler(self, request, await self.lookup(request))
         except ApiError as error:
             return self.error_response(error, self.spec.valid_id(request.path_params["request_id"]))
 

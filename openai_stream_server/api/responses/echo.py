@@ -34,4 +34,8 @@ class Echo:
 def echo_of(state: StreamState) -> Echo:
     """The echoed request fields of a response this surface opened."""
     echo = state.surface_data.context
-    return echo if isinstance(echo, Echo) else Echo()
+    if isinstance(echo, Echo):
+        return echo
+    if isinstance(echo, dict):  # read back from a store, as JSON (store/snapshot.py)
+        return Echo(**echo)
+    return Echo()

@@ -60,7 +60,7 @@ class Responses(Surface):
             raise InvalidRequest("background responses must be stored: 'store' cannot be false with 'background'", param="store")
         model = self.dispatcher.model(body.model)
         instructions = body.instruction_parts()
-        previous = self._previous(body.previous_response_id)
+        previous = await self._previous(body.previous_response_id)
         # What the conversation carries over goes downstream again: it counts first, as it comes first.
         carried = sum(1 for part in previous if part.kind == "image")
         fields = itertools.chain(itertools.repeat("previous_response_id", carried), body.image_fields())
@@ -82,9 +82,8 @@ class Responses(Surface):
             parallel_tool_calls=True if body.parallel_tool_calls is None else body.parallel_tool_calls,
         )
         state = await self.dispatcher.submit(
-            response_id, self.name, model, parts, self._metadata(body, model, response_id), keep_parts=body.store
+            response_id, self.name, model, parts, self._metadata(body, model, response_id), keep_parts=body.store, context=echo
         )
-        state.surface_data.context = echo
         headers = {"X-Request-Id": response_id}
         if body.background:
             if body.stream:  # no header hold-back: a background response outlives this connection
@@ -112,12 +111,12 @@ class Responses(Surface):
             events = follow(renderer, self.metrics, on_close=lambda: self.registry.delete(response_id))
         return self.sse(events, headers)
 
-    def _previous(self, previous_id: str | None) -> list[Part]:
+    async def _previous(self, previous_id: str | None) -> list[Part]:
         """The conversation a ``previous_response_id`` continues: its input (less its instructions) and its answer
         (text, and its function calls as a tool-calls part)."""
         if previous_id is None:
             return []
-        state = self.registry.get(previous_id) if RESPONSES.valid_id(previous_id) else None
+        state = await self.registry.find(previous_id) if RESPONSES.valid_id(previous_id) else None
         if state is None or state.surface != RESPONSES.name or not echo_of(state).store:
             raise NotFound(f"Previous response with id {previous_id[:100]!r} not found.", param="previous_response_id")
         if not state.done:
@@ -153,7 +152,7 @@ class Responses(Surface):
     @by_id
     async def cancel(self, request: Request, state: StreamState) -> Response:
         """POST .../cancel: cancel downstream if still in flight (harmless once ended); answers the response."""
-        self.dispatcher.cancel(state.request_id)
+        await self.dispatcher.cancel_anywhere(state.request_id)
         return JSONResponse(response_body(state, echo_of(state)), headers={"X-Request-Id": state.request_id})
 
     @by_id
