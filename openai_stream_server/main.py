@@ -17,6 +17,8 @@ from .bridge import DoraBridge
 from .connection_limits import limited_protocol
 from .errors import BackendUnavailable
 from .settings import Settings, load_settings
+from .store.base import StoreConfigError
+from .store.config import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +102,22 @@ class _Server(uvicorn.Server):
                     captured.clear()
 
 
+async def check_store(settings: Settings) -> None:
+    """Open and close the store ``--store`` names: one that cannot be used stops the server before it joins the
+    dataflow, with one line naming the option (docs/store.md, "Choosing a store"). Creates the SQLite file."""
+    store = open_store(settings)
+    try:
+        await store.start()
+    except StoreConfigError as exc:
+        sys.stderr.write(f"openai-stream-server: error: {exc}\n")  # the status and form of a bad setting
+        raise SystemExit(2) from None
+    await store.aclose()
+
+
 async def serve(settings: Settings, node_name: str | None = None) -> None:
     from dora import Node  # imported here: importing the package must not need a dataflow
+
+    await check_store(settings)
 
     node = Node(node_name) if node_name else Node()
     bridge = DoraBridge(node)
