@@ -17,6 +17,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
+from openai_stream_protocol.testing import wait_until_async
 from openai_stream_server.app import create_app
 from openai_stream_server.bridge import DoraBridge
 from openai_stream_server.replicas import DEFAULT_REPLICA, LegacyReplicas, Replica, ReplicaSet, discover
@@ -24,7 +25,7 @@ from openai_stream_server.settings import Settings
 from openai_stream_server.state import Status
 from tests.dataflow import ROOT
 from tests.live import metric
-from tests.unit.test_bridge import STOP, FakeNode, chunk_event, reader_of, until
+from tests.unit.test_bridge import STOP, FakeNode, chunk_event, reader_of
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -178,7 +179,7 @@ async def app_over(node: ReplicaNode, **settings: Any) -> AsyncIterator[tuple[ht
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=10) as client:
             yield client, app.state.registry, bridge
         node.push(STOP)
-        assert await until(lambda: not reader_of(bridge).is_alive())
+        await wait_until_async(lambda: not reader_of(bridge).is_alive())
 
 
 async def background(client: httpx.AsyncClient, text: str) -> httpx.Response:
@@ -199,7 +200,7 @@ async def test_each_request_goes_to_one_replica_and_its_cancel_only_to_that_one(
         await client.post(f"/v1/chat/completions/{ids[1]}/cancel")
         assert node.cancels() == [("cancel/b", ids[1])]
         node.push(*answer(ids[2], "c", ["q2"]))
-        assert await until(lambda: registry.get(ids[2]).status is Status.COMPLETED)
+        await wait_until_async(lambda: registry.get(ids[2]).status is Status.COMPLETED)
         health = (await client.get("/health")).json()
         rows = {r["id"]: r for r in health["replicas"]}
         assert {k: (v["in_flight"], v["served"]) for k, v in rows.items()} == {"a": (2, 0), "b": (0, 0), "c": (0, 1)}
@@ -213,16 +214,16 @@ async def test_a_dead_replica_s_unanswered_requests_are_re_sent_elsewhere_and_an
     async with app_over(node) as (client, registry, bridge):
         ids = [(await background(client, f"q{i}")).json()["id"] for i in range(6)]  # a: 0, 3; b: 1, 4; c: 2, 5
         node.push(chunk_event(ids[0], 0, "q0", input_id="chunks/a"))  # q0 has streamed, q3 has not
-        assert await until(lambda: registry.get(ids[0]).log.pieces == ["q0"])
+        await wait_until_async(lambda: registry.get(ids[0]).log.pieces == ["q0"])
         node.push(closed("chunks/a"))
-        assert await until(lambda: registry.get(ids[0]).done and len(node.requests()) == 7)
+        await wait_until_async(lambda: registry.get(ids[0]).done and len(node.requests()) == 7)
         first = registry.get(ids[0])
         assert first.status is Status.FAILED and first.error.status == 502 and "cut off" in first.error.message
         # q3 went out again under a new wire id, to a live replica (b and c each held two: b is next)
         assert node.requests()[-1] == ("v1/chat/completions/b", f"{ids[3]}~1")
         assert node.cancels() == []  # nobody left on a to tell
         node.push(*answer(f"{ids[3]}~1", "b", ["q3"]))
-        assert await until(lambda: registry.get(ids[3]).done)
+        await wait_until_async(lambda: registry.get(ids[3]).done)
         assert registry.get(ids[3]).status is Status.COMPLETED and registry.get(ids[3]).log.text == "q3"
         # new requests avoid a
         more = [(await background(client, f"n{i}")).json()["id"] for i in range(2)]
@@ -231,7 +232,7 @@ async def test_a_dead_replica_s_unanswered_requests_are_re_sent_elsewhere_and_an
         assert rows["a"]["live"] is False and rows["a"]["failures"] == 1 and rows["a"]["retries"] == 1
         # its hello brings it back (what `dora node restart` looks like: the input carries events again)
         node.push(hello("a"))
-        assert await until(lambda: bridge.replicas.by_id["a"].live)
+        await wait_until_async(lambda: bridge.replicas.by_id["a"].live)
         back = (await background(client, "back")).json()["id"]
         assert ("v1/chat/completions/a", back) in node.requests()
         metrics = (await client.get("/metrics")).text
@@ -243,7 +244,7 @@ async def test_a_node_restarted_by_dora_gets_a_cancel_for_what_it_held_and_is_us
     async with app_over(node) as (client, registry, bridge):
         ids = [(await background(client, f"q{i}")).json()["id"] for i in range(2)]  # a: q0, b: q1
         node.push({"type": "NODE_RESTARTED", "id": "a"})
-        assert await until(lambda: len(node.requests()) == 3)
+        await wait_until_async(lambda: len(node.requests()) == 3)
         assert node.cancels() == [("cancel/a", ids[0])]  # the new process may get the queued copy: drop it
         assert node.requests()[-1] == ("v1/chat/completions/b", f"{ids[0]}~1")  # another replica first
         # dora drops what is sent to it until the new process has subscribed: not used before its hello
@@ -251,10 +252,10 @@ async def test_a_node_restarted_by_dora_gets_a_cancel_for_what_it_held_and_is_us
         extra = (await background(client, "meanwhile")).json()["id"]
         assert node.requests()[-1] == ("v1/chat/completions/b", extra)
         node.push(hello("a"))
-        assert await until(lambda: bridge.replicas.by_id["a"].live)
+        await wait_until_async(lambda: bridge.replicas.by_id["a"].live)
         # had the new process got the queued copy, its chunks under the old id would never mix in
         node.push(chunk_event(ids[0], 0, "STALE", input_id="chunks/a"), *answer(f"{ids[0]}~1", "b", ["q0"]))
-        assert await until(lambda: registry.get(ids[0]).status is Status.COMPLETED)
+        await wait_until_async(lambda: registry.get(ids[0]).status is Status.COMPLETED)
         assert registry.get(ids[0]).log.text == "q0"
         metrics = (await client.get("/metrics")).text
     assert metric(metrics, 'oss_dropped_chunks_total{reason="stale"}') == 1
@@ -264,13 +265,13 @@ async def test_with_no_replica_live_a_request_waits_model_wait_s_then_503_and_he
     node = ReplicaNode(replica_config(("a",)))
     async with app_over(node, model_wait_s=0.2) as (client, registry, bridge):
         node.push(closed("chunks/a"))
-        assert await until(lambda: bridge.lost is not None)
+        await wait_until_async(lambda: bridge.lost is not None)
         health = await client.get("/health")
         assert health.status_code == 503 and "the model node is gone" in health.json()["error"]
         refused = await background(client, "anyone?")
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "backend_unavailable"
         node.push(hello("a"))
-        assert await until(lambda: bridge.lost is None)
+        await wait_until_async(lambda: bridge.lost is None)
         assert (await client.get("/health")).status_code == 200
         accepted = await background(client, "again")
         assert accepted.status_code == 202 and node.requests()[-1] == ("v1/chat/completions/a", accepted.json()["id"])
@@ -281,12 +282,12 @@ async def test_an_unanswered_request_waits_for_its_only_replica_to_come_back() -
     async with app_over(node, model_wait_s=5) as (client, registry, bridge):
         rid = (await background(client, "patience")).json()["id"]
         node.push(closed("chunks/a"))
-        assert await until(lambda: bridge.lost is not None)
+        await wait_until_async(lambda: bridge.lost is not None)
         node.push(hello("a"))
-        assert await until(lambda: len(node.requests()) == 2)
+        await wait_until_async(lambda: len(node.requests()) == 2)
         assert node.requests()[-1] == ("v1/chat/completions/a", f"{rid}~1")
         node.push(*answer(f"{rid}~1", "a", ["patience"]))
-        assert await until(lambda: registry.get(rid).status is Status.COMPLETED)
+        await wait_until_async(lambda: registry.get(rid).status is Status.COMPLETED)
         assert registry.get(rid).log.text == "patience"
 
 
@@ -295,15 +296,15 @@ async def test_a_hello_from_a_live_replica_means_a_new_process_and_orphans_what_
     node = ReplicaNode(replica_config(("a", "b")))
     async with app_over(node) as (client, registry, bridge):
         node.push(hello("a"), hello("b"))  # the first processes start: nothing held, nothing to do
-        assert await until(lambda: bridge.replicas.by_id["b"].hellos == 1)
+        await wait_until_async(lambda: bridge.replicas.by_id["b"].hellos == 1)
         assert bridge.replicas.by_id["a"].failures == 0
         ids = [(await background(client, f"q{i}")).json()["id"] for i in range(2)]  # a: q0, b: q1
         node.push(hello("a"))  # a restarted: q0 went to the process before
-        assert await until(lambda: len(node.requests()) == 3)
+        await wait_until_async(lambda: len(node.requests()) == 3)
         assert node.requests()[-1] == ("v1/chat/completions/b", f"{ids[0]}~1")
         assert bridge.replicas.by_id["a"].live and bridge.replicas.by_id["a"].failures == 1
         node.push(*answer(f"{ids[0]}~1", "b", ["q0"]))
-        assert await until(lambda: registry.get(ids[0]).status is Status.COMPLETED)
+        await wait_until_async(lambda: registry.get(ids[0]).status is Status.COMPLETED)
 
 
 async def test_a_reply_without_id_or_seq_answers_only_the_oldest_request_of_its_own_legacy_replica() -> None:
@@ -311,7 +312,7 @@ async def test_a_reply_without_id_or_seq_answers_only_the_oldest_request_of_its_
     node = ReplicaNode(replica_config(("a", "b")))
     async with app_over(node) as (client, registry, bridge):
         node.push(hello("b"))  # b speaks the seq protocol; a never does (a legacy node)
-        assert await until(lambda: bridge.replicas.by_id["b"].hellos == 1)
+        await wait_until_async(lambda: bridge.replicas.by_id["b"].hellos == 1)
         ids = [(await background(client, f"q{i}")).json()["id"] for i in range(4)]  # a: q0, q2; b: q1, q3
         assert [out for out, _ in node.requests()] == [f"v1/chat/completions/{r}" for r in "abab"]
         node.push(unnamed("b", []))  # not from a legacy replica: answers nothing, although q0 has waited longest
@@ -320,6 +321,6 @@ async def test_a_reply_without_id_or_seq_answers_only_the_oldest_request_of_its_
         def dropped() -> float:
             return metric(registry.metrics.render().decode(), 'oss_dropped_chunks_total{reason="unknown"}', 0)
 
-        assert await until(lambda: dropped() == 2)  # b's, and a's third: a holds no request any more
+        await wait_until_async(lambda: dropped() == 2)  # b's, and a's third: a holds no request any more
         assert [registry.get(i).status for i in ids] == [Status.COMPLETED, Status.IN_PROGRESS] * 2
         assert (registry.get(ids[0]).log.text, registry.get(ids[2]).log.text) == ("first", "second")
