@@ -19,6 +19,7 @@ from .store.config import parse_store_option
 
 ENV_PREFIX = "OPENAI_STREAM_SERVER_"
 DEFAULT_MODEL = "dora-stream"
+REASONING_FIELDS = ("reasoning_content", "reasoning", "both")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,15 @@ class Settings:
     model_wait_s: float = 5.0
     """A request that arrives while no model replica is live (one is restarting) waits this long for one, then gets 503;
     a request whose replica died before its first chunk waits as long to be re-sent."""
+    replica_silence_s: float = 3.0
+    """A model replica that sends heartbeats, holds requests and has said nothing for this long is treated as dead: its
+    requests continue on another replica, and it gets no new work until it speaks again (0: never)."""
+    max_attempts: int = 3
+    """Sends of one request at most, the first included: re-sends after its replica died, answered busy or timed out."""
+    attempt_timeout_s: float = 20.0
+    """No chunk from the replica a request (or its continuation) went to within this time, while another replica could
+    take it: that counts as the replica's failure and the request goes to another (0: never; the first-chunk and idle
+    timeouts still bound the whole request)."""
     header_grace_s: float = 2.0
     """How long a streaming response holds its headers back waiting for the first chunk or an error."""
     ping_interval_s: float = 15.0
@@ -102,6 +112,10 @@ class Settings:
     """Encoded records the store holds at most (SQLite, Redis, memory); past it the least recently written go first."""
     store_flush_interval_s: float = 0.5
     """Queued store writes are flushed at least this often (a crash loses at most this much; keep it <= 1)."""
+    reasoning_field: str = "reasoning_content"
+    """Where chat completions put a reasoning model's thinking: ``delta.reasoning_content`` and
+    ``message.reasoning_content`` (DeepSeek's name, read by langchain, litellm, Open WebUI), ``reasoning`` (vLLM's
+    current name), or ``both``."""
     close_stream_after_events: int = 0
     """Test-only: close each reattach stream after this many events (0: never), to exercise reconnects."""
     sse_retry_ms: int = 1000
@@ -119,6 +133,10 @@ class Settings:
         parse_store_option(self.store)  # a bad --store stops the server before anything starts
         if self.store_flush_interval_s <= 0:
             raise ValueError(f"store_flush_interval_s must be > 0, got {self.store_flush_interval_s!r}")
+        if self.reasoning_field not in REASONING_FIELDS:
+            raise ValueError(f"reasoning_field must be one of {', '.join(REASONING_FIELDS)}, got {self.reasoning_field!r}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty: give a key, or None to run without one")
 

@@ -4,6 +4,10 @@ POST streams carry no ``id:`` lines: the SDK's decoder keeps the last ``id:``
 and turns a later comment ping into an empty event that fails to parse
 (docs/architecture.md, HTTP API). Reattach streams (``resumable=True``) carry
 ``id: <seq>`` and ``sequence_number`` so that ``EventSource`` resumes.
+
+A reasoning model's reasoning goes in ``delta.reasoning_content`` / ``message.reasoning_content``
+(DeepSeek's name), ``reasoning`` (vLLM's) or both, by ``--reasoning-field``; its usage then has
+``completion_tokens_details.reasoning_tokens`` (docs/architecture.md, "Reasoning").
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import orjson
 
 from openai_stream_protocol import ToolCallDelta
 
+from ...answer_log import REASONING, AnswerLog
 from ...sse import DONE, error_event
 from ...state import Status, StreamState
 from ..common import end_error
@@ -22,7 +27,23 @@ from ..follow import UNBATCHED
 from ..tools import call_dict
 
 
-def completion_body(state: StreamState) -> dict[str, Any]:
+def reasoning_keys(reasoning_field: str) -> tuple[str, ...]:
+    """The message and delta keys a reasoning model's reasoning goes in, for ``--reasoning-field``."""
+    return ("reasoning_content", "reasoning") if reasoning_field == "both" else (reasoning_field,)
+
+
+def chat_usage(log: AnswerLog) -> dict[str, Any]:
+    """The usage object: with ``completion_tokens_details.reasoning_tokens`` when the answer reasoned.
+
+    An answer without reasoning keeps the three counts alone, byte for byte what it was before reasoning existed.
+    """
+    usage: dict[str, Any] = log.usage
+    if log.reasoning or log.reasoning_tokens is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": log.reasoning_used}
+    return usage
+
+
+def completion_body(state: StreamState, reasoning_field: str = "reasoning_content") -> dict[str, Any]:
     """The ``chat.completion`` object gathered so far (``status`` is our extension, for GET by id)."""
     body: dict[str, Any] = {
         "id": state.request_id,
@@ -33,12 +54,12 @@ def completion_body(state: StreamState) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": _message(state),
+                "message": _message(state, reasoning_field),
                 "logprobs": None,
                 "finish_reason": state.log.finish_reason,
             }
         ],
-        "usage": state.log.usage,
+        "usage": chat_usage(state.log),
         "status": state.status.value,
     }
     if state.status in (Status.FAILED, Status.CANCELLED):
@@ -46,13 +67,19 @@ def completion_body(state: StreamState) -> dict[str, Any]:
     return body
 
 
-def _message(state: StreamState) -> dict[str, Any]:
-    """The assistant message: its text, and its tool calls when it made any (content is then null if empty)."""
-    if not state.log.tool_calls:
-        return {"role": "assistant", "content": state.log.text, "refusal": None}
-    text = state.log.text
-    calls = [call_dict(call) for call in state.calls()]
-    return {"role": "assistant", "content": text or None, "refusal": None, "tool_calls": calls}
+def _message(state: StreamState, reasoning_field: str) -> dict[str, Any]:
+    """The assistant message: its text, its reasoning when it had any, and its tool calls when it made any (content is
+    then null if empty)."""
+    log = state.log
+    message: dict[str, Any] = {"role": "assistant", "content": log.text, "refusal": None}
+    if log.reasoning:
+        thought = log.reasoning_text
+        for key in reasoning_keys(reasoning_field):
+            message[key] = thought or None
+    if log.tool_calls:
+        message["content"] = message["content"] or None
+        message["tool_calls"] = [call_dict(call) for call in state.calls()]
+    return message
 
 
 class ChunkEncoder:
@@ -62,7 +89,9 @@ class ChunkEncoder:
     /v1/completions: another ``OBJECT``, no role chunk, the text in ``choices[0].text``.
     """
 
-    __slots__ = ("_head", "_tail", "_resumable", "include_usage", "relay_sent_at", "_content_open", "_content_close")
+    __slots__ = (
+        "_head", "_tail", "_resumable", "include_usage", "relay_sent_at", "_content_open", "_content_close", "_reasoning_keys",
+    )  # fmt: skip
 
     OBJECT = "chat.completion.chunk"
     CONTENT_HEAD = b',"choices":[{"index":0,"delta":{"content":'
@@ -79,6 +108,7 @@ class ChunkEncoder:
         include_usage: bool = False,
         resumable: bool = False,
         relay_sent_at: bool = False,
+        reasoning_field: str = "reasoning_content",
     ) -> None:
         head = orjson.dumps({"id": request_id, "object": self.OBJECT, "created": created, "model": model})[:-1]
         self._head = head + b',"system_fingerprint":null'
@@ -88,6 +118,7 @@ class ChunkEncoder:
         self.relay_sent_at = relay_sent_at
         self._content_open = b"data: " + self._head + self.CONTENT_HEAD
         self._content_close = self.CONTENT_TAIL + self._tail
+        self._reasoning_keys = reasoning_keys(reasoning_field)
 
     def _event(self, seq: int | None, body: bytes) -> bytes:
         if self._resumable and seq is not None:
@@ -114,6 +145,17 @@ class ChunkEncoder:
         # ``x_sent_at`` (benchmarks only, ``relay_sent_at``): the node's send time of the oldest chunk in this event.
         stamp = b',"x_sent_at":' + orjson.dumps(sent_at) if sent_at is not None and self.relay_sent_at else b""
         return self._event(seq, self.CONTENT_HEAD + orjson.dumps(text) + self.CONTENT_TAIL + stamp + self._tail)
+
+    def reasoning(self, text: str, seq: int | None = None) -> bytes | None:
+        """A reasoning chunk: the text in ``delta.reasoning_content`` (or ``delta.reasoning``, or both); None where the
+        surface has no place for it."""
+        return self._event(
+            seq,
+            b',"choices":[{"index":0,"delta":'
+            + orjson.dumps(dict.fromkeys(self._reasoning_keys, text))
+            + b',"logprobs":null,"finish_reason":null}]'
+            + self._tail,
+        )
 
     def tool_call(self, delta: ToolCallDelta, arguments: str, seq: int | None = None) -> bytes:
         """A ``delta.tool_calls`` chunk: id, type and name when ``delta`` starts the call, then argument text."""
@@ -155,7 +197,7 @@ class ChunkRenderer:
     ``EventSource`` reconnects sooner than its 3 s default.
     """
 
-    __slots__ = ("state", "encoder", "start", "retry_ms", "_content", "_relay")
+    __slots__ = ("state", "encoder", "start", "retry_ms", "_content", "_relay", "_log")
 
     batch = UNBATCHED
 
@@ -166,6 +208,7 @@ class ChunkRenderer:
         self.retry_ms = retry_ms
         self._content = encoder.content
         self._relay = encoder.relay_sent_at
+        self._log = state.log
 
     def opening(self) -> bytes:
         retry = b"retry: %d\n\n" % self.retry_ms if self.retry_ms else b""
@@ -173,19 +216,29 @@ class ChunkRenderer:
         return retry if role is None else retry + role
 
     def advance(self, start: int, end: int) -> Sequence[bytes]:
-        state = self.state
-        if state.log.tool_calls:  # tool-call deltas among them: one event per run
-            encoder = self.encoder
-            return [
-                encoder.content(text, last) if delta is None else encoder.tool_call(delta, text, last)
-                for delta, text, last in state.log.segments(start, end)
-                if delta is not None or text
-            ]
-        pieces = state.log.pieces
+        log = self._log
+        if log.tool_calls or log.reasoning:  # tool-call deltas or reasoning among them: one event per run
+            return self._runs(start, end)
+        pieces = log.pieces
         text = pieces[start] if end - start == 1 else "".join(pieces[start:end])
         if not text:
             return ()
-        return (self._content(text, end - 1, state.log.sent_at.get(start) if self._relay else None),)
+        return (self._content(text, end - 1, log.sent_at.get(start) if self._relay else None),)
+
+    def _runs(self, start: int, end: int) -> list[bytes]:
+        encoder = self.encoder
+        events = []
+        for kind, text, last in self._log.segments(start, end):
+            if kind is None:
+                if text:
+                    events.append(encoder.content(text, last))
+            elif kind is REASONING:
+                event = encoder.reasoning(text, last) if text else None
+                if event is not None:
+                    events.append(event)
+            else:
+                events.append(encoder.tool_call(kind, text, last))  # type: ignore[arg-type]
+        return events
 
     def ending(self) -> bytes:
         state = self.state
@@ -193,7 +246,7 @@ class ChunkRenderer:
             return DONE
         if state.status is not Status.COMPLETED:
             return error_event(end_error(state)) + DONE
-        usage = state.log.usage
+        usage = chat_usage(state.log)
         finish = self.encoder.finish(state.log.finish_reason or "stop", len(state.log.pieces), usage)
         if self.encoder.include_usage:
             return finish + self.encoder.usage(usage) + DONE

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from openai_stream_protocol import Part
 
 from ...schema import I64_MAX, I64_MIN, MAX_MODEL_CHARS, OpenAIStop, StrictModel, field_names, parse_json
+from ..reasoning import ReasoningEffort
 from ..tools import AssistantToolCall, CalledFunction, Function, FunctionName_, FunctionTool, NamedToolChoice, ToolChoice
 
 
@@ -98,6 +99,7 @@ class ChatCompletionRequest(StrictModel):
     tools: list[FunctionTool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    reasoning_effort: ReasoningEffort | None = None
 
     @property
     def token_limit(self) -> int | None:

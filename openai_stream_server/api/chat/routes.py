@@ -8,10 +8,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from openai_stream_protocol import ReasoningRequest
+
 from ...state import Status, StreamState
 from ..common import check_images, read_body, sequence_number
 from ..dispatch import sampling_metadata
 from ..follow import follow
+from ..reasoning import reasoning_metadata
 from ..surface import Surface, by_id
 from ..surfaces import CHAT
 from ..tools import tool_metadata
@@ -55,7 +58,7 @@ class ChatCompletions(Surface):
             )
         if not body.stream:
             await self.dispatcher.gathered(request, state)
-            gathered = completion_body(state)
+            gathered = completion_body(state, self.settings.reasoning_field)
             del gathered["status"]
             return JSONResponse(gathered, headers=headers)
         await self.dispatcher.first_chunk(request, state)
@@ -65,6 +68,7 @@ class ChatCompletions(Surface):
             state.created,
             include_usage=include_usage(body.stream_options),
             relay_sent_at=self.settings.relay_sent_at,
+            reasoning_field=self.settings.reasoning_field,
         )
         events = follow(ChunkRenderer(state, encoder), self.metrics, on_early_close=lambda: self.dispatcher.cancel(request_id))
         return self.sse(events, headers)
@@ -72,7 +76,8 @@ class ChatCompletions(Surface):
     @staticmethod
     def _metadata(body: ChatCompletionRequest, model: str, request_id: str) -> dict[str, Any]:
         tools = tool_metadata(body.tools, body.tool_choice, body.parallel_tool_calls)
-        return tools | sampling_metadata(
+        wish = None if body.reasoning_effort is None else ReasoningRequest(body.reasoning_effort)
+        return {**tools, **reasoning_metadata(wish)} | sampling_metadata(
             request_id,
             model,
             stream=body.stream or body.background,
@@ -89,16 +94,18 @@ class ChatCompletions(Surface):
     async def stream(self, request: Request, state: StreamState) -> Response:
         """GET .../{id}/stream: (re)attach from the start or after ``Last-Event-ID`` / ``starting_after``."""
         after = sequence_number(request.headers.get("last-event-id") or request.query_params.get("starting_after"))
-        encoder = ChunkEncoder(state.request_id, state.model, state.created, resumable=True)
+        encoder = ChunkEncoder(
+            state.request_id, state.model, state.created, resumable=True, reasoning_field=self.settings.reasoning_field
+        )
         renderer = ChunkRenderer(state, encoder, after=after, retry_ms=self.settings.sse_retry_ms)
         events = follow(renderer, self.metrics, max_events=self.settings.close_stream_after_events)
         return self.sse(events, {"X-Request-Id": state.request_id})
 
     @by_id
     async def retrieve(self, request: Request, state: StreamState) -> Response:
-        return JSONResponse(completion_body(state), headers={"X-Request-Id": state.request_id})
+        return JSONResponse(completion_body(state, self.settings.reasoning_field), headers={"X-Request-Id": state.request_id})
 
     @by_id
     async def cancel(self, request: Request, state: StreamState) -> Response:
         self.dispatcher.cancel(state.request_id)
-        return JSONResponse(completion_body(state), headers={"X-Request-Id": state.request_id})
+        return JSONResponse(completion_body(state, self.settings.reasoning_field), headers={"X-Request-Id": state.request_id})

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from ...state import StreamState
-from ..chat.render import ChunkEncoder
+from ..chat.render import ChunkEncoder, chat_usage
 
 
 def completion_body(state: StreamState) -> dict[str, Any]:
@@ -22,7 +22,7 @@ def completion_body(state: StreamState) -> dict[str, Any]:
         "model": state.model,
         "system_fingerprint": None,
         "choices": [{"text": state.log.text, "index": 0, "logprobs": None, "finish_reason": state.log.finish_reason}],
-        "usage": state.log.usage,
+        "usage": chat_usage(state.log),
     }
 
 
@@ -39,6 +39,10 @@ class TextCompletionEncoder(ChunkEncoder):
     CONTENT_TAIL = b',"index":0,"logprobs":null,"finish_reason":null}]'
 
     def role(self) -> None:
+        return None
+
+    def reasoning(self, text: str, seq: int | None = None) -> None:
+        """A text completion has no place for reasoning: only the answer text is sent."""
         return None
 
     def finish(self, finish_reason: str, seq: int | None = None, usage: dict[str, Any] | None = None) -> bytes:
