@@ -88,6 +88,10 @@ class Dataflow:
             node["env"] = node_env
             if node["id"] == SERVER_NODE and not self.port_from_environ:
                 node_env["OPENAI_STREAM_SERVER_PORT"] = self.port
+            if node["id"] == SERVER_NODE:
+                # The shipped YAMLs keep completions in SQLite (docs/store.md); a test that does not ask for a
+                # store keeps them in memory, so that no test reads another's records from the user's file.
+                node_env["OPENAI_STREAM_SERVER_STORE"] = "memory"
             node_env.update(self.env.get(node["id"], {}))
             if isinstance(node.get("path"), str) and node["path"].endswith(".py") and not os.path.isabs(node["path"]):
                 node["path"] = str((self.yml.parent / node["path"]).resolve())

@@ -183,6 +183,8 @@ def test_two_daemons_serve_50_concurrent_streams_exactly_and_a_node_restart_is_p
     spec = yaml.safe_load((ROOT / "dataflow-cluster.yml").read_text())
     for node in spec["nodes"]:
         node.pop("build", None)  # `dora build` already happened: the venv has everything
+        if node["id"] == "openai-stream-server":  # not the user's SQLite file (docs/store.md): nothing outlives the test
+            node["env"]["OPENAI_STREAM_SERVER_STORE"] = "memory"
     # As shipped: 20 ms per token, ~2,500 messages/s across the daemons for 50 streams. At 5 ms per
     # token dora 1.1.0's daemon dropped inter-daemon messages ("zenoh publish channel full (256)")
     # in about half the runs (docs/architecture.md, "Facts measured").
