@@ -335,5 +335,5 @@ def test_a_citation_of_a_missing_section_is_reported(tmp_path: Path) -> None:
 
 def test_an_issue_number_is_found() -> None:
     a, b, c = 12, 9, 3  # numbers kept out of the literal, so that grepping the tree for them stays clean
-    found = _ISSUE_REF.findall(f"(issue {a}) the surface (Issue #{b}), issues {c} ... no tissue 5")
+    found = _ISSUE_REF.findall(f"(issue {a}) the surface (Issue #{b}), issues {c} ... no tissue {c}")
     assert found == [f"issue {a}", f"Issue #{b}", f"issues {c}"]
