@@ -225,13 +225,15 @@ class RedisStore(Store):
             await self._flush_once()
             await self._client.delete(self._key("instance", self.instance_id))
         except _ERRORS as exc:
-            logger.error(
-                "%s: %d records and %d log batches not written before the stop: %s",
-                self.where,
-                len(self._records),
-                len(self._logs),
-                exc,
-            )
+            if self._records or self._logs or self._deletes:
+                logger.error(
+                    "%s: %d records, %d log batches and %d deletions not written before the stop: %s",
+                    self.where,
+                    len(self._records),
+                    len(self._logs),
+                    len(self._deletes),
+                    exc,
+                )
         await self._client.aclose()
 
     def problem(self) -> str | None:
@@ -266,6 +268,8 @@ class RedisStore(Store):
         self._wakeup.set()
 
     async def _get(self, completion_id: str) -> CompletionRecord | None:
+        if completion_id in self._deletes:  # deleted, not sent yet
+            return None
         queued = self._records.get(completion_id)
         if queued is not None:
             return decode(queued[1])

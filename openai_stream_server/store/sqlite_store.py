@@ -169,6 +169,8 @@ class SqliteStore(Store):
             self._wakeup.set()
 
     async def _get(self, completion_id: str) -> CompletionRecord | None:
+        if completion_id in self._deletes:  # deleted, not flushed yet
+            return None
         row = self._pending.get(completion_id)
         if row is not None:
             return decode(row[5])

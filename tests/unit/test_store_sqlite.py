@@ -300,3 +300,14 @@ async def test_discard_deletes_with_the_next_flush_and_drops_a_queued_write(tmp_
         assert rows(path) == {"again": "completed"}
     finally:
         await store.aclose()
+
+
+async def test_a_discarded_record_reads_as_missing_before_the_flush(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "s.db", StoreOptions(flush_interval_s=10))
+    try:
+        store.put(finished("a"))
+        await store.flush()
+        store.discard("a")
+        assert await store.get("a") is None
+    finally:
+        await store.aclose()
