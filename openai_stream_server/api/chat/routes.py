@@ -107,5 +107,5 @@ class ChatCompletions(Surface):
 
     @by_id
     async def cancel(self, request: Request, state: StreamState) -> Response:
-        self.dispatcher.cancel(state.request_id)
+        await self.dispatcher.cancel_anywhere(state.request_id)
         return JSONResponse(completion_body(state, self.settings.reasoning_field), headers={"X-Request-Id": state.request_id})
