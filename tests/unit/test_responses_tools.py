@@ -411,7 +411,7 @@ async def test_bad_tools_name_the_field(extra: dict[str, Any], param: str) -> No
             "input[0].output[0].type",
             id="output-image",
         ),
-        pytest.param({"type": "reasoning", "summary": []}, "input[0].type", id="other-item-type"),
+        pytest.param({"type": "file_search_call", "queries": []}, "input[0].type", id="other-item-type"),
     ],
 )
 async def test_bad_input_items_name_the_field(item: dict[str, Any], param: str) -> None:

@@ -29,6 +29,8 @@ class Echo:
     """The request's function tools, Responses-shaped (``{"type": "function", "name", ...}``)."""
     tool_choice: str | dict[str, Any] = "auto"
     parallel_tool_calls: bool = True
+    reasoning_effort: str | None = None
+    reasoning_summary: str | None = None
 
 
 def echo_of(state: StreamState) -> Echo:

@@ -15,6 +15,12 @@ def message_id(response_id: str, nth: int = 0) -> str:
     return base if nth == 0 else f"{base}_{nth}"
 
 
+def reasoning_id(response_id: str, nth: int = 0) -> str:
+    """The ``nth`` reasoning item's id, derived from the response's as the messages' are."""
+    base = "rs_" + response_id.removeprefix("resp_")
+    return base if nth == 0 else f"{base}_{nth}"
+
+
 def function_call_item_id(response_id: str, index: int) -> str:
     """The output item id of the response's call ``index`` (the node's ``tool_call_index``)."""
     return f"fc_{response_id.removeprefix('resp_')}_{index}"
@@ -37,6 +43,21 @@ def message_item(item_id: str, status: str, text: str | None) -> dict[str, Any]:
         "status": status,
         "role": "assistant",
         "content": [] if text is None else [output_text(text)],
+    }
+
+
+def reasoning_text(text: str) -> dict[str, Any]:
+    return {"type": "reasoning_text", "text": text}
+
+
+def reasoning_item(item_id: str, status: str, text: str | None) -> dict[str, Any]:
+    """A reasoning item (its text as one ``reasoning_text`` part, no summary); ``text`` None: no part yet."""
+    return {
+        "id": item_id,
+        "type": "reasoning",
+        "status": status,
+        "summary": [],
+        "content": [] if text is None else [reasoning_text(text)],
     }
 
 

@@ -20,8 +20,9 @@ where ``n`` is the number of pieces. With tool calls the pieces are split into o
 order of appearance (``OutputWalk``): a run of answer text is a ``message`` item, each call a
 ``function_call`` item; an item opens with its ``added`` events where its first piece is, each
 piece is one delta event, and an item closes with its ``done`` events where the next item opens
-(or at the end). The numbering is still a running count over the pieces, so still a pure
-function of them. Deltas are never coalesced here (the chat stream joins what piled up into one
+(or at the end); reasoning is a ``reasoning`` item of its own, with ``response.reasoning_text.delta``
+events (docs/architecture.md, "Reasoning"). The numbering is still a running count over the pieces,
+so still a pure function of them. Deltas are never coalesced here (the chat stream joins what piled up into one
 event): joining would make the numbering depend on when a reader woke up. A slow reader
 therefore gets one event per chunk; that costs more per token than chat's coalesced events on a
 backlog (not measured). No ``id:`` lines and no ``[DONE]``, as OpenAI streams them.
@@ -69,12 +70,12 @@ def response_body(state: StreamState, echo: Echo, *, status: str | None = None) 
             "input_tokens": used["prompt_tokens"],
             "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": used["completion_tokens"],
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": state.log.reasoning_used},
             "total_tokens": used["total_tokens"],
         }
     if opening:
         output: list[dict[str, Any]] = []
-    elif not state.log.tool_calls:
+    elif not state.log.tool_calls and not state.log.reasoning:
         output = [message_item(message_id(state.request_id), item_status(status), state.log.text)]
     else:
         output = walked(state).output(status)
@@ -93,6 +94,7 @@ def response_body(state: StreamState, echo: Echo, *, status: str | None = None) 
         "output": output,
         "parallel_tool_calls": echo.parallel_tool_calls,
         "previous_response_id": echo.previous_response_id,
+        "reasoning": {"effort": echo.reasoning_effort, "summary": echo.reasoning_summary},
         "store": echo.store,
         "temperature": echo.temperature,
         "text": {"format": {"type": "text"}},
@@ -161,6 +163,11 @@ class ResponseRenderer:
             content_index=0,
             delta=text,
             logprobs=[],
+        )
+
+    def reasoning_delta(self, item: Item, seq: int, text: str) -> bytes:
+        return self.event(
+            "response.reasoning_text.delta", seq, item_id=item.id, output_index=item.output_index, content_index=0, delta=text
         )
 
     def argument_delta(self, item: Item, seq: int, text: str) -> bytes:

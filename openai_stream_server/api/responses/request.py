@@ -3,8 +3,10 @@
 ``input`` is a string (one user message) or a list of items: messages, whose content is a
 string or a list of parts (``input_text`` and ``input_image`` for user, system and developer
 messages, ``output_text`` and ``input_text`` for assistant ones), the assistant's earlier
-``function_call`` items and the ``function_call_output`` items that answer them. Other item
-types (reasoning, ...) are refused with a 400 naming ``input[i].type``.
+``function_call`` items and the ``function_call_output`` items that answer them. An earlier
+response's ``reasoning`` items (which a client managing its own context sends back) are accepted
+and left out of the conversation, as thinking templates leave reasoning out of the history. Other
+item types (files, ...) are refused with a 400 naming ``input[i].type``.
 
 ``tools`` are Responses-shaped function tools (``{"type": "function", "name", "description",
 "parameters", "strict"}``, flat) and ``tool_choice`` names one as ``{"type": "function", "name"}``;
@@ -22,6 +24,7 @@ from pydantic import Discriminator, Field, Tag, model_validator
 from openai_stream_protocol import Part, ToolCall
 
 from ...schema import I64_MAX, MAX_MODEL_CHARS, StrictModel, field_names, parse_json
+from ..reasoning import ReasoningEffort
 from ..tools import Function, FunctionName, FunctionName_, FunctionTool, NamedToolChoice, ToolChoice, tool_metadata
 
 CallId = Annotated[str, Field(min_length=1, pattern=r"^[^\r\n]*$")]
@@ -106,10 +109,24 @@ class FunctionCallOutputItem(StrictModel):
         return Part("tool", "text", text, tool_call_id=self.call_id)
 
 
+class ReasoningItem(StrictModel):
+    """An earlier response's reasoning, sent back by a client that manages its own context; not sent downstream."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[dict[str, Any]] = []
+    content: list[dict[str, Any]] | None = None
+    encrypted_content: str | None = None
+    status: str | None = None
+
+
+_ITEM_TYPES = ("function_call", "function_call_output", "reasoning")
+
+
 def _item_kind(value: Any) -> str:
-    """Which item model validates an ``input`` entry: a function call (output) by its ``type``; anything else,
-    and anything with a ``role``, as a message (whose ``type`` must then be ``message``)."""
-    if isinstance(value, dict) and "role" not in value and value.get("type") in ("function_call", "function_call_output"):
+    """Which item model validates an ``input`` entry: a function call (output) or reasoning by its ``type``; anything
+    else, and anything with a ``role``, as a message (whose ``type`` must then be ``message``)."""
+    if isinstance(value, dict) and "role" not in value and value.get("type") in _ITEM_TYPES:
         return str(value["type"])
     return "message"
 
@@ -117,7 +134,8 @@ def _item_kind(value: Any) -> str:
 InputItem = Annotated[
     Annotated[InputMessage, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(_item_kind),
 ]
 
@@ -150,6 +168,14 @@ class ResponsesNamedToolChoice(StrictModel):
     name: FunctionName
 
 
+class ReasoningParam(StrictModel):
+    """``reasoning``: the effort reaches the node (docs/architecture.md, "Reasoning"); the summary is echoed only
+    (the server has no summariser)."""
+
+    effort: ReasoningEffort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+
+
 class ResponsesRequest(StrictModel):
     # The list first: an empty list's error (too short) is then the one reported, not "not a string".
     input: Annotated[list[InputItem], Field(min_length=1)] | str
@@ -172,6 +198,7 @@ class ResponsesRequest(StrictModel):
     tools: list[ResponsesFunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ResponsesNamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    reasoning: ReasoningParam | None = None
 
     def instruction_parts(self) -> list[Part]:
         """``instructions`` as the conversation's first (system) part; not carried over by ``previous_response_id``."""
@@ -187,6 +214,8 @@ class ResponsesRequest(StrictModel):
         for item in self.input:
             if isinstance(item, FunctionCallItem):
                 calls.append(item.call())
+                continue
+            if isinstance(item, ReasoningItem):
                 continue
             if calls:
                 parts.append(Part.of_tool_calls(calls))
@@ -231,6 +260,8 @@ _FIELDS = field_names(
     FunctionCallItem,
     OutputTextPart,
     FunctionCallOutputItem,
+    ReasoningItem,
+    ReasoningParam,
     ResponsesFunctionTool,
     ResponsesNamedToolChoice,
     ResponsesRequest,

@@ -14,13 +14,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from openai_stream_protocol import Part
+from openai_stream_protocol import Part, ReasoningRequest
 
 from ...errors import ApiError, Cancelled, InvalidRequest, NotFound
 from ...state import StreamState
 from ..common import check_images, read_body, sequence_number
 from ..dispatch import sampling_metadata
 from ..follow import follow
+from ..reasoning import reasoning_metadata
 from ..surface import Surface, by_id
 from ..surfaces import RESPONSES
 from .echo import Echo, echo_of
@@ -80,6 +81,8 @@ class Responses(Surface):
             tools=[tool.echo() for tool in body.tools or ()],
             tool_choice=body.echoed_tool_choice(),
             parallel_tool_calls=True if body.parallel_tool_calls is None else body.parallel_tool_calls,
+            reasoning_effort=None if body.reasoning is None else body.reasoning.effort,
+            reasoning_summary=None if body.reasoning is None else body.reasoning.summary,
         )
         state = await self.dispatcher.submit(
             response_id, self.name, model, parts, self._metadata(body, model, response_id), keep_parts=body.store, context=echo
@@ -128,7 +131,8 @@ class Responses(Surface):
 
     @staticmethod
     def _metadata(body: ResponsesRequest, model: str, response_id: str) -> dict[str, Any]:
-        return body.tool_metadata() | sampling_metadata(
+        wish = None if body.reasoning is None else ReasoningRequest(body.reasoning.effort)
+        return {**body.tool_metadata(), **reasoning_metadata(wish)} | sampling_metadata(
             response_id,
             model,
             stream=body.stream or body.background,

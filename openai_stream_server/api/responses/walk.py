@@ -10,7 +10,17 @@ from openai_stream_protocol import Part, ToolCall
 
 from ...answer_log import fallback_call_id
 from ...state import StreamState
-from .items import function_call_item, function_call_item_id, item_status, message_id, message_item, output_text
+from .items import (
+    function_call_item,
+    function_call_item_id,
+    item_status,
+    message_id,
+    message_item,
+    output_text,
+    reasoning_id,
+    reasoning_item,
+    reasoning_text,
+)
 
 OPENING = 2
 """Events before the first item: created, in_progress."""
@@ -25,6 +35,8 @@ class EventSink(Protocol):
 
     def argument_delta(self, item: Item, seq: int, text: str) -> bytes: ...
 
+    def reasoning_delta(self, item: Item, seq: int, text: str) -> bytes: ...
+
     def body(self) -> dict[str, Any]:
         """The response object as it is now (the terminal event carries it)."""
         ...
@@ -36,7 +48,7 @@ class Item:
     None while it is the last one)."""
 
     kind: str
-    """``message`` or ``function_call``."""
+    """``message``, ``function_call`` or ``reasoning``."""
     output_index: int
     id: str
     first: int
@@ -51,19 +63,23 @@ class OutputWalk:
     """A response's output items and its events' sequence numbers, found by walking its pieces in order.
 
     Answer text opens a ``message`` item unless one is open; a tool-call piece of a call not seen
-    yet opens its ``function_call`` item. Opening an item closes the one before. Empty text while no
-    message is open is held back: it joins the message that non-empty text opens next, is dropped
-    when a call comes first (an answer of calls only has no message item, as OpenAI's), and at the
-    end of an answer that has no item at all it opens the message (so an answer of text only has
-    the events it always had, empty pieces or not). A piece of a call whose item was closed already (the node
-    interleaved its calls) is a delta on that item. Everything here depends only on the pieces
-    walked, so the events and numbers of a replay or resume are those of the first stream.
+    yet opens its ``function_call`` item; reasoning opens a ``reasoning`` item unless one is open.
+    Opening an item closes the one before. Empty text while no message is open is held back: it
+    joins the message that non-empty text opens next, is dropped when a call or reasoning comes
+    first (an answer of calls only has no message item, as OpenAI's), and at the end of an answer
+    that has no item at all it opens the message (so an answer of text only has the events it
+    always had, empty pieces or not). Empty reasoning while no reasoning item is open opens none and
+    renders nothing. A piece of a call whose item was closed already (the node interleaved its
+    calls) is a delta on that item. Everything here depends only on the pieces walked, so the
+    events and numbers of a replay or resume are those of the first stream.
 
     ``advance`` and ``finish`` return the rendered events numbered above ``last`` (none when it is
     ``sys.maxsize``: the walk then only finds the items, for the response object).
     """
 
-    __slots__ = ("state", "renderer", "last", "seq", "cursor", "items", "current", "held", "by_call", "messages", "out")
+    __slots__ = (
+        "state", "renderer", "last", "seq", "cursor", "items", "current", "held", "by_call", "messages", "thoughts", "out",
+    )  # fmt: skip
 
     def __init__(self, state: StreamState, renderer: EventSink | None = None, last: int = sys.maxsize) -> None:
         self.state = state
@@ -77,6 +93,8 @@ class OutputWalk:
         """The first of the empty text pieces held back, if any are."""
         self.by_call: dict[int, Item] = {}
         self.messages = 0
+        self.thoughts = 0
+        """Reasoning items opened so far (their ids count them)."""
         self.out: list[bytes] = []
 
     # -- walking -----------------------------------------------------------------
@@ -85,14 +103,22 @@ class OutputWalk:
         """Walk pieces ``cursor:end``; the events they make."""
         self.out = []
         state = self.state
-        pieces, calls = state.log.pieces, state.log.tool_calls
+        pieces, calls, thoughts = state.log.pieces, state.log.tool_calls, state.log.reasoning
         i = self.cursor
         while i < end:
             delta = calls.get(i) if calls else None
             current = self.current
+            if delta is None and thoughts and i in thoughts:
+                self.held = None
+                if current is not None and current.kind == "reasoning":
+                    self._reasoning_delta(current, i)
+                elif pieces[i]:
+                    self._reasoning_delta(self._open_reasoning(i), i)
+                i += 1
+                continue
             if delta is None:
                 if current is not None and current.kind == "message":
-                    if not calls:  # text only so far: every piece to ``end`` is a delta (the common path)
+                    if not calls and not thoughts:  # text only so far: every piece to ``end`` is a delta (the common path)
                         self._text_deltas(current, i, end)
                         i = end
                         break
@@ -159,6 +185,16 @@ class OutputWalk:
         part = {"item_id": item.id, "output_index": item.output_index, "content_index": 0}
         self._emit("response.content_part.added", **part, part=output_text(""))
 
+    def _open_reasoning(self, first: int) -> Item:
+        item = Item("reasoning", len(self.items), reasoning_id(self.state.request_id, self.thoughts), first)
+        self.thoughts += 1
+        self._open(item)
+        added = reasoning_item(item.id, "in_progress", None)
+        self._emit("response.output_item.added", output_index=item.output_index, item=added)
+        part = {"item_id": item.id, "output_index": item.output_index, "content_index": 0}
+        self._emit("response.content_part.added", **part, part=reasoning_text(""))
+        return item
+
     def _open_call(self, first: int, index: int, call_id: str | None, name: str | None) -> Item:
         rid = self.state.request_id
         item = Item(
@@ -182,9 +218,16 @@ class OutputWalk:
             return
         item.end = end
         self.current = None
-        count = 3 if item.kind == "message" else 2
+        count = 2 if item.kind == "function_call" else 3
         if self.renderer is None or self.seq + count - 1 <= self.last:  # none of its events to render: only count them
             self.seq += count
+            return
+        if item.kind == "reasoning":
+            text = self.reasoning(item)
+            part = {"item_id": item.id, "output_index": item.output_index, "content_index": 0}
+            self._emit("response.reasoning_text.done", **part, text=text)
+            self._emit("response.content_part.done", **part, part=reasoning_text(text))
+            self._emit("response.output_item.done", output_index=item.output_index, item=reasoning_item(item.id, status, text))
             return
         if item.kind == "message":
             text = self.text(item)
@@ -213,6 +256,11 @@ class OutputWalk:
                 self.out.append(renderer.text_delta(item, first + i - start, pieces[i]))
         self.seq = first + end - start
 
+    def _reasoning_delta(self, item: Item, i: int) -> None:
+        if self._wanted():
+            self.out.append(self.renderer.reasoning_delta(item, self.seq, self.state.log.pieces[i]))  # type: ignore[union-attr]
+        self.seq += 1
+
     def _argument_delta(self, item: Item, i: int) -> None:
         if self._wanted():
             self.out.append(self.renderer.argument_delta(item, self.seq, self.state.log.pieces[i]))  # type: ignore[union-attr]
@@ -222,12 +270,19 @@ class OutputWalk:
 
     def text(self, item: Item) -> str:
         """A message item's text: the answer text pieces of its span."""
-        state = self.state
-        end = len(state.log.pieces) if item.end is None else item.end
-        calls = state.log.tool_calls
-        if not calls:
-            return "".join(state.log.pieces[item.first : end])
-        return "".join(state.log.pieces[i] for i in range(item.first, end) if i not in calls)
+        log = self.state.log
+        end = len(log.pieces) if item.end is None else item.end
+        calls, thoughts = log.tool_calls, log.reasoning
+        if not calls and not thoughts:
+            return "".join(log.pieces[item.first : end])
+        return "".join([log.pieces[i] for i in range(item.first, end) if i not in calls and i not in thoughts])
+
+    def reasoning(self, item: Item) -> str:
+        """A reasoning item's text: the reasoning pieces of its span."""
+        log = self.state.log
+        end = len(log.pieces) if item.end is None else item.end
+        thoughts = log.reasoning
+        return "".join([log.pieces[i] for i in range(item.first, end) if i in thoughts])
 
     def arguments(self, item: Item, end: int | None = None) -> str:
         """A call's arguments: its pieces before ``end`` (None: all of them)."""
@@ -243,6 +298,8 @@ class OutputWalk:
             own = "completed" if item is not self.items[-1] else item_status(status)
             if item.kind == "message":
                 items.append(message_item(item.id, own, self.text(item)))
+            elif item.kind == "reasoning":
+                items.append(reasoning_item(item.id, own, self.reasoning(item)))
             else:
                 items.append(function_call_item(item.id, item.call_id, item.name, self.arguments(item), own))
         return items
@@ -260,13 +317,16 @@ def walked(state: StreamState) -> OutputWalk:
 
 def answer_parts(state: StreamState) -> list[Part]:
     """The answer as the assistant parts of a continued conversation (``previous_response_id``): each message's
-    text, and each run of function calls as one tool-calls part."""
+    text, and each run of function calls as one tool-calls part. Reasoning is not carried over (thinking
+    templates drop it from the history too)."""
     if not state.log.tool_calls:
         return [Part("assistant", "text", state.log.text)]
     walk = walked(state)
     parts: list[Part] = []
     run: list[ToolCall] = []
     for item in walk.items:
+        if item.kind == "reasoning":
+            continue
         if item.kind == "function_call":
             run.append(walk.call(item))
             continue
