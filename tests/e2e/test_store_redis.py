@@ -122,7 +122,7 @@ def test_previous_response_id_made_on_a_continues_on_b(pair: tuple[Dataflow, Dat
 def test_delete_on_b_is_404_on_a(pair: tuple[Dataflow, Dataflow]) -> None:
     a, b = pair
     created = sdk(a).responses.create(model="m", input="short lived")
-    assert sdk(b).responses.retrieve(created.id).output_text == "short lived"
+    wait_until(lambda: sdk(b).responses.retrieve(created.id).output_text == "short lived", 10, what="B to read it")
     r = httpx.delete(f"{b.base_url}/v1/responses/{created.id}", timeout=10)
     assert r.status_code == 200 and r.json()["deleted"] is True
     wait_until(
@@ -136,7 +136,8 @@ def test_delete_on_b_is_404_on_a(pair: tuple[Dataflow, Dataflow]) -> None:
 def test_redis_lost_then_back(pair: tuple[Dataflow, Dataflow], redis_server: RedisServer) -> None:
     a, b = pair
     before = sdk(a).chat.completions.create(model="m", messages=[{"role": "user", "content": "before"}])
-    assert content(b, before.id) == "before"  # from Redis: B never saw it
+    # from Redis (B never saw it), once A's final record is there: a moment after A answered
+    wait_until(lambda: content(b, before.id) == "before", 10, what="B to read A's completion")
     redis_server.kill()
     try:
         health = wait_until(
