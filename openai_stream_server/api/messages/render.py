@@ -4,20 +4,23 @@
     message_delta, message_stop
 
 Text is one block until a tool call starts; each tool call is a block of its own (its arguments
-as ``input_json_delta``); text after a call opens a new block. A failure after the headers is an
+as ``input_json_delta``); text after a call opens a new block. Reasoning is a ``thinking`` block
+(``thinking_delta``, then one ``signature_delta`` before its stop) wherever the node's reasoning runs
+are, so before the text (docs/architecture.md, "Reasoning"). A failure after the headers is an
 ``event: error``; there is no ``[DONE]``. Tool-use ids are the node's call ids, unchanged, so a
 ``tool_result`` sent back names the call the node made (docs/architecture.md, "Anthropic Messages API").
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Sequence
 from typing import Any
 
 from openai_stream_protocol import ToolCallDelta
 
-from ...answer_log import fallback_call_id
+from ...answer_log import ReasoningRun, fallback_call_id
 from ...anthropic_errors import error_event
 from ...sse import named_event
 from ...state import Status, StreamState
@@ -65,21 +68,31 @@ def usage(state: StreamState) -> dict[str, int]:
     }
 
 
+def signature(message_id: str, index: int) -> str:
+    """A thinking block's ``signature``: opaque to clients, which send it back with the block; derived from the
+    message id and the block's index so that the object and every stream agree."""
+    return base64.urlsafe_b64encode(f"{message_id}/{index}".encode()).decode()
+
+
 def content_blocks(state: StreamState) -> list[dict[str, Any]]:
-    """The answer as content blocks, in the order they began: text runs and one ``tool_use`` per call."""
-    if not state.log.tool_calls:
-        text = state.log.text
+    """The answer as content blocks, in the order they began: thinking and text runs, and one ``tool_use`` per call."""
+    log = state.log
+    if not log.tool_calls and not log.reasoning:
+        text = log.text
         return [{"type": "text", "text": text}] if text else []
     blocks: list[dict[str, Any]] = []
     by_call: dict[int, dict[str, Any]] = {}
-    for delta, text, _ in state.log.segments(0, len(state.log.pieces)):
-        if delta is None:
+    for delta, text, _ in log.segments(0, len(log.pieces)):
+        if delta is None or isinstance(delta, ReasoningRun):
             if not text:
                 continue
-            if blocks and blocks[-1]["type"] == "text":
-                blocks[-1]["text"] += text
-            else:
+            kind = "text" if delta is None else "thinking"  # a block's type is also the key of its text
+            if blocks and blocks[-1]["type"] == kind:
+                blocks[-1][kind] += text
+            elif kind == "text":
                 blocks.append({"type": "text", "text": text})
+            else:
+                blocks.append({"type": "thinking", "thinking": text, "signature": signature(state.request_id, len(blocks))})
         elif delta.index not in by_call:
             by_call[delta.index] = {"type": "tool_use", "id": "", "name": "", "input": {}}
             blocks.append(by_call[delta.index])
@@ -112,18 +125,27 @@ class _Blocks:
         """The index of the open block, None between blocks."""
         self.open_call: int | None = None
         """The call index when the open block is a ``tool_use``."""
+        self.open_kind: str | None = None
+        """The open block's type: ``text``, ``thinking`` or ``tool_use``."""
         self.calls: dict[int, int] = {}
         """Call index -> its block index."""
 
-    def run(self, delta: ToolCallDelta | None, text: str) -> bytes:
-        """The events for one run of pieces (``StreamState.segments``)."""
+    def run(self, delta: ToolCallDelta | ReasoningRun | None, text: str) -> bytes:
+        """The events for one run of pieces (``AnswerLog.segments``)."""
         if delta is None:
             if not text:
                 return b""
             opened = b""
-            if self.open is None or self.open_call is not None:
+            if self.open_kind != "text":
                 opened = self._start({"type": "text", "text": ""}, None)
             return opened + _delta(self.open, {"type": "text_delta", "text": text})
+        if isinstance(delta, ReasoningRun):
+            if not text:
+                return b""
+            opened = b""
+            if self.open_kind != "thinking":
+                opened = self._start({"type": "thinking", "thinking": "", "signature": ""}, None)
+            return opened + _delta(self.open, {"type": "thinking_delta", "thinking": text})
         block = self.calls.get(delta.index)
         opened = b""
         if block is None:
@@ -136,7 +158,7 @@ class _Blocks:
 
     def _start(self, block: dict[str, Any], call: int | None) -> bytes:
         closed = self.close()
-        self.open, self.open_call = self.count, call
+        self.open, self.open_call, self.open_kind = self.count, call, block["type"]
         self.count += 1
         return closed + named_event(
             "content_block_start", {"type": "content_block_start", "index": self.open, "content_block": block}
@@ -145,8 +167,12 @@ class _Blocks:
     def close(self) -> bytes:
         if self.open is None:
             return b""
-        index, self.open, self.open_call = self.open, None, None
-        return named_event("content_block_stop", {"type": "content_block_stop", "index": index})
+        index, kind = self.open, self.open_kind
+        self.open, self.open_call, self.open_kind = None, None, None
+        stop = named_event("content_block_stop", {"type": "content_block_stop", "index": index})
+        if kind == "thinking":  # as Anthropic: the block's signature comes last, before its stop
+            return _delta(index, {"type": "signature_delta", "signature": signature(self.state.request_id, index)}) + stop
+        return stop
 
 
 def _delta(index: int | None, delta: dict[str, Any]) -> bytes:
@@ -172,8 +198,8 @@ class MessageRenderer:
         return named_event("message_start", {"type": "message_start", "message": message_body(self.state, [])}) + PING
 
     def advance(self, start: int, end: int) -> Sequence[bytes]:
-        state = self.state
-        runs = state.log.segments(start, end) if state.log.tool_calls else [(None, "".join(state.log.pieces[start:end]), end - 1)]
+        log = self.state.log
+        runs = log.segments(start, end) if log.tool_calls or log.reasoning else [(None, "".join(log.pieces[start:end]), end - 1)]
         events = b"".join(self.blocks.run(delta, text) for delta, text, _ in runs)
         return (events,) if events else ()
 

@@ -5,6 +5,10 @@ way Anthropic names them, with dots: ``messages.0.content.1.type: Input should b
 A content block is one model with a ``type`` and the fields of every kind (as chat's
 ``ContentPart``) rather than a tagged union, whose tags would mix into the field path; what a kind
 needs is checked after, and the missing field is still named (``messages.0.content.0.source``).
+
+``thinking`` reaches the node as the one reasoning entry (docs/architecture.md, "Reasoning");
+``thinking`` and ``redacted_thinking`` blocks a client sends back in an assistant turn are accepted and
+left out of the conversation, as thinking templates leave reasoning out of the history.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from openai_stream_protocol import Part, ToolCall
+from openai_stream_protocol import Part, ReasoningRequest, ToolCall
 
 from ...schema import I64_MAX, MAX_MODEL_CHARS, StopList, StrictModel, error_at, field_names, parse_json
 from ..tools import Function, FunctionName, FunctionName_, FunctionTool, NamedToolChoice, ToolChoice
@@ -56,10 +60,14 @@ class ImageSource(StrictModel):
 
 
 class ContentBlock(StrictModel):
-    """One block of a message's content: ``text``, ``image``, ``tool_use`` or ``tool_result``."""
+    """One block of a message's content: ``text``, ``image``, ``tool_use``, ``tool_result``, or an earlier answer's
+    ``thinking`` / ``redacted_thinking`` (not sent downstream)."""
 
-    type: Literal["text", "image", "tool_use", "tool_result"]
+    type: Literal["text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking"]
     text: str | None = None
+    thinking: str | None = None
+    signature: str | None = None
+    data: str | None = None
     source: ImageSource | None = None
     id: ToolUseId | None = None
     name: FunctionName | None = None
@@ -70,7 +78,14 @@ class ContentBlock(StrictModel):
 
     @model_validator(mode="after")
     def _has_payload(self) -> ContentBlock:
-        needed = {"text": ("text",), "image": ("source",), "tool_use": ("id", "name", "input"), "tool_result": ("tool_use_id",)}
+        needed = {
+            "text": ("text",),
+            "image": ("source",),
+            "tool_use": ("id", "name", "input"),
+            "tool_result": ("tool_use_id",),
+            "thinking": ("thinking",),
+            "redacted_thinking": ("data",),
+        }
         for name in needed[self.type]:
             if getattr(self, name) is None:
                 raise error_at(name)
@@ -83,7 +98,7 @@ class ContentBlock(StrictModel):
         return "".join(block.text for block in self.content or ())
 
 
-_ALLOWED = {"user": ("text", "image", "tool_result"), "assistant": ("text", "tool_use")}
+_ALLOWED = {"user": ("text", "image", "tool_result"), "assistant": ("text", "tool_use", "thinking", "redacted_thinking")}
 
 
 class Message(StrictModel):
@@ -108,6 +123,8 @@ class Message(StrictModel):
         for block in self.content:
             if block.type == "tool_use":
                 calls.append(ToolCall(block.id or "", block.name or "", json.dumps(block.input, ensure_ascii=False)))
+                continue
+            if block.type in ("thinking", "redacted_thinking"):
                 continue
             if calls:
                 parts.append(Part.of_tool_calls(calls))
@@ -155,6 +172,26 @@ class MessagesToolChoice(StrictModel):
         return {"auto": "auto", "any": "required", "none": "none"}[self.type]  # type: ignore[return-value]
 
 
+class ThinkingConfig(StrictModel):
+    """``thinking``: ``enabled`` with a ``budget_tokens`` of at least 1,024 (as Anthropic), ``disabled``, or
+    ``adaptive`` / ``between_tools`` (the model decides); ``display`` is accepted and ignored."""
+
+    type: Literal["enabled", "disabled", "adaptive", "between_tools"]
+    budget_tokens: Annotated[int, Field(ge=1024, le=I64_MAX)] | None = None
+    display: Literal["summarized", "omitted"] | None = None
+
+    @model_validator(mode="after")
+    def _budget(self) -> ThinkingConfig:
+        if self.type == "enabled" and self.budget_tokens is None:
+            raise error_at("budget_tokens")
+        return self
+
+    def wish(self) -> ReasoningRequest:
+        if self.type == "disabled":
+            return ReasoningRequest("none")
+        return ReasoningRequest(budget_tokens=self.budget_tokens if self.type == "enabled" else None)
+
+
 class Metadata(StrictModel):
     user_id: Annotated[str, Field(max_length=256)] | None = None
 
@@ -167,6 +204,7 @@ class PromptRequest(StrictModel):
     system: str | list[TextBlock] | None = None
     tools: list[Tool] | None = None
     tool_choice: MessagesToolChoice | None = None
+    thinking: ThinkingConfig | None = None
 
     def parts(self) -> list[Part]:
         system: list[Part] = []
@@ -200,6 +238,13 @@ class MessagesRequest(PromptRequest):
     stream: bool = False
     metadata: Metadata | None = None
 
+    @model_validator(mode="after")
+    def _budget_below_max_tokens(self) -> MessagesRequest:
+        budget = None if self.thinking is None else self.thinking.budget_tokens
+        if budget is not None and budget >= self.max_tokens:
+            raise error_at("thinking.budget_tokens", "must be less than max_tokens")
+        return self
+
     def image_fields(self) -> Iterator[str]:
         """Each image block's field, in order (``messages.2.content.5``), for the per-request image cap."""
         for i, message in enumerate(self.messages):
@@ -209,7 +254,9 @@ class MessagesRequest(PromptRequest):
                         yield f"messages.{i}.content.{j}"
 
 
-_FIELDS = field_names(TextBlock, ImageSource, ContentBlock, Message, Tool, MessagesToolChoice, Metadata, MessagesRequest)
+_FIELDS = field_names(
+    TextBlock, ImageSource, ContentBlock, Message, Tool, MessagesToolChoice, ThinkingConfig, Metadata, MessagesRequest
+)
 
 
 def parse_messages_request(body: bytes) -> MessagesRequest:

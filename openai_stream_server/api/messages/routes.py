@@ -20,6 +20,7 @@ from ...errors import ApiError, InvalidRequest, MethodNotAllowed, NotFound
 from ..common import check_images, read_body
 from ..dispatch import prompt_tokens, sampling_metadata
 from ..follow import follow
+from ..reasoning import reasoning_metadata
 from ..surface import Surface
 from ..surfaces import MESSAGES
 from ..tools import tool_metadata
@@ -48,7 +49,8 @@ class Messages(Surface):
         body = parse_messages_request(await read_body(request, self.settings.max_body_bytes))
         check_images(body.image_fields(), self.settings.max_images_per_request)
         model = self.dispatcher.model(body.model)
-        metadata = self._tools(body) | sampling_metadata(
+        wish = None if body.thinking is None else body.thinking.wish()
+        metadata = {**self._tools(body), **reasoning_metadata(wish)} | sampling_metadata(
             message_id,
             model,
             stream=body.stream,
