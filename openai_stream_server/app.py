@@ -29,12 +29,13 @@ from .api.messages.routes import Messages
 from .api.responses.routes import Responses
 from .api.surface import Surface
 from .api.surfaces import OPENAI_ERRORS, error_shape
-from .backend import Backend
+from .backend import Backend, DownstreamRequest
 from .errors import ApiError, BackendUnavailable, MethodNotAllowed, ModelNotFound, NotFound
 from .metrics import Metrics
 from .middleware import RawSendApp, middleware_stack
 from .registry import StreamRegistry
 from .settings import Settings
+from .state import StreamState
 from .store.config import open_store
 from .store.keeper import RecordKeeper
 
@@ -126,7 +127,15 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
     """The ASGI app. The backend is started in the lifespan; the registry lives on ``app.state``."""
     metrics = Metrics()
     keeper = _store_keeper(settings, metrics)
-    registry = StreamRegistry(settings, metrics, on_cancel=backend.cancel, on_release=backend.release, keeper=keeper)
+    registry = StreamRegistry(
+        settings,
+        metrics,
+        on_cancel=backend.cancel,
+        on_release=backend.release,
+        keeper=keeper,
+        on_failed=backend.replica_failed,
+        can_retry=backend.can_retry,
+    )
     if keeper is not None:
         keeper.attach(registry.cancel, registry.delete)  # what another server process asks of this one
     metrics.count_from(
@@ -144,12 +153,16 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
     ]
     resending: set[asyncio.Task[None]] = set()
 
+    def resend(state: StreamState, request: DownstreamRequest) -> None:
+        task = asyncio.ensure_future(dispatcher.resend(state, request))
+        resending.add(task)
+        task.add_done_callback(resending.discard)
+
+    registry.on_resend = resend
+
     def on_orphaned(wire_ids: list[str], error: ApiError, replica_id: str) -> None:
-        """A replica died: fail what it had streamed, re-send what it had not (docs/architecture.md, "Replicas and failover")."""
-        for state in registry.orphaned(wire_ids, error):
-            task = asyncio.ensure_future(dispatcher.resend(state, replica_id))
-            resending.add(task)
-            task.add_done_callback(resending.discard)
+        """A replica died: what it held goes on elsewhere, continued or re-sent, or ends (docs/architecture.md, "Failover")."""
+        registry.orphaned(wire_ids, error, replica_id)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

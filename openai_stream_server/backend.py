@@ -25,11 +25,11 @@ OnLost = Callable[[ApiError], None]
 """Every node that answers is gone: requests in flight end with the error (``StreamRegistry.fail_all``)."""
 
 OnOrphaned = Callable[[list[str], ApiError, str], None]
-"""A model replica died (its inputs closed, or dora restarted it): ``(request ids it held, why, replica id)``.
+"""A model replica died (its inputs closed, dora restarted it, or it went silent): ``(request ids it held, why, replica id)``.
 
 The ids are the wire ids the requests were submitted with. The backend has already forgotten them;
-the registry re-sends those that have not received a chunk yet and fails the others
-(docs/architecture.md, "Replicas and failover").
+the registry re-sends each elsewhere, with the pieces already delivered when there are some (a
+continuation), or fails it (docs/architecture.md, "Failover").
 """
 
 
@@ -42,7 +42,11 @@ class DownstreamRequest:
     texts: list[str]
     metadata: dict[str, Any]
     retry_of: str | None = None
-    """A re-send after replica ``retry_of`` died: another live replica is preferred (and counted as a retry)."""
+    """A re-send after replica ``retry_of`` failed it: another live replica is preferred (and counted as a retry)."""
+    avoid: tuple[str, ...] = ()
+    """Replicas that already failed this request: used again only when no other is live."""
+    continuing: bool = False
+    """The metadata carries a continuation (``continue_from``): only a replica that said ``can_continue`` may take it."""
 
 
 class Backend(Protocol):
@@ -67,6 +71,14 @@ class Backend(Protocol):
 
     def release(self, request_id: str, completed: bool) -> None:
         """The request ended: it no longer counts as in flight on its replica (``completed``: served)."""
+
+    def replica_failed(self, request_id: str) -> str | None:
+        """The replica holding the request failed it (busy, no first chunk in time): that counts against it, the
+        request leaves it (with a ``cancel``); returns the replica's id (None: nobody held it)."""
+
+    def can_retry(self, request_id: str, *, continuing: bool) -> bool:
+        """Whether a live replica other than the one holding the request could take it (one that can continue it,
+        with ``continuing``)."""
 
     def health(self) -> dict[str, Any]:
         """``connected`` and whatever else tells whether events are flowing."""

@@ -11,6 +11,13 @@ The hand-over is bounded: at most ``MAX_BATCHES_IN_FLIGHT`` batches wait in
 the loop's callback queue. Past that the reader waits for the loop to catch
 up, and the chunks it has not read wait in dora's own input queue (whose
 ``queue_size`` and ``queue_policy`` the dataflow sets), not in our memory.
+
+Replica liveness (docs/architecture.md, "Failover"): the reader reports each
+hello and heartbeat; on the loop, a replica that promised heartbeats, holds
+requests and has said nothing for ``replica_silence_s`` is treated as dead
+until it speaks again, and a request goes to the least loaded replica that
+has not failed it, that its circuit breaker does not keep away and, for a
+continuation, that can continue.
 """
 
 from __future__ import annotations
@@ -24,18 +31,21 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from openai_stream_protocol import (
-    HELLO_KEY,
+    DEFAULT_HEARTBEAT_S,
     Chunk,
+    NodeStatus,
     is_batch,
+    is_status,
     parse_batch,
     parse_chunk,
+    parse_status,
     string_array,
     texts_of,
 )
 
 from .backend import ChunkSink, DownstreamRequest, OnLost, OnOrphaned
 from .errors import BackendUnavailable, UpstreamError
-from .replicas import LegacyReplicas, Replica, ReplicaSet, discover, is_tick
+from .replicas import DownReason, LegacyReplicas, Replica, ReplicaSet, discover, is_tick
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +59,14 @@ then waiting costs nothing: the next ``drain()`` takes more at once, which is ch
 """
 
 RESTART_GRACE_S = 10.0
-"""A node dora restarted that sends no hello (a third-party node) counts as live again after this long.
+"""A node dora restarted that has never sent a hello (a third-party node) counts as live again after this long.
 
-With a hello (echo_stream sends one) it is used again as soon as it has subscribed; sending to it
-before that would lose the request (docs/architecture.md, "Replicas and failover").
+One that sends hellos (echo_stream, qwenvl_stream) is used again only on its hello: sending to it
+before its new process has subscribed would lose the request (docs/architecture.md, "Replicas and failover").
 """
+
+LIVENESS_INTERVAL_S = 0.25
+"""How often the loop looks for silent replicas (at most; a quarter of ``replica_silence_s`` when that is shorter)."""
 
 SLOT_WAIT_S = 0.1
 """How long one wait for a free slot lasts before the reader checks whether the bridge stopped."""
@@ -100,8 +113,12 @@ class _ThrottledLog:
 
 
 class DoraBridge:
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: Any, *, replica_silence_s: float = 0.0) -> None:
         self._node = node
+        self.replica_silence_s = replica_silence_s
+        """A replica that promised heartbeats, holds requests and said nothing this long is treated as dead (0: never)."""
+        self._reader_waiting = False
+        """The reader waits for the loop (``_wait_for_slot``): what it has not read is no silence of the replicas."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.stopped = False
@@ -135,6 +152,8 @@ class DoraBridge:
         logger.info("model replicas: %s", names)
         self._thread = threading.Thread(target=self._read, args=(sink, on_stop), name="dora-reader", daemon=True)
         self._thread.start()
+        if self.replica_silence_s > 0:
+            self._loop.call_later(self._liveness_interval_s, self._check_liveness)
 
     def _read(self, sink: ChunkSink, on_stop: Callable[[], None]) -> None:
         assert self._loop is not None
@@ -181,7 +200,7 @@ class DoraBridge:
                 self.last_event_at = now = time.monotonic()
                 batch = _Batch()
                 unnamed: list[tuple[int, Replica]] = []  # where a legacy reply without an id sits in ``batch``
-                signals: list[tuple[str, str]] = []
+                signals: list[tuple[str, str, NodeStatus | None]] = []
                 stop = False
                 for ev in events:
                     try:
@@ -191,14 +210,17 @@ class DoraBridge:
                             if is_tick(input_id):
                                 continue
                             seen_at[input_id] = now
-                            if HELLO_KEY in ev["metadata"]:  # a node saying it is up, not a chunk
+                            metadata = ev["metadata"]
+                            if is_status(metadata):  # a hello or a heartbeat: the node speaking of itself, not a chunk
+                                status = parse_status(metadata)
                                 numbered.add(input_id)
-                                closed.discard(input_id)
-                                signals.append(("hello", input_id))
+                                if status is not None and status.kind == "hello":
+                                    closed.discard(input_id)
+                                signals.append((status.kind if status is not None else "heartbeat", input_id, status))
                                 continue
                             if input_id in closed:  # after `dora node restart` the input carries events again
                                 closed.discard(input_id)
-                                signals.append(("seen", input_id))
+                                signals.append(("seen", input_id, None))
                             value = ev["value"]
                             if is_batch(value):
                                 # One message, one chunk per row of many requests (docs/architecture.md, "Batch form").
@@ -225,11 +247,11 @@ class DoraBridge:
                         elif kind == "INPUT_CLOSED":
                             if ev["id"] in answer_inputs:
                                 closed.add(ev["id"])
-                                signals.append(("closed", ev["id"]))
+                                signals.append(("closed", ev["id"], None))
                         elif kind == "NODE_RESTARTED":  # a restart policy brought a node back; its inputs stay open
                             node_id = str(ev["id"])
                             closed.update(node_inputs.get(node_id, ()))  # its first event (a hello) says it is up
-                            signals.append(("restarted", node_id))
+                            signals.append(("restarted", node_id, None))
                         elif kind == "ERROR":
                             logger.error("dora error event: %r", ev.get("error"))
                     except Exception as exc:  # one odd event must not end the reader, and the server with it
@@ -257,10 +279,14 @@ class DoraBridge:
 
     def _wait_for_slot(self, loop: asyncio.AbstractEventLoop) -> bool:
         """The loop is ``MAX_BATCHES_IN_FLIGHT`` batches behind: wait until it delivers one; False if it never will."""
-        while not self.stopped and not loop.is_closed():
-            if self._slots.acquire(timeout=SLOT_WAIT_S):
-                return True
-        return False
+        self._reader_waiting = True
+        try:
+            while not self.stopped and not loop.is_closed():
+                if self._slots.acquire(timeout=SLOT_WAIT_S):
+                    return True
+            return False
+        finally:
+            self._reader_waiting = False
 
     def _name_legacy_replies(self, batch: list[Chunk], unnamed: list[tuple[int, Replica]]) -> None:
         """Replies with neither id nor ``seq``, each from a legacy replica: each answers that replica's oldest request.
@@ -278,11 +304,14 @@ class DoraBridge:
 
     # -- replicas (loop thread) -------------------------------------------------
 
-    def _replica_events(self, signals: list[tuple[str, str]]) -> None:
-        """What the reader saw about replicas, in order: an input closed, a node restarted, an input came back."""
+    def _replica_events(self, signals: list[tuple[str, str, NodeStatus | None]]) -> None:
+        """What the reader saw about replicas, in order: an input closed, a node restarted, an input came back,
+        a hello, a heartbeat."""
         replicas = self.replicas
-        for kind, ident in signals:
-            if kind == "closed":
+        for kind, ident, status in signals:
+            if kind == "heartbeat":
+                self._heartbeat(ident, status)
+            elif kind == "closed":
                 replica = replicas.input_closed(ident)
                 if replica is not None:
                     self._down(replica, f"input '{ident}' closed", restarted=False)
@@ -292,24 +321,60 @@ class DoraBridge:
                     logger.info("node %r restarted (not a model replica)", ident)
                 else:
                     self._down(replica, f"node '{ident}' was restarted by dora", restarted=True)
-                    assert self._loop is not None
-                    self._loop.call_later(RESTART_GRACE_S, self._assume_up, replica, replica.failures)
+                    if not replica.hellos:  # one that sends hellos is used again on its hello alone
+                        assert self._loop is not None
+                        self._loop.call_later(RESTART_GRACE_S, self._assume_up, replica, replica.failures)
             elif kind == "hello":
-                self._hello(ident)
-            elif (replica := replicas.input_seen(ident)) is not None:
-                logger.warning("model replica %r is back (events on %r again)", replica.replica_id, ident)
-                self._liveness_changed(None)
+                self._hello(ident, status)
+            else:
+                self._seen(ident)
 
-    def _hello(self, input_id: str) -> None:
+    def _seen(self, input_id: str) -> None:
+        """An event on an answer input dora had closed: the replica is back, unless it sends hellos (then on its hello)."""
+        replica = self.replicas.by_input.get(input_id)
+        if replica is not None and not replica.live and replica.hellos and replica.down_reason is not DownReason.SILENT:
+            # A chunk the old process left in dora's queue, or a third party: the new process says hello first.
+            return
+        if (replica := self.replicas.input_seen(input_id)) is not None:
+            logger.warning("model replica %r is back (events on %r again)", replica.replica_id, input_id)
+            self._liveness_changed(None)
+
+    def _heartbeat(self, input_id: str, status: NodeStatus | None) -> None:
+        """A replica's heartbeat: it is there (a silent one is back), its load and whether it can continue answers."""
+        replica = self.replicas.of_input(input_id)
+        if replica is None or status is None:
+            return
+        replica.load = (status.active or 0, status.queued or 0)
+        replica.can_continue = status.can_continue
+        if replica.heartbeat_s is None:
+            replica.heartbeat_s = DEFAULT_HEARTBEAT_S
+        if not replica.live and replica.down_reason is DownReason.SILENT:
+            self._revive(replica, "it speaks again")
+
+    def _revive(self, replica: Replica, why: str) -> None:
+        replica.live = True
+        replica.down_since = None
+        replica.down_reason = None
+        replica.open_inputs = set(replica.inputs)
+        logger.warning("model replica %r is back (%s)", replica.replica_id, why)
+        self._liveness_changed(None)
+
+    def _hello(self, input_id: str, status: NodeStatus | None) -> None:
         """A replica's process started. If it was live, the process before it is gone: what it held is orphaned.
 
         That is the only news of a restart across machines: dora 1.1.0 neither closes the input nor sends
         ``NODE_RESTARTED`` to a subscriber on another daemon (docs/architecture.md, "Facts measured").
+        The hello also says what the node can do (``can_continue``, ``heartbeat_s``).
         """
         replicas = self.replicas
         replica = replicas.by_input.get(input_id)
         if replica is None:
+            anyone = replicas.of_input(input_id)  # the one replica of an unknown layout: its capabilities only
+            if anyone is not None and status is not None:
+                anyone.can_continue, anyone.heartbeat_s = status.can_continue, status.heartbeat_s
             return
+        if status is not None:
+            replica.can_continue, replica.heartbeat_s = status.can_continue, status.heartbeat_s
         replica.hellos += 1
         if replica.live:
             if replica.held or replica.hellos > 1:
@@ -325,12 +390,49 @@ class DoraBridge:
             )
             self._liveness_changed(None)
 
-    def _down(self, replica: Replica, why: str, *, restarted: bool) -> None:
-        """A replica died (or dora restarted it): hand what it held to the registry, which re-sends or fails it."""
+    def _check_liveness(self) -> None:
+        """Every ``_liveness_interval_s``: a replica that promised heartbeats, holds requests and has said nothing for
+        ``replica_silence_s`` is treated as dead; a silent one that spoke again is back."""
+        if self.stopped or self._loop is None or self._loop.is_closed():
+            return
+        try:
+            now = time.monotonic()
+            silence = self.replica_silence_s
+            for replica in self.replicas.replicas:
+                heard = self._last_heard(replica)
+                if replica.live:
+                    if not replica.held or replica.heartbeat_s is None or self._reader_waiting:
+                        continue
+                    quiet_since = max(heard or 0.0, replica.busy_since or 0.0)
+                    if now - quiet_since > silence:
+                        self.replicas.went_silent(replica)
+                        why = f"it held requests and said nothing for {now - quiet_since:.1f} s (--replica-silence-s)"
+                        self._down(replica, why, restarted=False, cancel_held=True)
+                elif replica.down_reason is DownReason.SILENT and heard is not None and heard > (replica.down_since or now):
+                    self._revive(replica, "it speaks again")
+        except Exception:
+            logger.exception("checking the replicas' liveness failed")
+        finally:
+            self._loop.call_later(self._liveness_interval_s, self._check_liveness)
+
+    @property
+    def _liveness_interval_s(self) -> float:
+        return min(LIVENESS_INTERVAL_S, self.replica_silence_s / 4)
+
+    def _last_heard(self, replica: Replica) -> float | None:
+        """When the replica last said anything (a chunk, a hello, a heartbeat), as the reader thread stamped it."""
+        seen = self._seen_at
+        inputs = replica.inputs or list(seen)  # the one replica of an unknown layout: every input is its
+        times = [t for i in inputs if (t := seen.get(i)) is not None]
+        return max(times) if times else None
+
+    def _down(self, replica: Replica, why: str, *, restarted: bool, cancel_held: bool = False) -> None:
+        """A replica died, went silent or was restarted: hand what it held to the registry, which continues, re-sends or
+        fails it."""
         held = self.replicas.take_held(replica)
         logger.error("model replica %r: %s; %d request(s) in flight on it", replica.replica_id, why, len(held))
-        if restarted and replica.cancel_output is not None:
-            # The new process may still get requests queued for the old one: tell it to drop them.
+        if (restarted or cancel_held) and replica.cancel_output is not None:
+            # A new process may still get requests queued for the old one, and a stopped one may resume: tell it to drop them.
             for request_id in held:
                 self._cancel_on(replica, request_id)
         self._liveness_changed(f"the model node is gone (replica '{replica.replica_id}': {why})")
@@ -365,16 +467,50 @@ class DoraBridge:
     # -- sending (loop thread) --------------------------------------------------
 
     def submit(self, request: DownstreamRequest) -> None:
+        """Send to the best replica (``ReplicaSet.pick``); a failed ``send_output`` counts against that replica and the
+        next one is tried, each at most once."""
         if self.stopped:
             raise BackendUnavailable("the dora dataflow has stopped")
         replicas = self.replicas
-        replica = replicas.pick(request.retry_of)
-        if replica is None:
-            raise BackendUnavailable(self.lost or "no model replica is live")
-        self._send(replica.request_output, request.texts, request.metadata)
+        avoid = set(request.avoid)
+        if request.retry_of is not None:
+            avoid.add(request.retry_of)
+        failed: set[str] = set()
+        while True:
+            replica = replicas.pick(avoid, continuing=request.continuing, skip=failed)
+            if replica is None:
+                if failed:
+                    raise BackendUnavailable(f"could not send the request to any model replica ({', '.join(sorted(failed))})")
+                if request.continuing and replicas.any_live:
+                    raise BackendUnavailable("no live model replica can continue the answer")
+                raise BackendUnavailable(self.lost or "no model replica is live")
+            try:
+                self._send(replica.request_output, request.texts, request.metadata)
+            except BackendUnavailable as exc:
+                if self.stopped:
+                    raise
+                replica.failed(time.monotonic())
+                failed.add(replica.replica_id)
+                logger.warning("model replica %r: %s; trying another", replica.replica_id, exc.message)
+                continue
+            break
         if request.retry_of is not None and (origin := replicas.by_id.get(request.retry_of)) is not None:
             origin.retries += 1
         replicas.assign(request.request_id, replica)
+
+    def replica_failed(self, request_id: str) -> str | None:
+        replica = self.replicas.holder.get(request_id)
+        if replica is None:
+            return None
+        if replica.live:
+            self._cancel_on(replica, request_id)
+        self.replicas.release(request_id, completed=False)
+        replica.failed(time.monotonic())
+        return replica.replica_id
+
+    def can_retry(self, request_id: str, *, continuing: bool) -> bool:
+        holder = self.replicas.holder.get(request_id)
+        return any(r.live and r is not holder and (r.can_continue or not continuing) for r in self.replicas.replicas)
 
     def cancel(self, request_id: str) -> None:
         replica = self.replicas.holder.get(request_id)

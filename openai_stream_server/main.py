@@ -120,7 +120,7 @@ async def serve(settings: Settings, node_name: str | None = None) -> None:
     await check_store(settings)
 
     node = Node(node_name) if node_name else Node()
-    bridge = DoraBridge(node)
+    bridge = DoraBridge(node, replica_silence_s=settings.replica_silence_s)
     app = create_app(settings, bridge)
     server = _Server(uvicorn_config(app, settings))
     serving = asyncio.create_task(server.serve())

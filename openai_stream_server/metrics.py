@@ -36,7 +36,17 @@ class Metrics:
         )
         self.reordered_chunks = Counter("oss_reordered_chunks", "Chunks that arrived early and were held", registry=r)
         self.retries = Counter(
-            "oss_retries", "Requests re-sent to another replica because theirs died before their first chunk", registry=r
+            "oss_retries",
+            "Requests re-sent to another replica before their first chunk (theirs died, was busy or timed out)",
+            registry=r,
+        )
+        self.continuations = Counter(
+            "oss_continuations",
+            "Answers continued on another replica after theirs stopped mid-answer (the delivered pieces went along)",
+            registry=r,
+        )
+        self.poison_requests = Counter(
+            "oss_poison_requests", "Requests failed, never sent again, because their attempts crashed 2 replicas", registry=r
         )
         self.cancellations = Counter("oss_cancellations", "Completions cancelled (client gone or asked)", registry=r)
         self.errors = Counter("oss_errors", "Completions that failed, by error code", ["code"], registry=r)
@@ -132,7 +142,7 @@ class _ReplicaCollector:
         in_flight = GaugeMetricFamily("oss_replica_in_flight", "Requests in flight on the model replica", labels=["replica"])
         served = CounterMetricFamily("oss_replica_served", "Requests the model replica completed", labels=["replica"])
         failures = CounterMetricFamily(
-            "oss_replica_failures", "Times the model replica died or was restarted by dora", labels=["replica"]
+            "oss_replica_failures", "Times the model replica died, went silent or was restarted", labels=["replica"]
         )
         retries = CounterMetricFamily(
             "oss_replica_retries", "Requests re-sent elsewhere because the replica died before answering", labels=["replica"]

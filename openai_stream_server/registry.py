@@ -13,7 +13,12 @@ refused (503, ``Overloaded``) while completions in flight hold more than
 in flight fails (docs/architecture.md, "Limits and failure behaviour").
 
 How each completion went downstream (its ``Attempt``: wire id, try number, the request to re-send)
-is the registry's record: it alone writes it (docs/architecture.md, "Replicas and failover").
+is the registry's record: it alone writes it (docs/architecture.md, "Replicas and failover"). When
+an attempt fails (its replica died or went silent, answered busy, or sent nothing within
+``attempt_timeout_s``) the registry decides what comes next (docs/architecture.md, "Failover"): the
+same request again elsewhere when nothing was delivered, a continuation (the delivered pieces go
+along) when something was, or the end: after ``max_attempts`` sends, or at once for a request that
+crashed ``POISON_CRASHES`` replicas.
 
 With a store that outlives the process (``--store sqlite`` or ``redis://``), a ``RecordKeeper``
 beside the registry writes each completion's record when it goes downstream and when it ends, its
@@ -29,10 +34,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from openai_stream_protocol import Chunk
+from openai_stream_protocol import Chunk, Continuation, Piece
 
 from .backend import DownstreamRequest
-from .errors import ApiError, Overloaded, TooManyRequests
+from .errors import ApiError, Overloaded, TooManyRequests, UpstreamError, UpstreamTimeout
 from .metrics import Metrics
 from .settings import Settings
 from .state import ByteLedger, Limits, Outcome, Status, StreamState
@@ -49,13 +54,32 @@ only when those in flight outgrow the whole bound.
 """
 
 
+POISON_CRASHES = 2
+"""A request whose attempts were in flight on this many replicas when they died is failed and never sent again."""
+
+Resend = Callable[[StreamState, DownstreamRequest], None]
+"""Sends a next attempt (the app runs ``Dispatcher.resend`` for it: it may wait for a live replica)."""
+
+
 class Attempt:
     """How a completion went downstream, this time: the registry's record, kept on the state (``StreamState.attempt``).
 
     A slotted object on the state rather than a table here: ``deliver`` reads ``wire_id`` once per chunk.
     """
 
-    __slots__ = ("wire_id", "number", "request", "submitted")
+    __slots__ = (
+        "wire_id",
+        "number",
+        "request",
+        "submitted",
+        "sent_at",
+        "start_pieces",
+        "crashes",
+        "avoid",
+        "continued_tokens",
+        "continued_reasoning",
+        "last_error",
+    )
 
     def __init__(self, request_id: str) -> None:
         self.wire_id = request_id
@@ -67,6 +91,21 @@ class Attempt:
         """What was sent, kept while in flight so that it can be re-sent when its replica dies unanswered."""
         self.submitted = False
         """Set once the request went downstream: only those are sent a ``cancel`` when they end early."""
+        self.sent_at: float | None = None
+        """When this attempt went downstream (``attempt_timeout_s`` counts from it)."""
+        self.start_pieces = 0
+        """Pieces the client had when this attempt started: more means it has answered."""
+        self.crashes = 0
+        """Replicas that died (or went silent) while holding this request."""
+        self.avoid: list[str] = []
+        """Replicas that failed this request: the next attempt goes elsewhere if it can."""
+        self.continued_tokens = 0
+        """Completion tokens delivered before the attempt that continues the answer (the server's count): the node counts
+        only its own, the usage adds these."""
+        self.continued_reasoning = 0
+        """The reasoning tokens among ``continued_tokens``."""
+        self.last_error: ApiError | None = None
+        """Why the last attempt failed: what the client gets if no next attempt can be sent."""
 
 
 class StreamRegistry:
@@ -77,6 +116,8 @@ class StreamRegistry:
         on_cancel: Callable[[str], None],
         on_release: Callable[[str, bool], None] | None = None,
         keeper: RecordKeeper | None = None,
+        on_failed: Callable[[str], str | None] | None = None,
+        can_retry: Callable[..., bool] | None = None,
     ) -> None:
         self.settings = settings
         self.keeper = keeper
@@ -85,6 +126,12 @@ class StreamRegistry:
         self.metrics = metrics
         self._on_cancel = on_cancel
         self._on_release = on_release
+        self._on_failed = on_failed
+        """The backend's ``replica_failed``: the replica holding a wire id failed it (busy, timed out)."""
+        self._can_retry = can_retry
+        """The backend's ``can_retry``: another live replica could take a wire id's request."""
+        self.on_resend: Resend | None = None
+        """Sends each next attempt (set by the app); without it a request that needs one fails."""
         self._retried: dict[str, StreamState] = {}
         """Wire id of a re-sent request (``<id>~<n>``) -> its state; the first attempt's id is the state's own."""
         self._limits = Limits(settings.max_buffered_chunks, settings.max_completion_bytes)
@@ -117,7 +164,9 @@ class StreamRegistry:
         """``request`` went downstream for ``state``: it is cancelled there if it ends early, re-sent if its replica dies."""
         attempt = state.attempt
         attempt.submitted = True
-        attempt.request = request
+        attempt.sent_at = time.monotonic()
+        if attempt.number == 0:  # later attempts are built from the first request (``_next_attempt``)
+            attempt.request = request
         if self.keeper is not None and attempt.number == 0:
             self.keeper.opened(state)
 
@@ -156,6 +205,9 @@ class StreamRegistry:
             if state.attempt.wire_id != rid:
                 # An earlier attempt's chunk (its replica died, the request was re-sent): never mixed in.
                 metrics.dropped_chunks.labels("stale").inc()
+                continue
+            if chunk.error_code is not None and chunk.is_busy:
+                self._turned_away(state, chunk)  # the node said "busy": another replica, not an error
                 continue
             previous = state.last_chunk_at
             pieces = state.log.pieces
@@ -220,37 +272,85 @@ class StreamRegistry:
             state.fail(error)
             self._ended(state)
 
-    def orphaned(self, wire_ids: list[str], error: ApiError) -> list[StreamState]:
-        """Their replica died: fail those that had a chunk (``error``), return those to re-send.
+    def orphaned(self, wire_ids: list[str], error: ApiError, replica_id: str | None = None) -> list[StreamState]:
+        """Their replica died (or went silent): each request goes on elsewhere, or ends; returns those sent on.
 
-        A request that has received nothing yet can go to another replica without the client ever
-        knowing; one that has would stream twice, so it ends (docs/architecture.md, "Replicas and failover").
+        One that has received nothing yet is sent again as it was, and the client never knows; one that
+        has is continued: the pieces it already delivered go along, and a replica that can continue answers
+        only the rest (docs/architecture.md, "Failover"). The next attempt is decided here, at once, under a
+        new wire id, so that nothing the dead attempt still sends can mix in.
         """
-        resend = []
+        resent = []
         for wire_id in wire_ids:
             state = self.active.get(wire_id) or self._retried.get(wire_id)
             if state is None or state.done or state.attempt.wire_id != wire_id:
                 continue
-            if state.received_any or state.attempt.request is None:
-                self.fail(state, error)
-            else:
-                resend.append(state)
-        return resend
+            state.attempt.crashes += 1
+            if self._try_again(state, error, replica_id):
+                resent.append(state)
+        return resent
 
-    def retry(self, state: StreamState, replica_id: str) -> DownstreamRequest | None:
-        """The request to re-send ``state`` with, under a new wire id (None if it ended meanwhile)."""
+    def resend_failed(self, state: StreamState, error: ApiError) -> None:
+        """The next attempt could not be sent (no replica, or none that can continue): the last failure ends it."""
+        attempt = state.attempt
+        self.fail(state, attempt.last_error if attempt.start_pieces and attempt.last_error is not None else error)
+
+    def _turned_away(self, state: StreamState, chunk: Chunk) -> None:
+        """The node answered busy: try another replica if there is one (its failure), else end with 503."""
+        attempt = state.attempt
+        busy = Overloaded(chunk.error or "the model is busy; retry later")
+        elsewhere = self._can_retry is not None and self._can_retry(attempt.wire_id, continuing=len(state.log.pieces) > 0)
+        failed_on = self._on_failed(attempt.wire_id) if self._on_failed is not None else None
+        if elsewhere:
+            self._try_again(state, busy, failed_on)
+        else:
+            self.fail(state, busy)
+
+    def _try_again(self, state: StreamState, error: ApiError, failed_on: str | None) -> bool:
+        """After a failed attempt: the next one (handed to ``on_resend``), or the end; True if one was sent on."""
+        attempt = state.attempt
+        attempt.last_error = error
+        if failed_on is not None:
+            attempt.avoid.append(failed_on)
+        if attempt.crashes >= POISON_CRASHES:
+            self.metrics.poison_requests.inc()
+            logger.error("completion %s crashed %d model replicas: not sent again", state.request_id, attempt.crashes)
+            self.fail(state, UpstreamError(f"the request crashed {attempt.crashes} model replicas"))
+            return False
+        request = self._next_attempt(state, failed_on)
+        if request is None or self.on_resend is None:
+            self.fail(state, error)
+            return False
+        self.on_resend(state, request)
+        return True
+
+    def _next_attempt(self, state: StreamState, failed_on: str | None) -> DownstreamRequest | None:
+        """The next attempt under a new wire id (None: none is left, or nothing to build it from)."""
         attempt = state.attempt
         request = attempt.request
-        if request is None or state.done:
+        if request is None or state.done or attempt.number + 1 >= self.settings.max_attempts:
             return None
         if attempt.number:
             self._retried.pop(attempt.wire_id, None)
         attempt.number += 1
         attempt.wire_id = wire_id = f"{state.request_id}~{attempt.number}"
         self._retried[wire_id] = state
-        self.metrics.retries.inc()
+        state.new_attempt()  # chunks the failed attempt sent early are dropped: the next one numbers on from the log
+        log = state.log
+        attempt.start_pieces = delivered = len(log.pieces)
+        attempt.sent_at = None
         metadata = {**request.metadata, "request_id": wire_id, "session_id": wire_id}
-        return DownstreamRequest(wire_id, request.texts, metadata, retry_of=replica_id)
+        if delivered:
+            calls, reasoning = log.tool_calls, log.reasoning
+            pieces = [Piece(text, calls.get(i), i in reasoning) for i, text in enumerate(log.pieces)]
+            metadata.update(Continuation(tuple(pieces)).to_metadata())
+            attempt.continued_tokens, attempt.continued_reasoning = log.counted_tokens, log.counted_reasoning
+            self.metrics.continuations.inc()
+        else:
+            self.metrics.retries.inc()
+        return DownstreamRequest(
+            wire_id, request.texts, metadata, retry_of=failed_on, avoid=tuple(attempt.avoid), continuing=delivered > 0
+        )
 
     def fail_all(self, error: ApiError) -> None:
         """Shutdown: every in-flight request ends with ``error``."""
@@ -261,24 +361,50 @@ class StreamRegistry:
         """Apply timeouts to requests in flight and expire retained ones."""
         now = time.monotonic()
         s = self.settings
+        attempt_timeout = s.attempt_timeout_s if self._can_retry is not None and self.on_resend is not None else 0.0
         for state in list(self.active.values()):
             if state.check_deadlines(now, s.first_chunk_timeout_s, s.idle_timeout_s, s.gap_timeout_s):
                 if state.timed_out is not None:
                     self.metrics.timeouts.labels(state.timed_out).inc()
                 self._ended(state)
+            elif attempt_timeout:
+                self._check_attempt(state, now, attempt_timeout)
         while self.retained:
             oldest = next(iter(self.retained.values()))
             if oldest.ended_at is not None and now - oldest.ended_at <= s.retention_s:
                 break
             self._evict_oldest()
 
+    def _check_attempt(self, state: StreamState, now: float, timeout_s: float) -> None:
+        """Nothing from this attempt's replica for ``timeout_s`` since it was sent: try another, if another could take it."""
+        attempt = state.attempt
+        sent_at = attempt.sent_at
+        if sent_at is None or now - sent_at <= timeout_s or attempt.number + 1 >= self.settings.max_attempts:
+            return
+        if len(state.log.pieces) > attempt.start_pieces or state.reorder.held:
+            return  # it has answered
+        continuing = attempt.start_pieces > 0
+        assert self._can_retry is not None
+        if not self._can_retry(attempt.wire_id, continuing=continuing):
+            return  # nobody else: keep waiting (the first-chunk and idle timeouts still apply)
+        self.metrics.timeouts.labels("attempt").inc()
+        failed_on = self._on_failed(attempt.wire_id) if self._on_failed is not None else None
+        self._try_again(state, UpstreamTimeout(f"no answer from the model replica within {timeout_s:g} s"), failed_on)
+
     # -- bookkeeping -------------------------------------------------------
 
     def _ended(self, state: StreamState) -> None:
+        attempt = state.attempt
+        if attempt.continued_tokens and state.status is Status.COMPLETED:
+            # The continuing node counted only its own tokens; the client's usage is the whole answer's.
+            log = state.log
+            if log.completion_tokens is not None:
+                log.completion_tokens += attempt.continued_tokens
+            if log.reasoning_tokens is not None:
+                log.reasoning_tokens += attempt.continued_reasoning
         del self.active[state.request_id]
         self.metrics.active_streams.dec()
         self.metrics.completions.labels(state.status.value, state.surface).inc()
-        attempt = state.attempt
         if attempt.submitted and (
             state.status is Status.CANCELLED or (state.status is Status.FAILED and state.log.finish_reason != "error")
         ):

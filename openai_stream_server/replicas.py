@@ -9,12 +9,20 @@ makes a request reach exactly one copy. The single-model layout (plain ``v1/chat
 
 Everything here runs on the event-loop thread, except ``LegacyReplicas``, which the bridge's reader
 thread owns; the reader thread only reports events.
+
+Failover (docs/architecture.md, "Failover"): what a replica said of itself (its hello's
+``can_continue`` and ``heartbeat_s``, its heartbeats' load), why it is down (``DownReason``: a
+silent one comes back on any word from it, a restarted one that sends hellos only on its hello),
+and a circuit breaker: after ``BREAKER_FAILURES`` failures in a row (a death, a busy answer, a
+first-chunk timeout, a failed send) it is skipped for a back-off that doubles from
+``BREAKER_BASE_S`` up to ``BREAKER_MAX_S``, then given one request again (a probe).
 """
 
 from __future__ import annotations
 
+import enum
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +31,22 @@ from openai_stream_protocol import CANCEL_OUTPUT, REQUEST_OUTPUT
 DEFAULT_REPLICA = "default"
 
 
+BREAKER_FAILURES = 3
+"""Failures in a row after which a replica is skipped for a while (its circuit opens)."""
+BREAKER_BASE_S = 1.0
+"""The first back-off; each failure past ``BREAKER_FAILURES`` doubles it."""
+BREAKER_MAX_S = 30.0
+"""The longest back-off: a replica that keeps failing is still probed this often."""
+
+
 def is_tick(input_id: str) -> bool:
     return input_id == "tick" or input_id.startswith("dora/timer")
+
+
+class DownReason(enum.Enum):
+    CLOSED = "closed"  # its answer inputs closed (its process exited; `dora node restart`)
+    RESTARTED = "restarted"  # dora restarted it, or a new process said hello
+    SILENT = "silent"  # it held requests and said nothing for --replica-silence-s (stopped, hung, cut off)
 
 
 @dataclass(eq=False, slots=True)
@@ -49,8 +71,25 @@ class Replica:
     retries: int = 0
     """Requests re-sent elsewhere because it died before they had a chunk."""
     down_since: float | None = None
+    down_reason: DownReason | None = None
     hellos: int = 0
     """Hello messages seen: one per process start that reached the server."""
+    can_continue: bool = False
+    """Its hello (or a heartbeat) said it continues answers other replicas started."""
+    heartbeat_s: float | None = None
+    """The heartbeat interval it promised in its hello, or the default once it sent a heartbeat; None: it sends none,
+    and silence never counts against it (a node without heartbeats keeps the older behaviour)."""
+    load: tuple[int, int] | None = None
+    """``(active, queued)`` from its last heartbeat (for /health)."""
+    busy_since: float | None = None
+    """When it last went from holding nothing to holding a request: its silence counts from then at the earliest."""
+    streak: int = 0
+    """Failures in a row (a completed request ends the streak)."""
+    backoff_s: float = 0.0
+    skip_until: float = 0.0
+    """While ``time.monotonic()`` is before this, the breaker keeps new requests away (unless nothing else is live)."""
+    silences: int = 0
+    """Times it went silent while holding requests."""
 
     def __post_init__(self) -> None:
         self.open_inputs = set(self.inputs)
@@ -58,6 +97,18 @@ class Replica:
     @property
     def in_flight(self) -> int:
         return len(self.held)
+
+    def failed(self, now: float) -> None:
+        """One more failure in a row; from ``BREAKER_FAILURES`` on, skip it for a back-off that doubles each time."""
+        self.streak += 1
+        if self.streak >= BREAKER_FAILURES:
+            self.backoff_s = min(BREAKER_MAX_S, self.backoff_s * 2 if self.backoff_s else BREAKER_BASE_S)
+            self.skip_until = now + self.backoff_s
+
+    def succeeded(self) -> None:
+        self.streak = 0
+        self.backoff_s = 0.0
+        self.skip_until = 0.0
 
 
 def discover(config: Mapping[str, Any] | None) -> list[Replica]:
@@ -112,39 +163,50 @@ class ReplicaSet:
     def any_live(self) -> bool:
         return any(r.live for r in self.replicas)
 
-    def pick(self, avoid: str | None = None) -> Replica | None:
-        """The live replica with the fewest requests in flight (ties: the next in turn); ``avoid`` only if alone.
+    def pick(
+        self, avoid: str | Collection[str] | None = None, *, continuing: bool = False, skip: Collection[str] = ()
+    ) -> Replica | None:
+        """The live replica with the fewest requests in flight (ties: the next in turn).
 
+        ``continuing``: only one that said it can continue an answer. Preferred in this order: one
+        neither in ``avoid`` (it failed this request) nor kept away by its breaker; one the breaker
+        keeps away; one in ``avoid``, which is better than nothing when it is alone. ``skip``: never.
         A scan of the replicas per request: there are a handful, and this runs once per request, not per chunk.
         """
+        avoided = {avoid} if isinstance(avoid, str) else set(avoid or ())
         replicas = self.replicas
         n = len(replicas)
+        now = time.monotonic()
         best: Replica | None = None
+        best_rank: tuple[bool, bool, int] | None = None
         best_at = 0
-        for pass_avoid in (avoid, None) if avoid is not None else (None,):
-            for k in range(n):
-                at = (self._next + k) % n
-                r = replicas[at]
-                if not r.live or r.replica_id == pass_avoid:
-                    continue
-                if best is None or r.in_flight < best.in_flight:
-                    best, best_at = r, at
-            if best is not None:
-                break
+        for k in range(n):
+            at = (self._next + k) % n
+            r = replicas[at]
+            if not r.live or (continuing and not r.can_continue) or r.replica_id in skip:
+                continue
+            rank = (r.replica_id in avoided, r.skip_until > now, r.in_flight)
+            if best_rank is None or rank < best_rank:
+                best, best_rank, best_at = r, rank, at
         if best is not None:
             self._next = (best_at + 1) % n
         return best
 
     def assign(self, request_id: str, replica: Replica) -> None:
         self.holder[request_id] = replica
+        if not replica.held:
+            replica.busy_since = time.monotonic()
         replica.held[request_id] = None
 
-    def release(self, request_id: str, completed: bool) -> None:
+    def release(self, request_id: str, completed: bool) -> Replica | None:
+        """The request ended (or left the replica): it no longer counts there; the replica that held it."""
         replica = self.holder.pop(request_id, None)
         if replica is not None:
             del replica.held[request_id]
             if completed:
                 replica.served += 1
+                replica.succeeded()
+        return replica
 
     def take_held(self, replica: Replica) -> list[str]:
         """Forget every request ``replica`` holds (it died) and return their ids, oldest first."""
@@ -153,6 +215,7 @@ class ReplicaSet:
             del self.holder[rid]
         replica.held.clear()
         replica.failures += 1
+        replica.failed(time.monotonic())
         return held
 
     def oldest_held(self, replica: Replica, skip: set[str]) -> str | None:
@@ -175,6 +238,7 @@ class ReplicaSet:
             return None
         replica.live = False
         replica.down_since = time.monotonic()
+        replica.down_reason = DownReason.CLOSED
         return replica
 
     def input_seen(self, input_id: str) -> Replica | None:
@@ -187,6 +251,7 @@ class ReplicaSet:
             return None
         replica.live = True
         replica.down_since = None
+        replica.down_reason = None
         return replica
 
     def node_restarted(self, node_id: str) -> Replica | None:
@@ -201,7 +266,15 @@ class ReplicaSet:
             replica.open_inputs = set(replica.inputs)
             replica.live = False
             replica.down_since = time.monotonic()
+            replica.down_reason = DownReason.RESTARTED
         return replica
+
+    def went_silent(self, replica: Replica) -> None:
+        """It held requests and said nothing for too long: down until it says anything again (the same process)."""
+        replica.live = False
+        replica.down_since = time.monotonic()
+        replica.down_reason = DownReason.SILENT
+        replica.silences += 1
 
     def assume_up(self, replica: Replica, failures: int) -> bool:
         """A restarted replica never said hello: count it live after all (unless it failed again since)."""
@@ -209,6 +282,7 @@ class ReplicaSet:
             return False
         replica.live = True
         replica.down_since = None
+        replica.down_reason = None
         return True
 
     def stats(self, seen_at: Mapping[str, float]) -> list[dict[str, Any]]:
@@ -226,6 +300,11 @@ class ReplicaSet:
                     "failures": r.failures,
                     "retries": r.retries,
                     "last_seen_s": round(now - max(seen), 3) if seen else None,
+                    "can_continue": r.can_continue,
+                    "heartbeat_s": r.heartbeat_s,
+                    "load": None if r.load is None else {"active": r.load[0], "queued": r.load[1]},
+                    "down_reason": None if r.down_reason is None else r.down_reason.value,
+                    "backoff_s": round(r.skip_until - now, 3) if r.skip_until > now else 0,
                 }
             )
         return rows

@@ -333,6 +333,15 @@ class StreamState:
         if not self.done:
             self._end(status)
 
+    def new_attempt(self) -> None:
+        """The request goes downstream again (its replica failed): what the failed attempt sent early is dropped, and
+        the next one numbers its chunks on from the log (docs/architecture.md, "Failover")."""
+        reorder = self.reorder
+        if reorder.held:
+            self._ledger.nbytes -= reorder.clear()
+        reorder.fin_seq = None
+        reorder.gap_since = None
+
     def cancel(self) -> bool:
         """End the request because the client is gone; False if it had already ended."""
         if self.done:

@@ -50,6 +50,14 @@ class FakeBackend:
     def release(self, request_id: str, completed: bool) -> None:
         self.released.append((request_id, completed))
 
+    def replica_failed(self, request_id: str) -> str | None:
+        """One replica: a busy answer or a timeout has nowhere else to go (``can_retry`` is False)."""
+        self.released.append((request_id, False))
+        return None
+
+    def can_retry(self, request_id: str, *, continuing: bool) -> bool:
+        return False
+
     def submit(self, request: DownstreamRequest) -> None:
         if self.fail_submit:
             raise BackendUnavailable("fake backend refuses")

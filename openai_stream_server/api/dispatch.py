@@ -138,15 +138,16 @@ class Dispatcher:
         """A client's cancel by id: here, or on the server process that runs it (a shared store)."""
         await self.registry.cancel_anywhere(request_id)
 
-    async def resend(self, state: StreamState, replica_id: str) -> None:
-        """Re-send a request whose replica died before its first chunk, to another (or the same, restarted) one."""
-        request = self.registry.retry(state, replica_id)
-        if request is None:
-            return
+    async def resend(self, state: StreamState, request: DownstreamRequest) -> None:
+        """Send a request's next attempt, which the registry built when its replica failed it: the same request, or a
+        continuation carrying the pieces already delivered (docs/architecture.md, "Failover"). With no replica live
+        (one is restarting) it waits up to ``model_wait_s`` for one."""
         await self.backend.wait_live(self.settings.model_wait_s)
-        if state.done:  # cancelled or timed out meanwhile
+        if state.done or state.attempt.wire_id != request.request_id:  # ended, or superseded, meanwhile
             return
         try:
             self.backend.submit(request)
         except ApiError as error:
-            self.registry.fail(state, error)
+            self.registry.resend_failed(state, error)
+            return
+        self.registry.sent(state, request)
