@@ -100,6 +100,8 @@ class LogBatch:
     pieces: list[str]
     tool_calls: dict[int, ToolCallDelta] = field(default_factory=dict)
     """Piece index (of the whole log) -> tool call, for the pieces of this batch that are argument deltas."""
+    reasoning: set[int] = field(default_factory=set)
+    """Piece indices (of the whole log) of the pieces of this batch that are reasoning."""
 
 
 class Throttled:

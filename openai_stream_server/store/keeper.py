@@ -103,9 +103,10 @@ class RecordKeeper:
             end = len(state.log.pieces)
             if end <= start or not persisted(state):
                 continue
-            calls = state.log.tool_calls
+            calls, thoughts = state.log.tool_calls, state.log.reasoning
             batch_calls = {i: calls[i] for i in range(start, end) if i in calls} if calls else {}
-            append(state.request_id, LogBatch(start, state.log.pieces[start:end], batch_calls))
+            batch_thoughts = {i for i in range(start, end) if i in thoughts} if thoughts else set()
+            append(state.request_id, LogBatch(start, state.log.pieces[start:end], batch_calls, batch_thoughts))
 
     def ended(self, state: StreamState) -> None:
         if persisted(state):

@@ -68,7 +68,11 @@ class CompletionRecord:
     pieces: list[str] = field(default_factory=list)
     """The answer log in order: ``pieces[i]`` is the text of ``seq == i`` (docs/architecture.md, "Room 2: stream state")."""
     tool_calls: dict[int, ToolCallDelta] = field(default_factory=dict)
-    """Piece index -> the tool call that piece is an argument delta of; every other piece is answer text."""
+    """Piece index -> the tool call that piece is an argument delta of; every other piece is answer text or reasoning."""
+    reasoning: list[int] = field(default_factory=list)
+    """The indices of the pieces that are reasoning, in order (docs/architecture.md, "Reasoning")."""
+    reasoning_tokens: int | None = None
+    """The node's count of reasoning tokens, when it gave one."""
     parts: list[Part] = field(default_factory=list)
     """The request's conversation as sent downstream (kept when the surface keeps it: Responses)."""
     context: dict[str, Any] | None = None
@@ -115,6 +119,10 @@ def encode(record: CompletionRecord) -> bytes:
         out["p"] = r.pieces
     if r.tool_calls:
         out["t"] = [[i, d.index, d.id, d.name] for i, d in r.tool_calls.items()]
+    if r.reasoning:
+        out["rs"] = r.reasoning
+    if r.reasoning_tokens is not None:
+        out["rt"] = r.reasoning_tokens
     if r.parts:
         out["r"] = [
             [p.role, p.kind, p.content] if p.tool_call_id is None else [p.role, p.kind, p.content, p.tool_call_id]
@@ -157,6 +165,8 @@ def decode(data: bytes | str) -> CompletionRecord:
             completion_tokens=d.get("ct"),
             pieces=list(d.get("p", ())),
             tool_calls={int(i): ToolCallDelta(index, cid, name) for i, index, cid, name in d.get("t", ())},
+            reasoning=[int(i) for i in d.get("rs", ())],
+            reasoning_tokens=d.get("rt"),
             parts=[Part(*p) for p in d.get("r", ())],
             context=d.get("x"),
             stored=bool(d.get("sd", 0)),

@@ -119,12 +119,15 @@ _ERRORS = (RedisError, OSError)
 
 def _batch_bytes(batch: LogBatch) -> bytes:
     calls = [[i, d.index, d.id, d.name] for i, d in batch.tool_calls.items()] if batch.tool_calls else []
+    if batch.reasoning:  # a fourth element only for a batch with reasoning pieces
+        return orjson.dumps([batch.start, batch.pieces, calls, sorted(batch.reasoning)])
     return orjson.dumps([batch.start, batch.pieces, calls])
 
 
 def _batch_of(data: bytes) -> LogBatch:
-    start, pieces, calls = orjson.loads(data)
-    return LogBatch(start, pieces, {int(i): ToolCallDelta(index, cid, name) for i, index, cid, name in calls})
+    start, pieces, calls, *rest = orjson.loads(data)
+    reasoning = {int(i) for i in rest[0]} if rest else set()
+    return LogBatch(start, pieces, {int(i): ToolCallDelta(index, cid, name) for i, index, cid, name in calls}, reasoning)
 
 
 class RedisStore(Store):
@@ -357,6 +360,7 @@ class RedisStore(Store):
                                 next_piece,
                                 batch.pieces[cut:],
                                 {i: d for i, d in batch.tool_calls.items() if i >= next_piece},
+                                {i for i in batch.reasoning if i >= next_piece},
                             )
                         next_piece = end
                         yield batch

@@ -59,6 +59,8 @@ def record_of(state: StreamState, *, stored: bool = False) -> CompletionRecord:
         # copies: the record may be encoded later (Redis, a queued write) while a mirror still grows
         pieces=list(log.pieces),
         tool_calls=dict(log.tool_calls),
+        reasoning=sorted(log.reasoning),
+        reasoning_tokens=log.reasoning_tokens,
         parts=list(state.surface_data.parts),
         context=context_json(state.surface_data.context),
         stored=stored,
@@ -90,17 +92,19 @@ def extend(state: StreamState, batch: LogBatch) -> None:
         return
     now = time.monotonic()
     request_id = state.request_id
-    calls = batch.tool_calls
+    calls, thoughts = batch.tool_calls, batch.reasoning
     for seq in range(have, batch.start + len(batch.pieces)):
-        state.accept(Chunk(request_id, seq, batch.pieces[seq - batch.start], tool_call=calls.get(seq)), now)
+        piece = batch.pieces[seq - batch.start]
+        state.accept(Chunk(request_id, seq, piece, tool_call=calls.get(seq), reasoning=seq in thoughts), now)
 
 
 def finish(state: StreamState, record: CompletionRecord) -> None:
     """Bring a mirror (or a fresh state) to what ``record`` holds: its pieces past the state's, its usage, its end."""
-    extend(state, LogBatch(0, record.pieces, record.tool_calls))
+    extend(state, LogBatch(0, record.pieces, record.tool_calls, set(record.reasoning)))
     log = state.log
     log.prompt_tokens = record.prompt_tokens
     log.completion_tokens = record.completion_tokens
+    log.reasoning_tokens = record.reasoning_tokens
     if not record.ended or state.done:
         return
     log.stop_sequence = record.stop_sequence

@@ -94,7 +94,7 @@ def parse_chunk(texts: list[str], metadata: Mapping[str, Any]) -> Chunk:
     sent_at = metadata.get("sent_at")
     stop_sequence = metadata.get("stop_sequence") if fin else None
     error_code = metadata.get(ERROR_CODE_KEY) if fin and error else None
-    return Chunk(
+    chunk = Chunk(
         request_id=request_id_of(metadata),
         seq=seq,
         text="".join(texts),
@@ -110,9 +110,14 @@ def parse_chunk(texts: list[str], metadata: Mapping[str, Any]) -> Chunk:
         # Lenient: anything but a non-empty string (dora's "None" included) is no stop sequence.
         stop_sequence=stop_sequence if isinstance(stop_sequence, str) and stop_sequence not in ("", "None") else None,
         error_code=error_code if isinstance(error_code, str) and error_code not in ("", "None") else None,
-        reasoning=is_reasoning(metadata.get(KIND_KEY)),
-        reasoning_tokens=as_int(metadata.get(REASONING_TOKENS_KEY)) if fin else None,
     )
+    # Set after, and only when given: most chunks are answer text, and every keyword costs on this path.
+    kind = metadata.get(KIND_KEY)
+    if kind is not None and is_reasoning(kind):
+        chunk.reasoning = True
+    if fin:
+        chunk.reasoning_tokens = as_int(metadata.get(REASONING_TOKENS_KEY))
+    return chunk
 
 
 class OutputSender(Protocol):
