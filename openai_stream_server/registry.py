@@ -37,6 +37,7 @@ from collections.abc import Callable
 from openai_stream_protocol import Chunk, Continuation, Piece
 
 from .backend import DownstreamRequest
+from .encoded_size import request_nbytes
 from .errors import ApiError, Overloaded, TooManyRequests, UpstreamError, UpstreamTimeout
 from .metrics import Metrics
 from .settings import Settings
@@ -167,6 +168,7 @@ class StreamRegistry:
         attempt.sent_at = time.monotonic()
         if attempt.number == 0:  # later attempts are built from the first request (``_next_attempt``)
             attempt.request = request
+            self._ledger.nbytes += request_nbytes(request)  # held while in flight (docs/architecture.md, "Memory bounds")
         if self.keeper is not None and attempt.number == 0:
             self.keeper.opened(state)
 
@@ -415,6 +417,8 @@ class StreamRegistry:
             self._on_release(attempt.wire_id, state.status is Status.COMPLETED)
         if attempt.number:
             self._retried.pop(attempt.wire_id, None)
+        if attempt.request is not None:
+            self._ledger.nbytes -= request_nbytes(attempt.request)
         attempt.request = None
         if self.keeper is not None and attempt.submitted:
             self.keeper.ended(state)
@@ -437,14 +441,25 @@ class StreamRegistry:
         self._ledger.retained_text -= state.log.nbytes
         self._ledger.nbytes -= state.held_bytes
 
-    def _make_room(self) -> None:
-        """Before a new request, over ``ADMIT_FRACTION`` of the bound: evict retained, oldest first, else refuse."""
+    def reserve(self, nbytes: int) -> None:
+        """Count ``nbytes`` that a request holds before it has a completion (its body, read and parsed), making room
+        first; 503 when the total would reach ``ADMIT_FRACTION`` of the bound (docs/architecture.md, "Admission")."""
+        if self._ledger.nbytes + nbytes >= self._admit_bytes:
+            self._make_room(nbytes)
+        self._ledger.nbytes += nbytes
+
+    def unreserve(self, nbytes: int) -> None:
+        """Bytes ``reserve`` counted are no longer held."""
+        self._ledger.nbytes -= nbytes
+
+    def _make_room(self, nbytes: int = 0) -> None:
+        """Before a request of ``nbytes``, past ``ADMIT_FRACTION`` of the bound: evict retained, oldest first, else refuse."""
         ledger, admit = self._ledger, self._admit_bytes
-        while self.retained and ledger.nbytes >= admit:
+        while self.retained and ledger.nbytes + nbytes >= admit:
             self._evict_oldest()
-        if ledger.nbytes >= admit:
+        if ledger.nbytes + nbytes >= admit:
             raise Overloaded(
-                f"completions in flight hold {ledger.nbytes} bytes, near the limit of {self._max_total_bytes}; try again shortly"
+                f"the server holds {ledger.nbytes} bytes, near the limit of {self._max_total_bytes}; try again shortly"
             )
 
     def _reclaim(self) -> None:

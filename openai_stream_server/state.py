@@ -89,7 +89,7 @@ class Limits:
 class SurfaceData:
     """What the surface that opened a completion keeps on it to render or continue it; opaque to the state and registry."""
 
-    __slots__ = ("parts", "context", "nbytes")
+    __slots__ = ("parts", "context", "nbytes", "context_nbytes")
 
     def __init__(self) -> None:
         self.parts: list[Part] = []
@@ -99,7 +99,10 @@ class SurfaceData:
         self.context: object | None = None
         """The Responses API: the request fields its response object echoes back."""
         self.nbytes = 0
-        """What ``parts`` holds for the byte limits: their text plus ``LOGGED_CHUNK_OVERHEAD_BYTES`` each."""
+        """What ``parts`` and ``context`` hold for the byte limits: the parts' text plus ``LOGGED_CHUNK_OVERHEAD_BYTES``
+        each, and ``context_nbytes``."""
+        self.context_nbytes = 0
+        """What ``context`` holds, in encoded bytes, as the surface counted it (``StreamState.keep_context``)."""
 
 
 class StreamState:
@@ -234,9 +237,18 @@ class StreamState:
         """Keep the conversation that was sent (``parts``), counting its bytes like the answer's."""
         kept = self.surface_data
         kept.parts = list(parts)
-        size = sum(utf8_len(part.content) + LOGGED_CHUNK_OVERHEAD_BYTES for part in kept.parts)
+        size = sum(utf8_len(part.content) + LOGGED_CHUNK_OVERHEAD_BYTES for part in kept.parts) + kept.context_nbytes
         self._ledger.nbytes += size - kept.nbytes
         kept.nbytes = size
+
+    def keep_context(self, context: object | None, nbytes: int = 0) -> None:
+        """Keep what the surface renders the completion with again (``surface_data.context``), counting ``nbytes``: its
+        size in encoded form, not as Python objects (docs/architecture.md, "Memory bounds")."""
+        kept = self.surface_data
+        kept.context = context
+        self._ledger.nbytes += nbytes - kept.context_nbytes
+        kept.nbytes += nbytes - kept.context_nbytes
+        kept.context_nbytes = nbytes
 
     def accept(self, chunk: Chunk, now: float) -> Outcome:
         """Take one chunk from the node, in whatever order it came."""

@@ -14,6 +14,7 @@ from starlette.requests import Request
 
 from openai_stream_protocol import Part, split_tokens
 
+from ..admission import Admission
 from ..backend import Backend, DownstreamRequest
 from ..errors import ApiError, ModelNotFound
 from ..registry import StreamRegistry
@@ -68,6 +69,8 @@ class Dispatcher:
         self.settings = settings
         self.backend = backend
         self.registry = registry
+        self.admission = Admission(settings, registry)
+        """Reads request bodies under the admission checks, and prepares large ones off the loop."""
 
     def model(self, requested: str | None, param: str = "model") -> str:
         """The model a request names (or the default); 404 naming ``param`` when this server has not got it."""
@@ -99,11 +102,12 @@ class Dispatcher:
         # No replica live (one is restarting): wait a little for one rather than fail at once
         # (docs/architecture.md, "Replicas and failover"); returns at once while one is live.
         await self.backend.wait_live(self.settings.model_wait_s)
-        state = self.registry.open(request_id, model, prompt_tokens=prompt_tokens(parts), surface=surface)
-        state.surface_data.context = context
+        tokens, texts = await self.admission.encoded(parts)  # off the loop when large (docs/architecture.md, "Admission")
+        state = self.registry.open(request_id, model, prompt_tokens=tokens, surface=surface)
+        state.keep_context(context, getattr(context, "nbytes", 0))
         if keep_parts:
             state.keep_parts(parts)
-        downstream = DownstreamRequest(request_id, [p.encode() for p in parts], metadata)
+        downstream = DownstreamRequest(request_id, texts, metadata)
         try:
             self.backend.submit(downstream)
         except ApiError as error:

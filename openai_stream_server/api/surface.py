@@ -52,6 +52,8 @@ class Surface:
             return await self._create(request, request_id)
         except ApiError as error:
             return self.error_response(error, request_id)
+        finally:
+            self.dispatcher.admission.release(request)  # the body it read is no longer held here
 
     async def _create(self, request: Request, request_id: str) -> Response:
         raise NotImplementedError

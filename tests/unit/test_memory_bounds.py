@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from openai_stream_protocol import Chunk, Part
+from openai_stream_server.encoded_size import request_nbytes
 from openai_stream_server.errors import UpstreamError
 from openai_stream_server.registry import StreamRegistry
 from openai_stream_server.settings import Settings
@@ -138,10 +139,11 @@ async def test_the_total_bound_evicts_retained_first_then_refuses_then_fails_the
         assert registry.held_bytes == 4_000 and list(registry.retained) == retained
 
         a = (await _background(client)).json()["id"]
+        sent = request_nbytes(backend.submitted[-1])  # what each request in flight keeps to re-send counts too
         backend.deliver(_chunks(a, 0, 3))
         b = (await _background(client)).json()["id"]  # 7,000 held: admitted, nothing evicted
         backend.deliver(_chunks(b, 0, 1))
-        assert registry.held_bytes == 8_000 and [await status_of(r) for r in retained] == [200, 200]
+        assert registry.held_bytes == 8_000 + 2 * sent and [await status_of(r) for r in retained] == [200, 200]
 
         c = await _background(client)  # 8,000 >= 7,500: the oldest retained goes, then it is admitted
         assert c.status_code == 202
@@ -150,7 +152,7 @@ async def test_the_total_bound_evicts_retained_first_then_refuses_then_fails_the
         d = await _background(client)  # the other retained goes
         assert d.status_code == 202 and [await status_of(r) for r in retained] == [404, 404]
         backend.deliver(_chunks(d.json()["id"], 0, 2))
-        assert registry.held_bytes == 8_000 and not registry.retained
+        assert registry.held_bytes == 8_000 + 4 * sent and not registry.retained
 
         refused = await _background(client)  # in flight alone hold 8,000: refused, retry later
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
@@ -159,13 +161,13 @@ async def test_the_total_bound_evicts_retained_first_then_refuses_then_fails_the
 
         health = (await client.get("/health")).json()
         metrics = (await client.get("/metrics")).text
-        assert health["held_bytes"] == 8_000 and metric(metrics, "oss_held_bytes") == 8_000
+        assert health["held_bytes"] == 8_000 + 4 * sent and metric(metrics, "oss_held_bytes") == 8_000 + 4 * sent
 
         backend.deliver(_chunks(a, 3, 3))  # 11,000 > 10,000: the largest in flight (a, 6,000) fails
         state_a = registry.get(a)
         assert state_a is None  # failed and not retained: its bytes are given back at once
         assert a in backend.cancelled  # it had been submitted: the node is told to stop
-        assert registry.held_bytes == 5_000 and len(registry.active) == 3
+        assert registry.held_bytes == 5_000 + 3 * sent and len(registry.active) == 3
 
         again = await _background(client)  # room again: new requests succeed
         assert again.status_code == 202
@@ -175,16 +177,17 @@ async def test_the_total_bound_evicts_retained_first_then_refuses_then_fails_the
 
 async def test_the_largest_in_flight_gets_an_error_event() -> None:
     """A streaming client of the request that is failed for the total bound sees an error event and [DONE]."""
-    settings = Settings(sweep_interval_s=0.02, max_total_bytes=3_000)
+    settings = Settings(sweep_interval_s=0.02, max_total_bytes=3_500)  # room for 3,000 and what the two sent
     async with make_client(settings, FakeBackend(silent=True)) as (client, backend):
         registry = _registry(client)
         big = (await _background(client)).json()["id"]
         small = (await _background(client)).json()["id"]
+        sent = request_nbytes(backend.submitted[-1])  # what each request in flight keeps to re-send counts too
         backend.deliver(_chunks(small, 0, 1) + _chunks(big, 0, 2))
         state = registry.active[big]
-        backend.deliver(_chunks(big, 2, 1))  # 4,000 > 3,000
+        backend.deliver(_chunks(big, 2, 1))  # 4,000 > 3,500
         assert state.status is Status.FAILED and state.error is not None and state.error.status == 503
-        assert small in registry.active and registry.held_bytes == 1_000
+        assert small in registry.active and registry.held_bytes == 1_000 + sent
 
 
 async def test_with_no_total_bound_nothing_is_refused() -> None:

@@ -8,10 +8,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from openai_stream_protocol import ReasoningRequest
+from openai_stream_protocol import Part, ReasoningRequest
 
 from ...state import Status, StreamState
-from ..common import check_images, read_body, sequence_number
+from ..common import check_images, sequence_number
 from ..dispatch import sampling_metadata
 from ..follow import follow
 from ..reasoning import reasoning_metadata
@@ -38,10 +38,8 @@ class ChatCompletions(Surface):
     # -- POST /v1/chat/completions -----------------------------------------
 
     async def _create(self, request: Request, request_id: str) -> Response:
-        body = parse_chat_request(await read_body(request, self.settings.max_body_bytes))
-        check_images(body.image_fields(), self.settings.max_images_per_request)
-        model = self.dispatcher.model(body.model)
-        state = await self.dispatcher.submit(request_id, self.name, model, body.parts(), self._metadata(body, model, request_id))
+        body, model, parts, metadata = await self.dispatcher.admission.body(request, lambda raw: self._prepare(raw, request_id))
+        state = await self.dispatcher.submit(request_id, self.name, model, parts, metadata)
         headers = {"X-Request-Id": request_id}
         if body.background:
             return JSONResponse(
@@ -72,6 +70,13 @@ class ChatCompletions(Surface):
         )
         events = follow(ChunkRenderer(state, encoder), self.metrics, on_early_close=lambda: self.dispatcher.cancel(request_id))
         return self.sse(events, headers)
+
+    def _prepare(self, raw: bytes, request_id: str) -> tuple[ChatCompletionRequest, str, list[Part], dict[str, Any]]:
+        """What the request needs before it opens, from its body alone: it may run off the loop (``admission``)."""
+        body = parse_chat_request(raw)
+        check_images(body.image_fields(), self.settings.max_images_per_request)
+        model = self.dispatcher.model(body.model)
+        return body, model, body.parts(), self._metadata(body, model, request_id)
 
     @staticmethod
     def _metadata(body: ChatCompletionRequest, model: str, request_id: str) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from starlette.routing import Route
 
 from ..chat.render import ChunkRenderer
 from ..chat.request import include_usage
-from ..common import read_body
 from ..dispatch import sampling_metadata
 from ..follow import follow
 from ..surface import Surface
@@ -33,7 +32,7 @@ class Completions(Surface):
         return [Route("/v1/completions", self.create, methods=["POST"])]
 
     async def _create(self, request: Request, request_id: str) -> Response:
-        body = parse_completion_request(await read_body(request, self.settings.max_body_bytes))
+        body = await self.dispatcher.admission.body(request, parse_completion_request)
         model = self.dispatcher.model(body.model)
         state = await self.dispatcher.submit(request_id, self.name, model, body.parts(), self._metadata(body, model, request_id))
         headers = {"X-Request-Id": request_id}

@@ -17,7 +17,7 @@ from starlette.routing import Route
 from openai_stream_protocol import Part
 
 from ...errors import ApiError, InvalidRequest, MethodNotAllowed, NotFound
-from ..common import check_images, read_body
+from ..common import check_images
 from ..dispatch import prompt_tokens, sampling_metadata
 from ..follow import follow
 from ..reasoning import reasoning_metadata
@@ -25,7 +25,7 @@ from ..surface import Surface
 from ..surfaces import MESSAGES
 from ..tools import tool_metadata
 from .render import MessageRenderer, message_body
-from .request import PromptRequest, parse_count_tokens_request, parse_messages_request
+from .request import MessagesRequest, PromptRequest, parse_count_tokens_request, parse_messages_request
 
 _ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 """A function route answers GET (and HEAD) alone unless given its methods."""
@@ -46,7 +46,19 @@ class Messages(Surface):
         ]
 
     async def _create(self, request: Request, message_id: str) -> Response:
-        body = parse_messages_request(await read_body(request, self.settings.max_body_bytes))
+        body, model, parts, metadata = await self.dispatcher.admission.body(request, lambda raw: self._prepare(raw, message_id))
+        state = await self.dispatcher.submit(message_id, self.name, model, parts, metadata)
+        headers = {"X-Request-Id": message_id, "request-id": message_id}
+        if not body.stream:
+            await self.dispatcher.gathered(request, state)
+            return JSONResponse(message_body(state), headers=headers)
+        await self.dispatcher.first_chunk(request, state)
+        events = follow(MessageRenderer(state), self.metrics, on_early_close=lambda: self.dispatcher.cancel(message_id))
+        return self.sse(events, headers)
+
+    def _prepare(self, raw: bytes, message_id: str) -> tuple[MessagesRequest, str, list[Part], dict[str, Any]]:
+        """What the request needs before it opens, from its body alone: it may run off the loop (``admission``)."""
+        body = parse_messages_request(raw)
         check_images(body.image_fields(), self.settings.max_images_per_request)
         model = self.dispatcher.model(body.model)
         wish = None if body.thinking is None else body.thinking.wish()
@@ -59,14 +71,7 @@ class Messages(Surface):
             top_p=body.top_p,
             stop=body.stop_sequences,
         )
-        state = await self.dispatcher.submit(message_id, self.name, model, body.parts(), metadata)
-        headers = {"X-Request-Id": message_id, "request-id": message_id}
-        if not body.stream:
-            await self.dispatcher.gathered(request, state)
-            return JSONResponse(message_body(state), headers=headers)
-        await self.dispatcher.first_chunk(request, state)
-        events = follow(MessageRenderer(state), self.metrics, on_early_close=lambda: self.dispatcher.cancel(message_id))
-        return self.sse(events, headers)
+        return body, model, body.parts(), metadata
 
     @staticmethod
     def _tools(body: PromptRequest) -> dict[str, Any]:
@@ -83,13 +88,18 @@ class Messages(Surface):
     async def count_tokens(self, request: Request) -> Response:
         """The server's estimate of the prompt's tokens: the parts (system included) and the tools' JSON."""
         try:
-            body = parse_count_tokens_request(await read_body(request, self.settings.max_body_bytes))
-            self.dispatcher.model(body.model)
-            tools = self._tools(body).get("tools")
+            # The same admission and off-loop work as a request that opens a completion (docs/architecture.md, "Admission").
+            count = await self.dispatcher.admission.body(request, self._count_tokens, hold=False)
         except ApiError as error:
             return self.error_response(error)
+        return JSONResponse({"input_tokens": count})
+
+    def _count_tokens(self, raw: bytes) -> int:
+        body = parse_count_tokens_request(raw)
+        self.dispatcher.model(body.model)
+        tools = self._tools(body).get("tools")
         parts = body.parts() + ([Part("system", "text", tools)] if tools else [])
-        return JSONResponse({"input_tokens": prompt_tokens(parts)})
+        return prompt_tokens(parts)
 
     async def unrouted(self, request: Request) -> Response:
         if request.url.path in ("/v1/messages", "/v1/messages/count_tokens"):

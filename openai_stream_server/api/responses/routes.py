@@ -8,7 +8,8 @@ the request model is in ``request`` (docs/architecture.md, "Responses API").
 from __future__ import annotations
 
 import itertools
-from typing import Any
+import json
+from typing import Any, NamedTuple
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -18,7 +19,7 @@ from openai_stream_protocol import Part, ReasoningRequest
 
 from ...errors import ApiError, Cancelled, InvalidRequest, NotFound
 from ...state import StreamState
-from ..common import check_images, read_body, sequence_number
+from ..common import check_images, sequence_number
 from ..dispatch import sampling_metadata
 from ..follow import follow
 from ..reasoning import reasoning_metadata
@@ -29,6 +30,18 @@ from .items import input_item_list
 from .render import ResponseRenderer, response_body
 from .request import ResponsesRequest, parse_responses_request
 from .walk import answer_parts
+
+
+class _Prepared(NamedTuple):
+    """What ``Responses._prepare`` makes of a request body."""
+
+    body: ResponsesRequest
+    model: str
+    instructions: list[Part]
+    input: list[Part]
+    image_fields: list[str]
+    tools_json: str
+    metadata: dict[str, Any]
 
 
 def _flag(raw: str | None, param: str) -> bool:
@@ -56,17 +69,14 @@ class Responses(Surface):
     # -- POST /v1/responses -------------------------------------------------
 
     async def _create(self, request: Request, response_id: str) -> Response:
-        body = parse_responses_request(await read_body(request, self.settings.max_body_bytes))
-        if body.background and not body.store:
-            raise InvalidRequest("background responses must be stored: 'store' cannot be false with 'background'", param="store")
-        model = self.dispatcher.model(body.model)
-        instructions = body.instruction_parts()
+        prepared = await self.dispatcher.admission.body(request, lambda raw: self._prepare(raw, response_id))
+        body, model, instructions = prepared.body, prepared.model, prepared.instructions
         previous = await self._previous(body.previous_response_id)
         # What the conversation carries over goes downstream again: it counts first, as it comes first.
         carried = sum(1 for part in previous if part.kind == "image")
-        fields = itertools.chain(itertools.repeat("previous_response_id", carried), body.image_fields())
+        fields = itertools.chain(itertools.repeat("previous_response_id", carried), prepared.image_fields)
         check_images(fields, self.settings.max_images_per_request)
-        parts = instructions + previous + body.input_parts()
+        parts = instructions + previous + prepared.input
         echo = Echo(
             instructions=body.instructions,
             metadata=dict(body.metadata or {}),
@@ -78,14 +88,14 @@ class Responses(Surface):
             store=body.store,
             instruction_parts=len(instructions),
             input_from=len(instructions) + len(previous),
-            tools=[tool.echo() for tool in body.tools or ()],
+            tools_json=prepared.tools_json,
             tool_choice=body.echoed_tool_choice(),
             parallel_tool_calls=True if body.parallel_tool_calls is None else body.parallel_tool_calls,
             reasoning_effort=None if body.reasoning is None else body.reasoning.effort,
             reasoning_summary=None if body.reasoning is None else body.reasoning.summary,
         )
         state = await self.dispatcher.submit(
-            response_id, self.name, model, parts, self._metadata(body, model, response_id), keep_parts=body.store, context=echo
+            response_id, self.name, model, parts, prepared.metadata, keep_parts=body.store, context=echo
         )
         headers = {"X-Request-Id": response_id}
         if body.background:
@@ -128,6 +138,22 @@ class Responses(Surface):
                 param="previous_response_id",
             )
         return state.surface_data.parts[echo_of(state).instruction_parts :] + answer_parts(state)
+
+    def _prepare(self, raw: bytes, response_id: str) -> _Prepared:
+        """What the request needs before it opens, from its body alone: it may run off the loop (``admission``)."""
+        body = parse_responses_request(raw)
+        if body.background and not body.store:
+            raise InvalidRequest("background responses must be stored: 'store' cannot be false with 'background'", param="store")
+        model = self.dispatcher.model(body.model)
+        return _Prepared(
+            body,
+            model,
+            body.instruction_parts(),
+            body.input_parts(),
+            list(body.image_fields()),
+            json.dumps([tool.echo() for tool in body.tools or ()]),
+            self._metadata(body, model, response_id),
+        )
 
     @staticmethod
     def _metadata(body: ResponsesRequest, model: str, response_id: str) -> dict[str, Any]:
