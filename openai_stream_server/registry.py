@@ -342,6 +342,13 @@ class StreamRegistry:
         attempt.start_pieces = delivered = len(log.pieces)
         attempt.sent_at = None
         metadata = {**request.metadata, "request_id": wire_id, "session_id": wire_id}
+        logger.info(
+            "completion %s: attempt %d, %s%s",
+            state.request_id,
+            attempt.number + 1,
+            f"continuing after {delivered} pieces" if delivered else "sent again",
+            f" ({failed_on} failed it)" if failed_on else "",
+        )
         if delivered:
             calls, reasoning = log.tool_calls, log.reasoning
             pieces = [Piece(text, calls.get(i), i in reasoning) for i, text in enumerate(log.pieces)]
