@@ -35,7 +35,8 @@ def context_json(context: object | None) -> dict[str, Any] | None:
     if context is None:
         return None
     if dataclasses.is_dataclass(context) and not isinstance(context, type):
-        return dataclasses.asdict(context)
+        # shallow: its values are JSON already (orjson encodes them); asdict's deep copy cost ~10x more
+        return {f.name: getattr(context, f.name) for f in dataclasses.fields(context)}
     if isinstance(context, dict):
         return context
     return None
