@@ -70,7 +70,7 @@ ON CONFLICT (id) DO UPDATE SET instance = excluded.instance, status = excluded.s
 """
 
 Row = tuple[str, str, str, float, float, bytes]
-"""One queued write: (id, instance, status, written_at, expires_at, encoded record)."""
+"""One row written: (id, instance, status, written_at, expires_at, encoded record)."""
 
 
 class SqliteStore(Store):
@@ -96,8 +96,9 @@ class SqliteStore(Store):
         self._stale_after_s = stale_after_s
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # used in the worker thread only
-        self._pending: dict[str, Row] = {}
-        """Queued writes by id: an opened record and its final one queued in the same interval are written once."""
+        self._pending: dict[str, CompletionRecord] = {}
+        """Queued writes by id: an opened record and its final one queued in the same interval are written (and
+        encoded, in the worker thread) once."""
         self._deletes: set[str] = set()
         """Queued deletions (``discard``), done in the next flush after its writes."""
         self._wakeup = asyncio.Event()
@@ -156,24 +157,17 @@ class SqliteStore(Store):
     # -- records -----------------------------------------------------------
 
     def _put(self, record: CompletionRecord) -> None:
-        data = encode(record)
-        if len(data) > self.options.max_bytes:
-            self.stats.dropped += 1
-            self._warn.warning(
-                logger, "completion %s (%d bytes) is larger than the store's cap: not stored", record.id, len(data)
-            )
-            return
         self._deletes.discard(record.id)
-        self._pending[record.id] = (record.id, record.instance, record.status, time.time(), record.expires_at, data)
+        self._pending[record.id] = record
         if len(self._pending) >= self.options.max_batch:
             self._wakeup.set()
 
     async def _get(self, completion_id: str) -> CompletionRecord | None:
         if completion_id in self._deletes:  # deleted, not flushed yet
             return None
-        row = self._pending.get(completion_id)
-        if row is not None:
-            return decode(row[5])
+        queued = self._pending.get(completion_id)
+        if queued is not None:
+            return queued
         data = await self._read(self._select, completion_id)
         return None if data is None else decode(data)
 
@@ -232,21 +226,24 @@ class SqliteStore(Store):
             if purge:
                 self._next_purge = now + self.options.purge_interval_s
             try:
-                evicted, expired = await self._run(self._write, list(rows.values()), deletes, heartbeat, purge)
+                evicted, expired, too_large = await self._run(self._write, list(rows.values()), deletes, heartbeat, purge)
             except sqlite3.Error as exc:
                 self._deletes |= {cid for cid in deletes if cid not in self._pending}
                 self._failed(rows, exc)
                 return
             if rows:
                 self.stats.batches += 1
-                self.stats.records_written += len(rows)
+                self.stats.records_written += len(rows) - too_large
             self.stats.evicted += evicted
             self.stats.expired += expired
+            if too_large:
+                self.stats.dropped += too_large
+                self._warn.warning(logger, "%d completions larger than the store's cap were not stored", too_large)
             if self._problem is not None:
                 logger.warning("sqlite store %s: writing again", self.path)
                 self._problem = None
 
-    def _failed(self, rows: dict[str, Row], exc: sqlite3.Error) -> None:
+    def _failed(self, rows: dict[str, CompletionRecord], exc: sqlite3.Error) -> None:
         """Keep the rows for the next flush (newer queued writes of the same id win), bounded by ``max_pending``."""
         self.stats.write_errors += 1
         self._problem = f"sqlite store {self.path}: cannot write: {exc}"
@@ -298,11 +295,20 @@ class SqliteStore(Store):
             raise
         self._conn = conn
 
-    def _write(self, rows: list[Row], deletes: set[str], heartbeat: bool, purge: bool) -> tuple[int, int]:
+    def _write(
+        self, records: list[CompletionRecord], deletes: set[str], heartbeat: bool, purge: bool
+    ) -> tuple[int, int, int]:
         conn = self._conn
         assert conn is not None
         now = time.time()
         evicted = expired = 0
+        cap = self.options.max_bytes
+        rows: list[Row] = []
+        for record in records:  # encoded here, off the event loop
+            data = encode(record)
+            if len(data) <= cap:
+                rows.append((record.id, record.instance, record.status, now, record.expires_at, data))
+        too_large = len(records) - len(rows)
         conn.execute("BEGIN IMMEDIATE")
         try:
             if rows:
@@ -322,7 +328,7 @@ class SqliteStore(Store):
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise
-        return evicted, expired
+        return evicted, expired, too_large
 
     def _evict(self, conn: sqlite3.Connection) -> int:
         """Over ``max_bytes``: delete the least recently written records until under it."""

@@ -311,3 +311,16 @@ async def test_a_discarded_record_reads_as_missing_before_the_flush(tmp_path: Pa
         assert await store.get("a") is None
     finally:
         await store.aclose()
+
+
+async def test_a_record_larger_than_the_cap_is_not_stored_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = await opened(path, StoreOptions(flush_interval_s=10, max_bytes=500))
+    try:
+        store.put(finished("small"))
+        store.put(finished("huge", "x" * 1000))
+        await store.flush()
+        assert rows(path) == {"small": "completed"}
+        assert store.stats.dropped == 1 and store.stats.records_written == 1
+    finally:
+        await store.aclose()
