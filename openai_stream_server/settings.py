@@ -54,7 +54,7 @@ class Settings:
     """A missing ``seq`` that does not arrive within this time ends the stream with an error naming it."""
     model_wait_s: float = 5.0
     """A request that arrives while no model replica is live (one is restarting) waits this long for one, then gets 503;
-    a request whose replica died before its first chunk waits as long to be re-sent."""
+    a request whose replica failed it waits as long to be re-sent or continued."""
     replica_silence_s: float = 3.0
     """A model replica that sends heartbeats, holds requests and has said nothing for this long is treated as dead: its
     requests continue on another replica, and it gets no new work until it speaks again (0: never)."""

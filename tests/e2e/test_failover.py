@@ -57,8 +57,11 @@ class Stream:
 
     @property
     def exact(self) -> bool:
-        """Word by word the echo, nothing twice, nothing missing, no error, one finish. (A slow reader's deltas may
-        hold several words: the server coalesces what is pending, docs/architecture.md, "Slow clients".)"""
+        """Word by word the echo, nothing twice, nothing missing, no error, one finish.
+
+        A slow reader's deltas may hold several words: the server coalesces what is pending
+        (docs/architecture.md, "Slow clients: coalescing, not queues").
+        """
         return self.got.split(" ") == self.text.split(" ") and self.finishes == ["stop"] and not self.errors and self.done
 
 
