@@ -71,6 +71,14 @@ ignores it (``_reasoning.py``).
 Busy (node -> server): an ``error`` finish chunk with ``error_code: busy``
 (``ChunkSender.busy``, ``BatchSender.busy``) turns a request away with nothing
 generated, so that the server may try another replica.
+
+Resend (docs/architecture.md, "Resend"): the server asks a replica that said
+``can_resend`` for chunks lost on the way (output ``resend/<node id>``:
+``resend_from``, ``resend_to``); the node sends them again as first sent, or
+answers ``resend_missed`` when it no longer holds them. ``ResendingOutput``
+keeps a bounded memory of what a node sent and answers asks (``_resend.py``).
+``check_zenoh_overlay`` ends a node whose ``DORA_ZENOH_CONFIG_OVERLAY`` names no
+file, before ``Node()`` (``_overlay.py``).
 """
 
 from ._batch import BatchSender, is_batch, parse_batch
@@ -84,6 +92,7 @@ from ._continuation import (
     read_continuation,
 )
 from ._events import REQUEST_INPUTS, NodeEventHandler, dispatch_event
+from ._overlay import ZENOH_OVERLAY_ENV, check_zenoh_overlay, zenoh_overlay_problem
 from ._reasoning import (
     KIND_KEY,
     REASONING,
@@ -95,6 +104,22 @@ from ._reasoning import (
     request_reasoning,
 )
 from ._request import Kind, Part, Role, last_user_text, parse_request_texts, split_tokens
+from ._resend import (
+    CAN_RESEND_KEY,
+    RESEND_FROM_KEY,
+    RESEND_MISSED_KEY,
+    RESEND_OUTPUT,
+    RESEND_TO_KEY,
+    RESENT_KEY,
+    ResendAsk,
+    ResendingOutput,
+    has_resend_input,
+    is_resend_missed,
+    parse_resend_missed,
+    read_resend_ask,
+    send_resend_ask,
+    send_resend_missed,
+)
 from ._status import (
     ACTIVE_KEY,
     CAN_CONTINUE_KEY,
@@ -157,6 +182,7 @@ __all__ = [
     "BUSY",
     "CANCEL_OUTPUT",
     "CAN_CONTINUE_KEY",
+    "CAN_RESEND_KEY",
     "CONTINUED_PIECES_KEY",
     "CONTINUE_FROM_KEY",
     "DEFAULT_HEARTBEAT_S",
@@ -174,6 +200,11 @@ __all__ = [
     "REASONING_TOKENS_KEY",
     "REQUEST_INPUTS",
     "REQUEST_OUTPUT",
+    "RESEND_FROM_KEY",
+    "RESEND_MISSED_KEY",
+    "RESEND_OUTPUT",
+    "RESEND_TO_KEY",
+    "RESENT_KEY",
     "SYSTEM_PREFIX",
     "TOOLS_KEY",
     "TOOL_CALL_ID_KEY",
@@ -184,6 +215,7 @@ __all__ = [
     "TOOL_PREFIX",
     "USER_IMAGE_PREFIX",
     "USER_TEXT_PREFIX",
+    "ZENOH_OVERLAY_ENV",
     "BatchSender",
     "Chunk",
     "ChunkSender",
@@ -196,6 +228,8 @@ __all__ = [
     "Part",
     "Piece",
     "ReasoningRequest",
+    "ResendAsk",
+    "ResendingOutput",
     "Role",
     "ToolCall",
     "ToolCallDelta",
@@ -203,13 +237,16 @@ __all__ = [
     "as_bool",
     "as_int",
     "cancelled_request_id",
+    "check_zenoh_overlay",
     "continue_from",
     "decode_tool_calls",
     "dispatch_event",
     "encode_tool_calls",
     "encode_tools",
+    "has_resend_input",
     "is_batch",
     "is_reasoning",
+    "is_resend_missed",
     "is_status",
     "last_user_text",
     "new_tool_call_id",
@@ -217,8 +254,10 @@ __all__ = [
     "parse_batch",
     "parse_chunk",
     "parse_request_texts",
+    "parse_resend_missed",
     "parse_status",
     "read_continuation",
+    "read_resend_ask",
     "request_id_of",
     "request_parallel_tool_calls",
     "request_reasoning",
@@ -226,8 +265,11 @@ __all__ = [
     "request_tools",
     "send_heartbeat",
     "send_hello",
+    "send_resend_ask",
+    "send_resend_missed",
     "split_tokens",
     "string_array",
     "texts_of",
     "tool_name",
+    "zenoh_overlay_problem",
 ]

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from ._resend import RESEND_OUTPUT, read_resend_ask
 from ._wire import CANCEL_OUTPUT, REQUEST_OUTPUT, cancelled_request_id, texts_of
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,9 @@ def dispatch_event(event: Mapping[str, Any], handler: NodeEventHandler) -> bool:
     """Hand one dora event to ``handler``; False after ``STOP``, True otherwise.
 
     Inputs other than a request or ``cancel`` (a timer, say) are ignored, and so
-    are other event types (``INPUT_CLOSED``, ``NODE_RESTARTED``, ...).
+    are other event types (``INPUT_CLOSED``, ``NODE_RESTARTED``, ...). A ``resend``
+    ask goes to ``handler.on_resend(ask)`` when the handler has that method (a node
+    that answers resend asks, ``_resend.py``), and is ignored otherwise.
     """
     kind = event.get("type")
     if kind == "INPUT":
@@ -41,6 +44,10 @@ def dispatch_event(event: Mapping[str, Any], handler: NodeEventHandler) -> bool:
             request_id = cancelled_request_id(event["value"], metadata)
             if request_id is not None:
                 handler.on_cancel(request_id)
+        elif input_id == RESEND_OUTPUT and (on_resend := getattr(handler, "on_resend", None)) is not None:
+            ask = read_resend_ask(event["value"], metadata)
+            if ask is not None:
+                on_resend(ask)
         else:
             logger.debug("ignoring input %r", input_id)
     elif kind == "STOP":

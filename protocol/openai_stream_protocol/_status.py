@@ -33,6 +33,7 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from ._chunk import OutputSender
+from ._resend import CAN_RESEND_KEY
 from ._wire import HELLO_KEY, as_bool
 
 HEARTBEAT_KEY = "heartbeat"
@@ -59,14 +60,18 @@ def send_hello(
     *,
     can_continue: bool = False,
     heartbeat_s: float | None = None,
+    can_resend: bool = False,
 ) -> None:
     """Tell the server this node is up (``HELLO_KEY``), and what it can do.
 
-    An empty string array, metadata ``hello: node_id``; ``can_continue`` and ``heartbeat_s`` only when given.
+    An empty string array, metadata ``hello: node_id``; ``can_continue``, ``heartbeat_s`` and ``can_resend``
+    (it answers resend asks, ``_resend.py``) only when given.
     """
     metadata: dict[str, Any] = {HELLO_KEY: node_id}
     if can_continue:
         metadata[CAN_CONTINUE_KEY] = True
+    if can_resend:
+        metadata[CAN_RESEND_KEY] = True
     if heartbeat_s:
         metadata[HEARTBEAT_S_KEY] = float(heartbeat_s)
     node.send_output(output, _EMPTY, metadata)
@@ -80,11 +85,15 @@ def send_heartbeat(
     active: int = 0,
     queued: int = 0,
     can_continue: bool = False,
+    can_resend: bool = False,
 ) -> None:
-    """One heartbeat: an empty string array, metadata ``heartbeat: node_id``, ``active``, ``queued`` (and ``can_continue``)."""
+    """One heartbeat: an empty string array, metadata ``heartbeat: node_id``, ``active``, ``queued`` (and ``can_continue``,
+    ``can_resend``)."""
     metadata: dict[str, Any] = {HEARTBEAT_KEY: node_id, ACTIVE_KEY: int(active), QUEUED_KEY: int(queued)}
     if can_continue:
         metadata[CAN_CONTINUE_KEY] = True
+    if can_resend:
+        metadata[CAN_RESEND_KEY] = True
     node.send_output(output, _EMPTY, metadata)
 
 
@@ -106,6 +115,8 @@ class NodeStatus:
     """Heartbeat only: requests generating."""
     queued: int | None = None
     """Heartbeat only: requests waiting in the node."""
+    can_resend: bool = False
+    """It answers resend asks for lost chunks (``_resend.py``)."""
 
 
 def parse_status(metadata: Mapping[str, Any]) -> NodeStatus | None:
@@ -123,6 +134,7 @@ def parse_status(metadata: Mapping[str, Any]) -> NodeStatus | None:
         heartbeat_s=_positive_float(metadata.get(HEARTBEAT_S_KEY)) if kind == "hello" else None,
         active=_count(metadata.get(ACTIVE_KEY)) if kind == "heartbeat" else None,
         queued=_count(metadata.get(QUEUED_KEY)) if kind == "heartbeat" else None,
+        can_resend=as_bool(metadata.get(CAN_RESEND_KEY, False)),
     )
 
 
@@ -163,7 +175,7 @@ class Heartbeat:
     returns ``None``), and the hello then promises none.
     """
 
-    __slots__ = ("node", "node_id", "output", "interval_s", "can_continue", "clock", "sent", "_next_at", "_busy")
+    __slots__ = ("node", "node_id", "output", "interval_s", "can_continue", "can_resend", "clock", "sent", "_next_at", "_busy")
 
     def __init__(
         self,
@@ -173,6 +185,7 @@ class Heartbeat:
         *,
         interval_s: float = DEFAULT_HEARTBEAT_S,
         can_continue: bool = False,
+        can_resend: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not interval_s >= 0:
@@ -182,6 +195,8 @@ class Heartbeat:
         self.output = output
         self.interval_s = interval_s
         self.can_continue = can_continue
+        self.can_resend = can_resend
+        """It answers resend asks (``ResendingOutput``): said in the hello and every heartbeat."""
         self.clock = clock
         self.sent = 0
         """Heartbeats sent so far."""
@@ -189,7 +204,14 @@ class Heartbeat:
         self._busy = False
 
     def hello(self) -> None:
-        send_hello(self.node, self.node_id, self.output, can_continue=self.can_continue, heartbeat_s=self.interval_s or None)
+        send_hello(
+            self.node,
+            self.node_id,
+            self.output,
+            can_continue=self.can_continue,
+            heartbeat_s=self.interval_s or None,
+            can_resend=self.can_resend,
+        )
 
     def beat(self, active: int, queued: int = 0) -> float | None:
         """Send a heartbeat if one is due; the seconds until the next one is (``None`` while idle or off)."""
@@ -202,7 +224,15 @@ class Heartbeat:
         if busy != self._busy or now >= self._next_at:
             self._busy = busy
             self._next_at = now + self.interval_s
-            send_heartbeat(self.node, self.node_id, self.output, active=active, queued=queued, can_continue=self.can_continue)
+            send_heartbeat(
+                self.node,
+                self.node_id,
+                self.output,
+                active=active,
+                queued=queued,
+                can_continue=self.can_continue,
+                can_resend=self.can_resend,
+            )
             self.sent += 1
             if not busy:
                 return None
