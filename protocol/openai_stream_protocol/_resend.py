@@ -282,17 +282,21 @@ class ResendingOutput:
 
     # -- answering an ask ------------------------------------------------------
 
-    def resend(self, ask: ResendAsk, missed_output: str = "chunks") -> int:
+    def resend(self, ask: ResendAsk, missed_output: str = "chunks", *, active: bool = False) -> int:
         """Send ``ask``'s range again as it was first sent; a missed answer on ``missed_output`` when part of it is gone.
 
         Returns the chunk messages (or rows) sent again. Sends nothing when the node has sent nothing
-        from ``ask.first`` on yet and still generates the request (it is slow, not lossy).
+        from ``ask.first`` on yet and still generates the request (it is slow, not lossy); ``active``
+        says the node holds the request (generating or queued), which it alone knows before its first chunk.
         """
         self._expire(self.clock())
         kept = self._kept.get(ask.request_id)
         if kept is None:
-            self._missed(missed_output, ask.request_id, ask.first)
+            if not active:  # unknown here: evicted, cancelled, or another process's (a restart)
+                self._missed(missed_output, ask.request_id, ask.first)
             return 0
+        if kept.entries:  # the output its chunks went on (several servers: the asking server's own)
+            missed_output = kept.entries[-1][1]
         wanted = [e for e in kept.entries if e[0] >= ask.first and (ask.end is None or e[0] < ask.end)]
         have = {e[0] for e in wanted}
         last = ask.end if ask.end is not None else (max(have) + 1 if have else None)
@@ -332,4 +336,7 @@ class ResendingOutput:
 
     def _missed(self, output: str, request_id: str, first: int) -> None:
         self.missed += 1
-        send_resend_missed(self.node, output, request_id, first)
+        try:
+            send_resend_missed(self.node, output, request_id, first)
+        except Exception:  # an output the dataflow does not declare: the server's gap timeout ends the stream
+            pass

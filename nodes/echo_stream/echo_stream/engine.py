@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from openai_stream_protocol import ChunkSender, Heartbeat, OutputSender, dispatch_event
+from openai_stream_protocol import ChunkSender, Heartbeat, OutputSender, ResendAsk, ResendingOutput, dispatch_event
 
 from .plan import Plan, plan
 from .settings import Settings
@@ -227,6 +227,15 @@ class EchoStream:
         # The server has already ended the request: no finish marker either.
         if self.active.pop(request_id, None) is not None or self.waiting.pop(request_id, None) is not None:
             logger.debug("request %s cancelled", request_id)
+        if isinstance(self.node, ResendingOutput):
+            self.node.forget(request_id)  # nothing of it will be asked for again
+
+    def on_resend(self, ask: ResendAsk) -> None:
+        """The server lacks chunks of a request, lost on the way: send them again (docs/architecture.md, "Resend")."""
+        if isinstance(self.node, ResendingOutput):
+            held = ask.request_id in self.active or ask.request_id in self.waiting
+            sent = self.node.resend(ask, self.output, active=held)
+            logger.info("request %s: resent %d chunk(s) from seq %d on the server's ask", ask.request_id, sent, ask.first)
 
     def step(self, now: float) -> float | None:
         """Send one chunk of every generation due by ``now`` (up to a round's cap); return when the next is due."""

@@ -32,6 +32,9 @@ class Settings:
     exit_on: str | None = None
     """``ECHO_EXIT_ON`` (tests): the process exits at once when an echo reaches this text, before sending it:
     a request that crashes its replica (a poison request). Unset: never."""
+    drop_every: int = 0
+    """``ECHO_DROP_EVERY`` (tests): lose every Nth chunk message on the way out, as a congested transport would
+    (``drop.py``); 0: never."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -54,6 +57,9 @@ class Settings:
             raise ValueError(f"ECHO_HEARTBEAT_S must be between 0 (off) and 60 seconds, got {heartbeat_s}")
         busy = environ.get("ECHO_BUSY", "0").strip().lower() in ("1", "true", "yes")
         exit_on = environ.get("ECHO_EXIT_ON") or None
+        drop_every = _env_number(environ, "ECHO_DROP_EVERY", "0", int)
+        if drop_every == 1 or drop_every < 0:
+            raise ValueError(f"ECHO_DROP_EVERY must be 0 (off) or at least 2, got {drop_every}")
         return cls(
             tokens_per_chunk=tokens,
             token_delay_s=delay,
@@ -63,6 +69,7 @@ class Settings:
             heartbeat_s=heartbeat_s,
             busy=busy,
             exit_on=exit_on,
+            drop_every=drop_every,
         )
 
 
