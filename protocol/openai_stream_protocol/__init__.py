@@ -79,6 +79,15 @@ answers ``resend_missed`` when it no longer holds them. ``ResendingOutput``
 keeps a bounded memory of what a node sent and answers asks (``_resend.py``).
 ``check_zenoh_overlay`` ends a node whose ``DORA_ZENOH_CONFIG_OVERLAY`` names no
 file, before ``Node()`` (``_overlay.py``).
+
+Several servers (docs/architecture.md, "Several server processes"): in the
+multi-server layout a request carries ``server`` (``SERVER_KEY``: the node id
+of the server that sent it) and its answer goes to the replica's output
+``<chunk output>/<server>``; ``ChunkSender``, ``BatchSender`` and
+``Heartbeat`` (to every ``answer_outputs``) do it by themselves, and
+``dispatch_event`` takes ``v1/chat/completions/<server>`` and
+``cancel/<server>`` as request and cancel inputs and tells a handler's
+``on_server_gone(server)`` when a server process is gone (``_servers.py``).
 """
 
 from ._batch import BatchSender, is_batch, parse_batch
@@ -120,6 +129,7 @@ from ._resend import (
     send_resend_ask,
     send_resend_missed,
 )
+from ._servers import SERVER_KEY, answer_outputs, reply_output, request_server, server_of_input
 from ._status import (
     ACTIVE_KEY,
     CAN_CONTINUE_KEY,
@@ -205,6 +215,7 @@ __all__ = [
     "RESEND_OUTPUT",
     "RESEND_TO_KEY",
     "RESENT_KEY",
+    "SERVER_KEY",
     "SYSTEM_PREFIX",
     "TOOLS_KEY",
     "TOOL_CALL_ID_KEY",
@@ -234,6 +245,7 @@ __all__ = [
     "ToolCall",
     "ToolCallDelta",
     "allowed_tools",
+    "answer_outputs",
     "as_bool",
     "as_int",
     "cancelled_request_id",
@@ -258,15 +270,18 @@ __all__ = [
     "parse_status",
     "read_continuation",
     "read_resend_ask",
+    "reply_output",
     "request_id_of",
     "request_parallel_tool_calls",
     "request_reasoning",
+    "request_server",
     "request_tool_choice",
     "request_tools",
     "send_heartbeat",
     "send_hello",
     "send_resend_ask",
     "send_resend_missed",
+    "server_of_input",
     "split_tokens",
     "string_array",
     "texts_of",

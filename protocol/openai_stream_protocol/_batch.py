@@ -24,6 +24,7 @@ import pyarrow as pa
 from ._chunk import BUSY, FINISH_REASONS, Chunk, OutputSender
 from ._continuation import continue_from
 from ._reasoning import REASONING, is_reasoning
+from ._servers import reply_output
 from ._tools import ToolCallDelta, checked_tool_call_index
 from ._wire import request_id_of
 
@@ -215,11 +216,14 @@ class BatchSender:
     With ``stamp``, every row of an emit carries ``sent_at`` (``time.time()``
     at the send), for the benchmarks' added delay. A request that continues
     another replica's answer starts at its ``continue_from`` instead of 0.
+    A request that names its server (several server processes, ``_servers.py``)
+    has its rows queued in a batch of their own for that server's output,
+    ``<output>/<server>``: ``emit`` sends one message per server with rows.
     """
 
     __slots__ = (
         "node", "output", "stamp", "_seq", "_ids", "_seqs", "_texts", "_fins", "_extra", "_tools", "_stops", "_codes",
-        "_kinds", "_reasoning_tokens",
+        "_kinds", "_reasoning_tokens", "_servers", "_route",
     )  # fmt: skip
 
     def __init__(self, node: OutputSender, output: str = "chunks", *, stamp: bool = False) -> None:
@@ -243,6 +247,10 @@ class BatchSender:
         self._kinds: dict[int, tuple[str]] = {}
         # Row index -> (reasoning_tokens,): only finish rows that count them have it.
         self._reasoning_tokens: dict[int, tuple[int]] = {}
+        # Several servers: one batch per server output, and which one each of their open requests is in.
+        # Empty with one server, where every row is this batch's (one falsy check per row).
+        self._servers: dict[str, BatchSender] = {}
+        self._route: dict[str, BatchSender] = {}
 
     def open(self, request_metadata: Mapping[str, Any]) -> str:
         """Register a request and return its id; ``seq`` starts at its ``continue_from`` (0 when fresh).
@@ -252,11 +260,23 @@ class BatchSender:
         request_id = request_id_of(request_metadata)
         if request_id is None:
             raise ValueError("request metadata has neither request_id nor session_id")
+        output = reply_output(request_metadata, self.output)
+        if output != self.output:
+            batch = self._servers.get(output)
+            if batch is None:
+                batch = self._servers[output] = BatchSender(self.node, output, stamp=self.stamp)
+            self._route[request_id] = batch
+            batch._seq[request_id] = continue_from(request_metadata)
+            return request_id
+        if self._route:
+            self._route.pop(request_id, None)
         self._seq[request_id] = continue_from(request_metadata)
         return request_id
 
     def send(self, request_id: str, text: str) -> None:
         """Queue the request's next delta; ``KeyError`` for a request not open (never, or already finished)."""
+        if self._route and (batch := self._route.get(request_id)) is not None:
+            return batch.send(request_id, text)
         seq = self._seq[request_id]
         self._seq[request_id] = seq + 1
         self._ids.append(request_id)
@@ -275,12 +295,16 @@ class BatchSender:
     ) -> None:
         """Queue a piece of the request's tool call ``index`` (its first carries ``call_id`` and ``name``), as ``ChunkSender``."""
         checked_tool_call_index(index)
+        if self._route and (batch := self._route.get(request_id)) is not None:
+            return batch.send_tool_call(request_id, index, arguments_delta, call_id=call_id, name=name)
         row = len(self._ids)
         self.send(request_id, arguments_delta)
         self._tools[row] = (index, call_id, name)
 
     def send_reasoning(self, request_id: str, text: str) -> None:
         """Queue a piece of the request's reasoning (``kind: "reasoning"``), numbered like its answer's deltas."""
+        if self._route and (batch := self._route.get(request_id)) is not None:
+            return batch.send_reasoning(request_id, text)
         row = len(self._ids)
         self.send(request_id, text)
         self._kinds[row] = (REASONING,)
@@ -306,6 +330,20 @@ class BatchSender:
         """
         if finish_reason not in FINISH_REASONS:
             raise ValueError(f"unknown finish_reason: {finish_reason!r}")
+        if self._route and (batch := self._route.get(request_id)) is not None:
+            batch.finish(
+                request_id,
+                finish_reason,
+                text,
+                error=error,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                stop_sequence=stop_sequence,
+                error_code=error_code,
+                reasoning_tokens=reasoning_tokens,
+            )
+            del self._route[request_id]
+            return
         seq = self._seq.pop(request_id)
         if stop_sequence:
             self._stops[len(self._ids)] = (stop_sequence,)
@@ -325,6 +363,9 @@ class BatchSender:
 
     def discard(self, request_id: str) -> None:
         """Forget a request (the server cancelled it): nothing more is sent for it, not even what is queued."""
+        if self._route and (batch := self._route.pop(request_id, None)) is not None:
+            batch.discard(request_id)
+            return
         if self._seq.pop(request_id, None) is None and request_id not in self._ids:
             return
         if request_id in self._ids:
@@ -345,13 +386,14 @@ class BatchSender:
     @property
     def queued(self) -> int:
         """Rows waiting for the next ``emit``."""
-        return len(self._ids)
+        return len(self._ids) + sum(batch.queued for batch in self._servers.values())
 
     def emit(self) -> int:
-        """Send everything queued as ONE message (nothing when empty); the number of rows sent."""
+        """Send everything queued as ONE message per output (nothing when empty); the number of rows sent."""
+        sent = sum(batch.emit() for batch in self._servers.values()) if self._servers else 0
         n = len(self._ids)
         if not n:
-            return 0
+            return sent
         names = ["request_id", "seq", "text", "fin"]
         arrays = [
             pa.array(self._ids, type=pa.string()),
@@ -373,11 +415,11 @@ class BatchSender:
         self._extra, self._tools, self._stops, self._codes = {}, {}, {}, {}
         self._kinds, self._reasoning_tokens = {}, {}
         self.node.send_output(self.output, pa.StructArray.from_arrays(arrays, names=names), {})
-        return n
+        return n + sent
 
     def __contains__(self, request_id: str) -> bool:
         """Whether the request is open (opened, neither finished nor discarded)."""
-        return request_id in self._seq
+        return request_id in self._seq or request_id in self._route
 
 
 def _add_columns(

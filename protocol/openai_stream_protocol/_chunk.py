@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from ._continuation import continue_from
 from ._reasoning import KIND_KEY, REASONING, REASONING_TOKENS_KEY, is_reasoning
+from ._servers import reply_output, request_server
 from ._tools import TOOL_CALL_ID_KEY, TOOL_CALL_INDEX_KEY, TOOL_CALL_NAME_KEY, ToolCallDelta, checked_tool_call_index
 from ._wire import as_bool, as_int, request_id_of, string_array
 
@@ -133,16 +134,20 @@ class ChunkSender:
     would throw away other requests' chunks (docs/architecture.md, "Dora wire protocol").
     The first ``seq`` is the request's ``continue_from`` (0 for a fresh request): a node
     continuing another replica's answer numbers on from the pieces already delivered.
+    A request that names its server (several server processes, ``_servers.py``) is answered
+    on that server's output, ``<output>/<server>``.
     """
 
-    __slots__ = ("node", "output", "request_id", "seq", "finished", "_ids")
+    __slots__ = ("node", "output", "request_id", "seq", "finished", "_ids", "server")
 
     def __init__(self, node: OutputSender, request_metadata: Mapping[str, Any], output: str = "chunks") -> None:
         request_id = request_id_of(request_metadata)
         if request_id is None:
             raise ValueError("request metadata has neither request_id nor session_id")
         self.node = node
-        self.output = output
+        self.output = reply_output(request_metadata, output)
+        self.server = request_server(request_metadata)
+        """The server process that asked (None with one server): its answers go to its own output."""
         self.request_id = request_id
         self.seq = continue_from(request_metadata)
         self.finished = False

@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from ._chunk import OutputSender
 from ._resend import CAN_RESEND_KEY
+from ._servers import answer_outputs
 from ._wire import HELLO_KEY, as_bool
 
 HEARTBEAT_KEY = "heartbeat"
@@ -172,10 +173,15 @@ class Heartbeat:
     ``beat`` sends at once when the node takes on work after being idle, then
     every ``interval_s`` while it holds any, and once more (load 0) when it
     becomes idle. ``interval_s`` 0 turns heartbeats off (``beat`` then only
-    returns ``None``), and the hello then promises none.
+    returns ``None``), and the hello then promises none. Each goes to every
+    chunk output the dataflow declares (``answer_outputs``): with several server
+    processes, one per server, so that every server sees the replica's load.
     """
 
-    __slots__ = ("node", "node_id", "output", "interval_s", "can_continue", "can_resend", "clock", "sent", "_next_at", "_busy")
+    __slots__ = (
+        "node", "node_id", "output", "outputs", "interval_s", "can_continue", "can_resend", "clock", "sent", "_next_at",
+        "_busy",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -193,6 +199,8 @@ class Heartbeat:
         self.node = node
         self.node_id = node_id
         self.output = output
+        self.outputs = answer_outputs(node, output)
+        """``output`` and every ``<output>/<server>`` the node declares: where the hello and the heartbeats go."""
         self.interval_s = interval_s
         self.can_continue = can_continue
         self.can_resend = can_resend
@@ -204,14 +212,15 @@ class Heartbeat:
         self._busy = False
 
     def hello(self) -> None:
-        send_hello(
-            self.node,
-            self.node_id,
-            self.output,
-            can_continue=self.can_continue,
-            heartbeat_s=self.interval_s or None,
-            can_resend=self.can_resend,
-        )
+        for output in self.outputs:
+            send_hello(
+                self.node,
+                self.node_id,
+                output,
+                can_continue=self.can_continue,
+                heartbeat_s=self.interval_s or None,
+                can_resend=self.can_resend,
+            )
 
     def beat(self, active: int, queued: int = 0) -> float | None:
         """Send a heartbeat if one is due; the seconds until the next one is (``None`` while idle or off)."""
@@ -224,15 +233,16 @@ class Heartbeat:
         if busy != self._busy or now >= self._next_at:
             self._busy = busy
             self._next_at = now + self.interval_s
-            send_heartbeat(
-                self.node,
-                self.node_id,
-                self.output,
-                active=active,
-                queued=queued,
-                can_continue=self.can_continue,
-                can_resend=self.can_resend,
-            )
+            for output in self.outputs:
+                send_heartbeat(
+                    self.node,
+                    self.node_id,
+                    output,
+                    active=active,
+                    queued=queued,
+                    can_continue=self.can_continue,
+                    can_resend=self.can_resend,
+                )
             self.sent += 1
             if not busy:
                 return None
