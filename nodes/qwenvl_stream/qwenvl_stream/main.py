@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None, *, node_factory: Callable[[str | None], 
         sys.exit(f"qwenvl-stream: {exc}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
-    from openai_stream_protocol import Heartbeat, node_id_from_env
+    from openai_stream_protocol import Heartbeat, ResendingOutput, check_zenoh_overlay, has_resend_input, node_id_from_env
 
     if node_factory is None:
         from dora import Node
@@ -42,7 +42,12 @@ def main(argv: list[str] | None = None, *, node_factory: Callable[[str | None], 
         def node_factory(name: str | None) -> Any:
             return Node(name) if name else Node()
 
-    node = node_factory(args.name)
+    check_zenoh_overlay("qwenvl-stream")  # a daemon's relative overlay path would fail in Node(), again on each restart
+    dora_node = node_factory(args.name)
+    # Rows lost on the way are sent again on the server's ask, where the dataflow gives this node a `resend`
+    # input (docs/architecture.md, "Resend"): the senders send through the resend memory.
+    resend = has_resend_input(dora_node)
+    node = ResendingOutput(dora_node) if resend else dora_node
 
     # Imported here so that `--help` and a bad setting answer without loading torch.
     from .engine import QwenEngine
@@ -63,10 +68,11 @@ def main(argv: list[str] | None = None, *, node_factory: Callable[[str | None], 
         "chunks",
         interval_s=settings.heartbeat_s,
         can_continue=True,
+        can_resend=resend,
     )
     heartbeat.hello()
     logger.info("qwenvl-stream serving %s (queue of %d)", settings.model_name_or_path, settings.max_queued_requests)
-    Scheduler(node, QwenEngine(loaded, settings), settings, heartbeat=heartbeat).run(node)
+    Scheduler(node, QwenEngine(loaded, settings), settings, heartbeat=heartbeat).run(dora_node)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from openai_stream_protocol import BatchSender, Continuation, Heartbeat, OutputSender, dispatch_event, read_continuation
+from openai_stream_protocol import (
+    BatchSender,
+    Continuation,
+    Heartbeat,
+    OutputSender,
+    ResendAsk,
+    ResendingOutput,
+    dispatch_event,
+    read_continuation,
+)
 
 from .generation import (
     BatchEngine,
@@ -250,6 +259,13 @@ class Scheduler:
     def on_cancel(self, request_id: str) -> None:
         self._cancel(request_id)
 
+    def on_resend(self, ask: ResendAsk) -> None:
+        """The server lacks rows of a request, lost on the way: send them again from the node's resend memory
+        (``ResendingOutput``, given when the dataflow has a ``resend`` input; docs/architecture.md, "Resend")."""
+        if isinstance(self.node, ResendingOutput):
+            held = ask.request_id in self.running or any(job.request_id == ask.request_id for job in self.pending)
+            self.node.resend(ask, self.sender.output, active=held)
+
     def on_stop(self) -> None:
         logger.info("stop: dropping %d queued request(s) and %d generating", len(self.pending), len(self.running))
         self.stopping = True
@@ -318,6 +334,8 @@ class Scheduler:
         if request_id is None:
             return
         self.sender.discard(request_id)
+        if isinstance(self.node, ResendingOutput):
+            self.node.forget(request_id)  # nothing of it will be asked for again
         job = self.running.pop(request_id, None)
         if job is not None:
             job.cancelled = True
