@@ -64,6 +64,9 @@ class Admission:
         """Requests admitted whose body is being read or prepared: they count against ``--max-active-requests``
         with those in flight, since each holds its body already."""
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oss-admission")
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oss-encode")
+        """A thread of its own for encoding prompts: a request whose body was prepared must not wait behind the
+        bodies queued after it (eight 7 MB bodies posted at once: the first was answered after ~1.5 s, not ~7 s)."""
 
     async def body(self, request: Request, prepare: Callable[[bytes], T], *, hold: bool = True) -> T:
         """``prepare(body)`` of the request's body, read under the admission checks (see the module docstring).
@@ -90,7 +93,7 @@ class Admission:
                 counted = 0
                 registry.reserve(len(raw))
                 counted = len(raw)
-            prepared = await self.offload(len(raw), prepare, raw)
+            prepared = await self._offload(self._worker, len(raw), prepare, raw)
         except BaseException:
             registry.unreserve(counted)
             raise
@@ -108,20 +111,17 @@ class Admission:
         if counted:
             self.registry.unreserve(counted)
 
-    async def offload(self, nbytes: int, work: Callable[..., T], *args: Any) -> T:
-        """``work(*args)``, on the worker thread when ``nbytes`` (the size of what it works on) is ``OFFLOAD_BYTES`` or more."""
-        if nbytes < OFFLOAD_BYTES:
-            return work(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._worker, work, *args)
-
     async def encoded(self, parts: Sequence[Part]) -> tuple[int, list[str]]:
         """A prompt's token estimate and its texts in the wire form (``encode_prompt``), off the loop when it is large."""
         size = OFFLOAD_BYTES if len(parts) >= OFFLOAD_PARTS else sum(len(part.content) for part in parts)
-        return await self.offload(size, encode_prompt, parts)
+        return await self._offload(self._encoder, size, encode_prompt, parts)
 
-    def close(self) -> None:
-        """No new work; a body being prepared finishes on its own."""
-        self._worker.shutdown(wait=False, cancel_futures=True)
+    @staticmethod
+    async def _offload(thread: ThreadPoolExecutor, nbytes: int, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)``, on ``thread`` when ``nbytes`` (the size of what it works on) is ``OFFLOAD_BYTES`` or more."""
+        if nbytes < OFFLOAD_BYTES:
+            return work(*args)
+        return await asyncio.get_running_loop().run_in_executor(thread, work, *args)
 
 
 def encode_prompt(parts: Sequence[Part]) -> tuple[int, list[str]]:

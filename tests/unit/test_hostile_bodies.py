@@ -8,7 +8,7 @@
   turned into parts off the loop: the loop's longest stall while it is posted is a small share
   of the time the post takes (on the loop it was all of it). Chat and count_tokens.
 - What is held is counted in encoded bytes: a stored response's tools (held as Python objects
-  they took ~12 times their JSON), the prompt a request keeps while in flight, and a body
+  they took ~9 times their JSON), the prompt a request keeps while in flight, and a body
   waiting for a live replica (docs/architecture.md, "Memory bounds", "Admission").
 """
 
@@ -165,7 +165,7 @@ def _tools(size: int) -> list[dict[str, Any]]:
 
 async def test_stored_responses_count_their_tools_and_hold_about_what_they_count() -> None:
     """Three stored responses with ~2 MB of tools each: the held bytes grow by at least their JSON, and the Python memory
-    that stays per counted byte is close to 1 (the tools held as parsed objects took ~12 per byte, uncounted)."""
+    that stays per counted byte is close to 1 (the tools held as parsed objects took ~9 per byte, uncounted)."""
     tools = _tools(2_000_000)
     tools_bytes = len(json.dumps(tools))
     body = {"model": "m", "input": "hi", "store": True, "tools": tools}

@@ -29,7 +29,7 @@ class Echo:
     ``previous_response_id`` carried over): what ``GET .../input_items`` lists."""
     tools_json: str = "[]"
     """The request's function tools, Responses-shaped (``{"type": "function", "name", ...}``), as JSON text: kept
-    encoded, as counted (a tools list held as Python objects takes ~12 times its JSON; docs/architecture.md,
+    encoded, as counted (a tools list held as Python objects took ~9 times its JSON in RSS; docs/architecture.md,
     "Memory bounds"), and parsed again only when a response object is rendered (``tools``)."""
     tool_choice: str | dict[str, Any] = "auto"
     parallel_tool_calls: bool = True
