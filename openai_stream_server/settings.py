@@ -80,7 +80,7 @@ class Settings:
     max_images_per_request: int = 16
     """Image parts one request may hold, on every surface that takes images; one more gets 400 naming it. 0: no cap."""
     max_active_requests: int = 4096
-    """Requests in flight; beyond this 429 with ``Retry-After``."""
+    """Requests in flight, with those whose body is being read; beyond this 429 with ``Retry-After``, before the body is read."""
     max_connections: int = 4096
     """Open HTTP connections at most (lowered to fit the process's open-file limit). A new one beyond it closes the
     connection that has waited longest on its client (sending a request, or idle); if every one is serving a request,
@@ -90,9 +90,10 @@ class Settings:
     max_completion_bytes: int = 16 * 1024 * 1024
     """Bytes held per request: its text plus 64 per chunk (320 per chunk held for reordering); beyond it the stream fails."""
     max_total_bytes: int = 1024 * 1024 * 1024
-    """Bytes held over all completions, in flight and retained (counted as for max_completion_bytes).
-    Over it retained ones are evicted oldest first; above three quarters of it new requests get 503
-    with Retry-After; past it the largest in flight fails. 0: no bound."""
+    """Bytes held over all completions, in flight and retained (counted as for max_completion_bytes), with the
+    request bodies being read and prepared and the prompts kept while in flight (in encoded bytes). Over it retained
+    ones are evicted oldest first; a new request that would take it past three quarters gets 503 with Retry-After,
+    judged from its declared size before its body is read; past it the largest in flight fails. 0: no bound."""
     retention_s: float = 300.0
     """How long a finished completion stays available for GET and reattach."""
     max_retained: int = 1024
