@@ -230,6 +230,18 @@ class EchoStream:
         if isinstance(self.node, ResendingOutput):
             self.node.forget(request_id)  # nothing of it will be asked for again
 
+    def on_server_gone(self, server: str) -> None:
+        """A server process died or dora restarted it: nobody reads what is generated for it any more, so stop that.
+
+        Several server processes share this node (docs/architecture.md, "Several server processes"); each
+        request says which one asked (``ChunkSender.server``). A node id that asked nothing changes nothing.
+        """
+        gone = [rid for rid, g in (*self.active.items(), *self.waiting.items()) if g.sender.server == server]
+        for request_id in gone:
+            self.on_cancel(request_id)
+        if gone:
+            logger.info("server %s is gone: stopped %d request(s): %s", server, len(gone), " ".join(gone))
+
     def on_resend(self, ask: ResendAsk) -> None:
         """The server lacks chunks of a request, lost on the way: send them again (docs/architecture.md, "Resend")."""
         if isinstance(self.node, ResendingOutput):
