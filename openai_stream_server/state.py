@@ -201,18 +201,30 @@ class StreamState:
             if timeout_s is None:
                 await self._park()
             else:
+                # The waiter is listed before anything else runs: ``wait_for`` on a coroutine would start it as a task
+                # of its own, after an end already scheduled, which would then wake nobody (a stream held its headers
+                # for the whole grace period; tests/unit/test_state_wait_race.py).
+                waiter = self._waiter()
                 try:
-                    await asyncio.wait_for(self._park(), timeout_s)
+                    await asyncio.wait_for(waiter, timeout_s)
                 except TimeoutError:
                     return
+                finally:
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
 
     async def wait_done(self) -> None:
         while self.status is Status.IN_PROGRESS:
             await self._park()
 
-    async def _park(self) -> None:
+    def _waiter(self) -> asyncio.Future[None]:
+        """A future the next change resolves (``_wake``), listed at once."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        return waiter
+
+    async def _park(self) -> None:
+        waiter = self._waiter()
         try:
             await waiter
         except BaseException:  # cancelled (the client left, a timeout): not woken, so still listed
