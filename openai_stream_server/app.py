@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -34,6 +34,7 @@ from .errors import ApiError, BackendUnavailable, MethodNotAllowed, ModelNotFoun
 from .metrics import Metrics
 from .middleware import RawSendApp, middleware_stack
 from .registry import StreamRegistry
+from .resend import ResendBackend, Resender
 from .settings import Settings
 from .state import StreamState
 from .store.config import open_store
@@ -75,7 +76,9 @@ def _store_keeper(settings: Settings, metrics: Metrics) -> RecordKeeper | None:
     return RecordKeeper(store)
 
 
-def _service_routes(settings: Settings, backend: Backend, registry: StreamRegistry, metrics: Metrics) -> list[BaseRoute]:
+def _service_routes(
+    settings: Settings, backend: Backend, registry: StreamRegistry, metrics: Metrics, resender: Resender
+) -> list[BaseRoute]:
     """The demo page, /health, /metrics and /v1/models."""
     started_at = time.time()
 
@@ -96,13 +99,15 @@ def _service_routes(settings: Settings, backend: Backend, registry: StreamRegist
         status = backend.health()
         ok = bool(status.get("connected"))
         store = registry.keeper.health() if registry.keeper is not None else {"backend": "memory", "ok": True}
+        losing = resender.losing  # chunks lost on the way in the last minute (docs/architecture.md, "Resend")
         body = {
             # A store problem degrades but does not stop the server: it still serves from memory (docs/store.md,
-            # "Failures"), so it stays 200; only a lost dora side is a 503.
-            "status": "ok" if ok and store["ok"] else "degraded",
+            # "Failures"), so it stays 200; only a lost dora side is a 503. Lost chunks degrade it the same way.
+            "status": "ok" if ok and store["ok"] and not losing else "degraded",
             "active_streams": len(registry.active),
             "held_bytes": registry.held_bytes,
             "store": store,
+            "chunk_loss": resender.health(),
             **status,
         }
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -144,6 +149,12 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
         lambda: backend.malformed_chunks,
     )
     metrics.replicas_from(backend.replica_stats)
+    # Lost chunks asked for again from the replica that sent them (docs/architecture.md, "Resend"): a backend
+    # without ``ask_resend`` (a test fake) only has its holes reported.
+    asks = backend if hasattr(backend, "ask_resend") else None
+    resender = Resender(registry, cast("ResendBackend | None", asks), metrics, gap_timeout_s=settings.gap_timeout_s)
+    if hasattr(backend, "on_resend_missed"):
+        backend.on_resend_missed = resender.missed
     dispatcher = Dispatcher(settings, backend, registry)
     surfaces: list[Surface] = [
         ChatCompletions(dispatcher, metrics),
@@ -174,7 +185,7 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
         if keeper is not None:
             await keeper.start()
         await backend.start(registry.deliver, on_stop, registry.fail_all, on_orphaned)
-        sweeper = asyncio.create_task(_sweep(registry, settings.sweep_interval_s))
+        sweeper = asyncio.create_task(_sweep(registry, settings.sweep_interval_s, resender))
         try:
             yield
         finally:
@@ -185,7 +196,7 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
             if keeper is not None:
                 await keeper.aclose()  # flushes every record written above (docs/store.md, "What is written when")
 
-    routes = _service_routes(settings, backend, registry, metrics)
+    routes = _service_routes(settings, backend, registry, metrics, resender)
     for surface in surfaces:
         routes += surface.routes()
     app = RawSendApp(
@@ -196,6 +207,7 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
     )
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.resender = resender
     app.state.settings = settings
     return app
 
@@ -204,10 +216,12 @@ def _shutdown_error() -> ApiError:
     return BackendUnavailable("the server is shutting down")
 
 
-async def _sweep(registry: StreamRegistry, interval_s: float) -> None:
+async def _sweep(registry: StreamRegistry, interval_s: float, resender: Resender | None = None) -> None:
     while True:
         await asyncio.sleep(interval_s)
         try:
             registry.sweep()
+            if resender is not None:
+                resender.sweep()
         except Exception:
             logger.exception("sweep failed")

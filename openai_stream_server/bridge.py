@@ -34,11 +34,15 @@ from openai_stream_protocol import (
     DEFAULT_HEARTBEAT_S,
     Chunk,
     NodeStatus,
+    ResendAsk,
     is_batch,
+    is_resend_missed,
     is_status,
     parse_batch,
     parse_chunk,
+    parse_resend_missed,
     parse_status,
+    send_resend_ask,
     string_array,
     texts_of,
 )
@@ -46,6 +50,8 @@ from openai_stream_protocol import (
 from .backend import ChunkSink, DownstreamRequest, OnLost, OnOrphaned
 from .errors import BackendUnavailable, UpstreamError
 from .replicas import DownReason, LegacyReplicas, Replica, ReplicaSet, discover, is_tick
+from .resend import ResendRoutes
+from .restarts import RestartLog
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +145,20 @@ class DoraBridge:
         self._deliver_errors = _ThrottledLog("an unexpected error delivering a chunk")
         self._slots = threading.Semaphore(MAX_BATCHES_IN_FLIGHT)
         """One per batch handed to the loop and not yet delivered (``MAX_BATCHES_IN_FLIGHT``)."""
+        self.resend_routes = ResendRoutes(None, ())
+        """Which replicas take resend asks for lost chunks, on which output (docs/architecture.md, "Resend")."""
+        self.on_resend_missed: Callable[[str, int, str | None], None] | None = None
+        """A replica answered an ask that it no longer holds the range: ``(wire id, first seq, replica id)``."""
+        self.restart_log = RestartLog()
+        """Restarts per replica over the last minute (``/health`` names one that keeps restarting)."""
 
     async def start(
         self, sink: ChunkSink, on_stop: Callable[[], None], on_lost: OnLost, on_orphaned: OnOrphaned | None = None
     ) -> None:
         self._loop = asyncio.get_running_loop()
-        self.replicas = ReplicaSet(discover(_node_config(self._node)))
+        config = _node_config(self._node)
+        self.replicas = ReplicaSet(discover(config))
+        self.resend_routes = ResendRoutes(config, self.replicas.replicas)
         self._live = asyncio.Event()
         self._live.set()
         self._on_lost, self._on_orphaned = on_lost, on_orphaned
@@ -201,6 +215,7 @@ class DoraBridge:
                 batch = _Batch()
                 unnamed: list[tuple[int, Replica]] = []  # where a legacy reply without an id sits in ``batch``
                 signals: list[tuple[str, str, NodeStatus | None]] = []
+                missed: list[tuple[str, int, str]] = []  # resend asks a replica could not answer (docs/architecture.md, "Resend")
                 stop = False
                 for ev in events:
                     try:
@@ -211,6 +226,10 @@ class DoraBridge:
                                 continue
                             seen_at[input_id] = now
                             metadata = ev["metadata"]
+                            if is_resend_missed(metadata):
+                                if (answer := parse_resend_missed(metadata)) is not None:
+                                    missed.append((*answer, input_id))
+                                continue
                             if is_status(metadata):  # a hello or a heartbeat: the node speaking of itself, not a chunk
                                 status = parse_status(metadata)
                                 numbered.add(input_id)
@@ -263,6 +282,8 @@ class DoraBridge:
                     loop.call_soon_threadsafe(deliver, batch, unnamed)
                 if signals and not stop:  # after the chunks that came before them
                     loop.call_soon_threadsafe(self._replica_events, signals)
+                if missed:
+                    loop.call_soon_threadsafe(self._resend_missed, missed)
                 if stop:
                     break
         except Exception:
@@ -320,6 +341,7 @@ class DoraBridge:
                 if replica is None:
                     logger.info("node %r restarted (not a model replica)", ident)
                 else:
+                    self.restart_log.note(replica.replica_id)
                     self._down(replica, f"node '{ident}' was restarted by dora", restarted=True)
                     if not replica.hellos:  # one that sends hellos is used again on its hello alone
                         assert self._loop is not None
@@ -346,6 +368,7 @@ class DoraBridge:
             return
         replica.load = (status.active or 0, status.queued or 0)
         replica.can_continue = status.can_continue
+        self.resend_routes.said(replica.replica_id, status.can_resend)
         if replica.heartbeat_s is None:
             replica.heartbeat_s = DEFAULT_HEARTBEAT_S
         if not replica.live and replica.down_reason is DownReason.SILENT:
@@ -372,10 +395,14 @@ class DoraBridge:
             anyone = replicas.of_input(input_id)  # the one replica of an unknown layout: its capabilities only
             if anyone is not None and status is not None:
                 anyone.can_continue, anyone.heartbeat_s = status.can_continue, status.heartbeat_s
+                self.resend_routes.said(anyone.replica_id, status.can_resend)
             return
         if status is not None:
             replica.can_continue, replica.heartbeat_s = status.can_continue, status.heartbeat_s
+            self.resend_routes.said(replica.replica_id, status.can_resend)
         replica.hellos += 1
+        if replica.hellos > 1 and replica.down_reason is not DownReason.RESTARTED:  # that one was counted at NODE_RESTARTED
+            self.restart_log.note(replica.replica_id)
         if replica.live:
             if replica.held or replica.hellos > 1:
                 self._down(replica, "a new process said hello (it was restarted)", restarted=True)
@@ -543,7 +570,33 @@ class DoraBridge:
         if self.lost is not None:
             status["error"] = self.lost
         status["replicas"] = self.replicas.stats(self._seen_at)
+        self.restart_log.annotate(status)
         return status
+
+    # -- resend asks (loop thread; docs/architecture.md, "Resend") ----------------
+
+    def replica_of(self, request_id: str) -> str | None:
+        replica = self.replicas.holder.get(request_id)
+        return None if replica is None else replica.replica_id
+
+    def ask_resend(self, request_id: str, first: int, end: int | None) -> bool:
+        """Ask the replica holding ``request_id`` to send ``seq`` ``first`` to ``end`` again; False when it takes no asks."""
+        replica = self.replicas.holder.get(request_id)
+        output = None if replica is None or not replica.live else self.resend_routes.output_for(replica.replica_id)
+        if output is None or self.stopped:
+            return False
+        try:
+            send_resend_ask(self._node, output, ResendAsk(request_id, first, end))
+        except Exception as exc:  # dora refused: the gap timeout ends the stream, as without resends
+            logger.warning("could not send a resend ask for %s: %s", request_id, exc)
+            return False
+        return True
+
+    def _resend_missed(self, missed: list[tuple[str, int, str]]) -> None:
+        for wire_id, first, input_id in missed:
+            replica = self.replicas.of_input(input_id)
+            if self.on_resend_missed is not None:
+                self.on_resend_missed(wire_id, first, None if replica is None else replica.replica_id)
 
     def replica_stats(self) -> list[Replica]:
         """The replicas, for the per-replica series of /metrics (read when it renders)."""

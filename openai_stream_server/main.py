@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 import uvicorn
 from starlette.applications import Starlette
 
+from openai_stream_protocol import check_zenoh_overlay
+
 from .app import create_app
 from .bridge import DoraBridge
 from .connection_limits import limited_protocol
@@ -118,6 +120,9 @@ async def serve(settings: Settings, node_name: str | None = None) -> None:
     from dora import Node  # imported here: importing the package must not need a dataflow
 
     await check_store(settings)
+    # A relative overlay path does not resolve where `dora start` runs nodes: one line, not a failure in Node() that
+    # a restart policy repeats (docs/deploy.md, "Several machines").
+    check_zenoh_overlay("openai-stream-server")
 
     node = Node(node_name) if node_name else Node()
     bridge = DoraBridge(node, replica_silence_s=settings.replica_silence_s)
