@@ -56,6 +56,7 @@ from .chat import Message, delivered_pieces, template_knows_tools, to_chat
 from .generation import BatchRow, GenerationParams, OnStep, RequestError, RowStream, StepRow, sampling_kwargs
 from .model import LoadedModel
 from .settings import Settings
+from .thinking import opens_thinking, takes_enable_thinking, template_thinks
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ class QwenEngine:
         self._cb_rows: dict[str, RowStream] = {}
         self._cb_seen: dict[str, int] = {}
         self._cb_on_step: OnStep | None = None
+        self._thinking: dict[bool | None, bool | None] = {}
 
     # -- both schemes --------------------------------------------------------------------------
 
@@ -145,6 +147,7 @@ class QwenEngine:
         images: Sequence[Any],
         tools: Sequence[dict[str, Any]] = (),
         continuation: Continuation | None = None,
+        enable_thinking: bool | None = None,
     ) -> Prepared:
         """Chat template and processor for one request; ``RequestError`` for what the client must fix.
 
@@ -161,6 +164,8 @@ class QwenEngine:
         if len(images) != len(chat.image_sources):
             raise RuntimeError(f"{len(chat.image_sources)} image(s) in the prompt but {len(images)} loaded")
         template_kwargs: dict[str, Any] = {"tools": list(tools)} if tools and native else {}
+        if enable_thinking is not None and takes_enable_thinking(template):
+            template_kwargs["enable_thinking"] = enable_thinking
         pieces = delivered_pieces(continuation) if continuation is not None else []
         try:
             if pieces:
@@ -183,6 +188,27 @@ class QwenEngine:
         if "mm_token_type_ids" in inputs:  # text tokens are type 0
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(tail)], dim=-1)
         return Prepared(inputs, int(inputs["input_ids"].shape[-1]), tuple(continued))
+
+    def thinking(self, enable_thinking: bool | None = None) -> bool | None:
+        """Whether the model's answers start with reasoning in ``<think>`` tags (docs/architecture.md, "Reasoning"):
+        None when the chat template never thinks (Qwen2.5-VL's), True when its generation prompt opens ``<think>``
+        itself (the output then holds only ``</think>``), False when the model opens it. Found once per
+        ``enable_thinking`` by rendering a one-message chat."""
+        if enable_thinking in self._thinking:
+            return self._thinking[enable_thinking]
+        processor = self.loaded.processor
+        template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        found: bool | None = None
+        if template_thinks(template):
+            passed = enable_thinking is not None and takes_enable_thinking(template)
+            kwargs = {"enable_thinking": enable_thinking} if passed else {}
+            try:
+                prompt = self._fresh_prompt([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], kwargs)
+            except Exception:  # a template that wants more than one message: read as one that thinks by itself
+                prompt = ""
+            found = opens_thinking(prompt)
+        self._thinking[enable_thinking] = found
+        return found
 
     def _continue_prompt(self, messages: list[Message], delivered: str, template_kwargs: dict[str, Any]) -> str:
         """The prompt up to where the delivered text starts: the template's ``continue_final_message`` rendering of
@@ -255,7 +281,7 @@ class QwenEngine:
         manager = self._manager
         if manager is None:
             return False
-        prepared = self.prepare(row.texts, (), row.params.tools, row.continuation)
+        prepared = self.prepare(row.texts, (), row.params.tools, row.continuation, row.params.enable_thinking)
         ids = prepared.inputs["input_ids"][0].tolist()
         stream = self.stream(row.request_id, row.params, row.halt, prepared.reported_prompt_tokens, prepared.continued_ids)
         spent = stream.spent()
@@ -360,7 +386,9 @@ class QwenEngine:
         failed: list[StepRow] = []
         for row in rows:
             try:
-                ready.append((row, self.prepare(row.texts, row.row_images, row.params.tools, row.continuation)))
+                ready.append(
+                    (row, self.prepare(row.texts, row.row_images, row.params.tools, row.continuation, row.params.enable_thinking))
+                )
             except RequestError as exc:
                 failed.append(StepRow(row.request_id, error=str(exc)))
             except Exception as exc:

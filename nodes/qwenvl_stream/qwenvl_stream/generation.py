@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from openai_stream_protocol import Continuation, allowed_tools, as_int, request_parallel_tool_calls
+from openai_stream_protocol import Continuation, allowed_tools, as_int, request_parallel_tool_calls, request_reasoning
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ class GenerationParams:
     """The function tools the model may call (``allowed_tools``: none for ``tool_choice: "none"``); empty: no tool calling."""
     parallel_tool_calls: bool = True
     """False: at most one call is sent (later ones are dropped)."""
+    enable_thinking: bool | None = None
+    """The request's reasoning wish (``reasoning`` metadata) for a template that takes ``enable_thinking``; None: the
+    template's own default (docs/architecture.md, "Reasoning")."""
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any], *, default_max_tokens: int, max_tokens_limit: int) -> GenerationParams:
@@ -59,6 +62,7 @@ class GenerationParams:
             seed=_read(metadata, "seed", as_int),
             tools=tuple(allowed_tools(metadata)),
             parallel_tool_calls=request_parallel_tool_calls(metadata),
+            enable_thinking=None if (wish := request_reasoning(metadata)) is None else wish.enabled,
         )
 
 

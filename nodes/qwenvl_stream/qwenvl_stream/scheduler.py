@@ -61,8 +61,10 @@ from .generation import (
     sampling_kwargs,
 )
 from .images import ImageError, ImageLoader, check_image_count
+from .parsing import OutputParser, Reasoning
 from .prefetch import ImagePrefetcher, LoadImages, image_sources
 from .settings import Settings
+from .thinking import ThinkParser
 from .toolcalls import ToolCallParser
 
 logger = logging.getLogger(__name__)
@@ -92,8 +94,9 @@ class Job:
     chunks: int = 0
     tokens: int = 0
     first_piece_at: float | None = None
-    tool_parser: ToolCallParser | None = None
-    """With tools: reads the model's ``<tool_call>`` tags out of the text (``None``: text goes out untouched)."""
+    parser: OutputParser | None = None
+    """With a thinking template or tools: reads the model's ``<think>`` and ``<tool_call>`` tags out of the text
+    (``None``: text goes out untouched)."""
     tool_calls: int = 0
     """Tool calls sent so far (the next one's index)."""
     continuation: Continuation | None = None
@@ -321,13 +324,29 @@ class Scheduler:
         job = Job(request_id, texts, params, image_sources=sources, images=None if sources else [], continuation=continuation)
         if continuation is not None:
             job.tool_calls = len(continuation.calls())  # the next call's index goes on from the delivered ones
+        tool_parser = None
         if params.tools:
             remaining = None if params.parallel_tool_calls else max(0, 1 - job.tool_calls)
-            job.tool_parser = ToolCallParser(max_calls=remaining)
+            tool_parser = ToolCallParser(max_calls=remaining)
+        think_parser = self._think_parser(params, continuation)
+        if think_parser is not None or tool_parser is not None:
+            job.parser = OutputParser(think_parser, tool_parser)
         self.pending.append(job)
         if sources:
             self.prefetcher.submit(job)
         logger.debug("request %s queued (%d waiting)", request_id, len(self.pending))
+
+    def _think_parser(self, params: GenerationParams, continuation: Continuation | None) -> ThinkParser | None:
+        """The reader of the answer's ``<think>`` part, for a template that thinks (docs/architecture.md, "Reasoning")."""
+        thinking = getattr(self.engine, "thinking", None)
+        opened = thinking(params.enable_thinking) if thinking is not None else None
+        if opened is None:
+            return None
+        if continuation is not None and continuation.pieces:
+            if any(p.tool_call is None and not p.reasoning and p.text for p in continuation.pieces):
+                return None  # the answer has begun: its reasoning is over
+            return ThinkParser(inside=any(p.reasoning for p in continuation.pieces) or opened)
+        return ThinkParser(inside=opened)
 
     def _cancel(self, request_id: str | None) -> None:
         # The server has already ended the request: nothing more is sent for it.
@@ -415,8 +434,8 @@ class Scheduler:
                     job.first_piece_at = time.monotonic()
                 job.chunks += 1
             text = row.text
-            if job.tool_parser is not None:
-                self._send_with_tools(job, job.tool_parser, row)
+            if job.parser is not None:
+                self._send_parsed(job, job.parser, row)
                 if not row.ended:
                     continue
                 text = ""
@@ -443,13 +462,15 @@ class Scheduler:
             self._log_completion(job, finish_reason, row.outcome.completion_tokens)
         self._emit()
 
-    def _send_with_tools(self, job: Job, parser: ToolCallParser, row: StepRow) -> None:
-        """A row's text through the request's tool-call parser: content rows and one tool-call row per whole call."""
+    def _send_parsed(self, job: Job, parser: OutputParser, row: StepRow) -> None:
+        """A row's text through the request's parsers: reasoning rows, content rows and one tool-call row per whole call."""
         pieces = parser.feed(row.text) if row.text else []
         if row.ended:
             pieces += parser.flush()
         for piece in pieces:
-            if isinstance(piece, str):
+            if isinstance(piece, Reasoning):
+                self.sender.send_reasoning(job.request_id, piece.text)
+            elif isinstance(piece, str):
                 self.sender.send(job.request_id, piece)
             else:
                 self.sender.send_tool_call(job.request_id, job.tool_calls, piece.arguments, call_id=piece.id, name=piece.name)

@@ -343,13 +343,16 @@ def test_cluster_yaml_is_qwenvl_yaml_with_gpu_labelled_replicas() -> None:
         rid = replica.pop("id")
         assert replica.pop("deploy") == {"labels": {"gpu": "true"}}
         assert replica.pop("restart_policy") == "on-failure"
+        assert {k: replica.pop(k) for k in ("max_restarts", "restart_window")} == {"max_restarts": 5, "restart_window": 600.0}
+        assert replica.pop("restart_delay") > 0 and replica.pop("max_restart_delay") > 0
         sources = {name: spec["source"] for name, spec in replica["inputs"].items()}
         assert sources == {
             "v1/chat/completions": f"openai-stream-server/v1/chat/completions/{rid}",
             "cancel": f"openai-stream-server/cancel/{rid}",
+            "resend": f"openai-stream-server/resend/{rid}",
         }
         assert server["inputs"][f"chunks/{rid}"]["source"] == f"{rid}/chunks"
-        assert {f"v1/chat/completions/{rid}", f"cancel/{rid}"} <= set(server["outputs"])
+        assert {f"v1/chat/completions/{rid}", f"cancel/{rid}", f"resend/{rid}"} <= set(server["outputs"])
         assert {k: v for k, v in replica.items() if k != "inputs"} == {
             k: v for k, v in model.items() if k not in ("id", "inputs")
         }
