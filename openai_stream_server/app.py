@@ -31,6 +31,7 @@ from .api.surface import Surface
 from .api.surfaces import OPENAI_ERRORS, error_shape
 from .backend import Backend, DownstreamRequest
 from .errors import ApiError, BackendUnavailable, MethodNotAllowed, ModelNotFound, NotFound
+from .frontdoor import ServerIdentity
 from .metrics import Metrics
 from .middleware import RawSendApp, middleware_stack
 from .registry import StreamRegistry
@@ -107,6 +108,7 @@ def _service_routes(
             "active_streams": len(registry.active),
             "held_bytes": registry.held_bytes,
             "store": store,
+            "server": request.app.state.identity.as_dict(),  # which process answered, of several on one port
             "chunk_loss": resender.health(),
             **status,
         }
@@ -128,9 +130,15 @@ def _service_routes(
     ]
 
 
-def create_app(settings: Settings, backend: Backend) -> Starlette:
-    """The ASGI app. The backend is started in the lifespan; the registry lives on ``app.state``."""
+def create_app(settings: Settings, backend: Backend, identity: ServerIdentity | None = None) -> Starlette:
+    """The ASGI app. The backend is started in the lifespan; the registry lives on ``app.state``.
+
+    ``identity``: which server process this is, named by /health and /metrics (docs/architecture.md, "Several server
+    processes"); main passes its dora node id.
+    """
     metrics = Metrics()
+    identity = identity or ServerIdentity.here()
+    identity.export(metrics)
     keeper = _store_keeper(settings, metrics)
     registry = StreamRegistry(
         settings,
@@ -207,6 +215,7 @@ def create_app(settings: Settings, backend: Backend) -> Starlette:
     )
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.identity = identity
     app.state.resender = resender
     app.state.settings = settings
     return app

@@ -32,6 +32,7 @@ from typing import Any
 
 from openai_stream_protocol import (
     DEFAULT_HEARTBEAT_S,
+    SERVER_KEY,
     Chunk,
     NodeStatus,
     ResendAsk,
@@ -49,6 +50,7 @@ from openai_stream_protocol import (
 
 from .backend import ChunkSink, DownstreamRequest, OnLost, OnOrphaned
 from .errors import BackendUnavailable, UpstreamError
+from .frontdoor import per_server_replicas
 from .replicas import DownReason, LegacyReplicas, Replica, ReplicaSet, discover, is_tick
 from .resend import ResendRoutes
 from .restarts import RestartLog
@@ -119,8 +121,12 @@ class _ThrottledLog:
 
 
 class DoraBridge:
-    def __init__(self, node: Any, *, replica_silence_s: float = 0.0) -> None:
+    def __init__(self, node: Any, *, replica_silence_s: float = 0.0, server_id: str = "") -> None:
         self._node = node
+        self.server_id = server_id
+        """This server's dora node id: what a request to a replica with an output for each server names (``server``)."""
+        self._per_server: frozenset[str] = frozenset()
+        """Replicas that answer this server on an output of its own (``frontdoor.per_server_replicas``)."""
         self.replica_silence_s = replica_silence_s
         """A replica that promised heartbeats, holds requests and said nothing this long is treated as dead (0: never)."""
         self._reader_waiting = False
@@ -158,6 +164,7 @@ class DoraBridge:
         self._loop = asyncio.get_running_loop()
         config = _node_config(self._node)
         self.replicas = ReplicaSet(discover(config))
+        self._per_server = per_server_replicas(config, self.server_id)
         self.resend_routes = ResendRoutes(config, self.replicas.replicas)
         self._live = asyncio.Event()
         self._live.set()
@@ -367,6 +374,7 @@ class DoraBridge:
         if replica is None or status is None:
             return
         replica.load = (status.active or 0, status.queued or 0)
+        replica.load_at, replica.load_base = time.monotonic(), replica.in_flight  # routing on it: Replica.routing_load
         replica.can_continue = status.can_continue
         self.resend_routes.said(replica.replica_id, status.can_resend)
         if replica.heartbeat_s is None:
@@ -512,7 +520,10 @@ class DoraBridge:
                     raise BackendUnavailable("no live model replica can continue the answer")
                 raise BackendUnavailable(self.lost or "no model replica is live")
             try:
-                self._send(replica.request_output, request.texts, request.metadata)
+                metadata = request.metadata
+                if replica.replica_id in self._per_server:  # several servers: answer on this one's output
+                    metadata = {**metadata, SERVER_KEY: self.server_id}
+                self._send(replica.request_output, request.texts, metadata)
             except BackendUnavailable as exc:
                 if self.stopped:
                     raise

@@ -6,18 +6,20 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import uvicorn
 from starlette.applications import Starlette
 
-from openai_stream_protocol import check_zenoh_overlay
+from openai_stream_protocol import check_zenoh_overlay, node_id_from_env
 
 from .app import create_app
 from .bridge import DoraBridge
 from .connection_limits import limited_protocol
 from .errors import BackendUnavailable
+from .frontdoor import DEFAULT_NAME, BindError, ServerIdentity, listen_socket
 from .settings import Settings, load_settings
 from .store.base import StoreConfigError
 from .store.config import open_store
@@ -123,13 +125,22 @@ async def serve(settings: Settings, node_name: str | None = None) -> None:
     # A relative overlay path does not resolve where `dora start` runs nodes: one line, not a failure in Node() that
     # a restart policy repeats (docs/deploy.md, "Several machines").
     check_zenoh_overlay("openai-stream-server")
+    # Bound before joining the dataflow: a server that cannot listen stops here, with one line that says why
+    # (docs/architecture.md, "Several server processes"); with --reuse-port several processes share the port.
+    try:
+        sock = listen_socket(settings.host, settings.port, reuse_port=settings.reuse_port)
+    except BindError as exc:
+        sys.stderr.write(f"openai-stream-server: error: {exc}\n")
+        raise SystemExit(2) from None
 
     node = Node(node_name) if node_name else Node()
-    bridge = DoraBridge(node, replica_silence_s=settings.replica_silence_s)
-    app = create_app(settings, bridge)
+    server_id = node_name or node_id_from_env(os.environ, DEFAULT_NAME)
+    bridge = DoraBridge(node, replica_silence_s=settings.replica_silence_s, server_id=server_id)
+    app = create_app(settings, bridge, identity=ServerIdentity.here(server_id))
     server = _Server(uvicorn_config(app, settings))
-    serving = asyncio.create_task(server.serve())
-    logger.info("openai-stream-server on http://%s:%d", settings.host, settings.port)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    host, port = sock.getsockname()[:2]
+    logger.info("%s on http://%s:%d%s", server_id, host, port, " (SO_REUSEPORT)" if settings.reuse_port else "")
     while not serving.done():
         stopped = getattr(app.state, "stopped", None)
         if server.should_exit or (stopped is not None and stopped.is_set()):
@@ -144,6 +155,11 @@ async def serve(settings: Settings, node_name: str | None = None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["dataflow"]:  # `openai-stream-server dataflow ...`: write a dataflow, run nothing
+        from .generate import main as generate
+
+        generate(args[1:])
+        return
     node_name = None
     if "--name" in args:
         i = args.index("--name")

@@ -37,6 +37,8 @@ BREAKER_BASE_S = 1.0
 """The first back-off; each failure past ``BREAKER_FAILURES`` doubles it."""
 BREAKER_MAX_S = 30.0
 """The longest back-off: a replica that keeps failing is still probed this often."""
+LOAD_STALE_S = 1.0
+"""A heartbeat's load older than this is not used for routing (four missed beats at the default 0.25 s)."""
 
 
 def is_tick(input_id: str) -> bool:
@@ -80,7 +82,11 @@ class Replica:
     """The heartbeat interval it promised in its hello, or the default once it sent a heartbeat; None: it sends none,
     and silence never counts against it (a node without heartbeats keeps the older behaviour)."""
     load: tuple[int, int] | None = None
-    """``(active, queued)`` from its last heartbeat (for /health)."""
+    """``(active, queued)`` from its last heartbeat (for /health, and routing with several servers)."""
+    load_at: float = 0.0
+    """When that heartbeat came (``time.monotonic()``)."""
+    load_base: int = 0
+    """This server's ``in_flight`` on it when that heartbeat came: what the report already counts of ours."""
     busy_since: float | None = None
     """When it last went from holding nothing to holding a request: its silence counts from then at the earliest."""
     streak: int = 0
@@ -97,6 +103,20 @@ class Replica:
     @property
     def in_flight(self) -> int:
         return len(self.held)
+
+    def routing_load(self, now: float) -> int:
+        """Its requests as routing sees them: ours in flight, or more when its last heartbeat says it holds more.
+
+        With several server processes each knows only its own requests; the replica's heartbeat counts every
+        server's (docs/architecture.md, "Several server processes"). The report plus what we sent or ended since
+        it; never below ours, so that with one server this is ``in_flight``. A busy replica beats every
+        ``heartbeat_s`` and an idle one says 0 once, so a report that has not been renewed for ``LOAD_STALE_S``
+        is no longer believed.
+        """
+        load = self.load
+        if load is None or now - self.load_at > LOAD_STALE_S:
+            return len(self.held)
+        return max(len(self.held), load[0] + load[1] + len(self.held) - self.load_base)
 
     def failed(self, now: float) -> None:
         """One more failure in a row; from ``BREAKER_FAILURES`` on, skip it for a back-off that doubles each time."""
@@ -166,7 +186,7 @@ class ReplicaSet:
     def pick(
         self, avoid: str | Collection[str] | None = None, *, continuing: bool = False, skip: Collection[str] = ()
     ) -> Replica | None:
-        """The live replica with the fewest requests in flight (ties: the next in turn).
+        """The live replica with the fewest requests in flight (``routing_load``; ties: the next in turn).
 
         ``continuing``: only one that said it can continue an answer. Preferred in this order: one
         neither in ``avoid`` (it failed this request) nor kept away by its breaker; one the breaker
@@ -185,7 +205,7 @@ class ReplicaSet:
             r = replicas[at]
             if not r.live or (continuing and not r.can_continue) or r.replica_id in skip:
                 continue
-            rank = (r.replica_id in avoided, r.skip_until > now, r.in_flight)
+            rank = (r.replica_id in avoided, r.skip_until > now, r.routing_load(now))
             if best_rank is None or rank < best_rank:
                 best, best_rank, best_at = r, rank, at
         if best is not None:

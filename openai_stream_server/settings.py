@@ -28,6 +28,9 @@ class Settings:
     """Interface to bind; 127.0.0.1 unless told otherwise."""
     port: int = 8000
     """TCP port (0 picks a free one)."""
+    reuse_port: bool = False
+    """Bind the port with SO_REUSEPORT (Linux), so that several server processes share it and the kernel spreads
+    connections over them; every process on the port needs it. Off, a port already taken stops the server at start."""
     models: tuple[str, ...] = ()
     """Model names served. Empty: one default name (dora-stream) is listed and any requested name is accepted and echoed back."""
     api_key: str | None = None
