@@ -14,6 +14,9 @@ text is split into pieces does not change what comes out, apart from where runs 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 OPEN_TAG = "<think>"
 CLOSE_TAG = "</think>"
 
@@ -105,3 +108,19 @@ def opens_thinking(prompt: str) -> bool:
     """Whether a rendered prompt ends inside an open ``<think>`` (the template started the reasoning itself)."""
     tail = prompt.rstrip()
     return tail.endswith(OPEN_TAG)
+
+
+def _template_has(template: Any, word: str) -> bool:
+    if isinstance(template, Mapping):  # a dict of named templates
+        return any(_template_has(value, word) for value in template.values())
+    return isinstance(template, str) and word in template
+
+
+def template_thinks(template: Any) -> bool:
+    """Whether a chat template (a string, or a dict of named ones) knows ``<think>``: the model may reason in it."""
+    return _template_has(template, OPEN_TAG)
+
+
+def takes_enable_thinking(template: Any) -> bool:
+    """Whether a chat template reads ``enable_thinking`` (Qwen3's): the request's reasoning wish is passed to it."""
+    return _template_has(template, "enable_thinking")
