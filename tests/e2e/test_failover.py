@@ -164,9 +164,8 @@ def test_sigkill_mid_answer_every_stream_completes_word_by_word_with_one_finish(
     assert all(s.usage is not None and s.usage["prompt_tokens"] == WORDS for s in streams)
     continued = metric(end, "oss_continuations_total") - metric(start, "oss_continuations_total", 0)
     assert continued >= 1
-    gaps = victims_gaps([streams[i] for i in streaming], killed_at)
-    p50, p99 = quantile(gaps, 0.5), quantile(gaps, 0.99)
-    print(f"SIGKILL: {int(continued)} continued, {len(gaps)} paused; next chunk after the kill p50 {p50:.3f} s p99 {p99:.3f} s")
+    gaps = gaps_after([streams[i] for i in streaming], killed_at)  # every stream's, not only the victim's
+    print(f"SIGKILL: {int(continued)} continued; next chunk of any stream after the kill p99 {quantile(gaps, 0.99):.3f} s")
 
 
 def test_sigstop_its_streams_continue_elsewhere_and_after_sigcont_it_serves_again(flow: Dataflow) -> None:
