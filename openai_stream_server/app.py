@@ -32,6 +32,7 @@ from .api.surfaces import OPENAI_ERRORS, error_shape
 from .backend import Backend, DownstreamRequest
 from .errors import ApiError, BackendUnavailable, MethodNotAllowed, ModelNotFound, NotFound
 from .frontdoor import ServerIdentity
+from .gateway.keys import KeyRing
 from .metrics import Metrics
 from .middleware import RawSendApp, middleware_stack
 from .registry import StreamRegistry
@@ -204,12 +205,13 @@ def create_app(settings: Settings, backend: Backend, identity: ServerIdentity | 
             if keeper is not None:
                 await keeper.aclose()  # flushes every record written above (docs/store.md, "What is written when")
 
+    keys = KeyRing(settings.api_keys_file) if settings.api_keys_file else None  # a bad file stops the server here
     routes = _service_routes(settings, backend, registry, metrics, resender)
     for surface in surfaces:
         routes += surface.routes()
     app = RawSendApp(
         routes=routes,
-        middleware=middleware_stack(settings, metrics),
+        middleware=middleware_stack(settings, metrics, keys),
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error},
     )
@@ -218,6 +220,7 @@ def create_app(settings: Settings, backend: Backend, identity: ServerIdentity | 
     app.state.identity = identity
     app.state.resender = resender
     app.state.settings = settings
+    app.state.keys = keys  # main reads it again on SIGHUP
     return app
 
 

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -20,6 +21,7 @@ from .bridge import DoraBridge
 from .connection_limits import limited_protocol
 from .errors import BackendUnavailable
 from .frontdoor import DEFAULT_NAME, BindError, ServerIdentity, listen_socket
+from .gateway.keys import KeyFileError
 from .settings import Settings, load_settings
 from .store.base import StoreConfigError
 from .store.config import open_store
@@ -136,7 +138,13 @@ async def serve(settings: Settings, node_name: str | None = None) -> None:
     node = Node(node_name) if node_name else Node()
     server_id = node_name or node_id_from_env(os.environ, DEFAULT_NAME)
     bridge = DoraBridge(node, replica_silence_s=settings.replica_silence_s, server_id=server_id)
-    app = create_app(settings, bridge, identity=ServerIdentity.here(server_id))
+    try:
+        app = create_app(settings, bridge, identity=ServerIdentity.here(server_id))
+    except KeyFileError as exc:  # a key file that does not read stops the server with one line (docs/team.md)
+        sys.stderr.write(f"openai-stream-server: error: {exc}\n")
+        raise SystemExit(2) from None
+    if app.state.keys is not None:  # SIGHUP reads the key file again (docs/team.md, "Keys")
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, app.state.keys.request_reload)
     server = _Server(uvicorn_config(app, settings))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     host, port = sock.getsockname()[:2]

@@ -13,6 +13,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api.surfaces import surface_of
+from .gateway.keygate import KeyGate
+from .gateway.keys import KeyRing
 from .guard import ApiKeyMiddleware, RequestGuard
 from .metrics import Metrics
 from .settings import Settings
@@ -53,7 +55,7 @@ class RequestCounter:
         await self.app(scope, receive, counting_send)
 
 
-def middleware_stack(settings: Settings, metrics: Metrics) -> list[Middleware]:
+def middleware_stack(settings: Settings, metrics: Metrics, keys: KeyRing | None = None) -> list[Middleware]:
     """The stack, outermost first. CORS sits outside the guard so that an allowed origin's page can
     read the 415/421/401 it gets."""
     stack = [Middleware(RequestCounter, metrics=metrics)]
@@ -75,6 +77,10 @@ def middleware_stack(settings: Settings, metrics: Metrics) -> list[Middleware]:
             cors_origins=settings.cors_origins,
         )
     )
-    if settings.api_key:
+    if keys is not None:  # named keys with limits and ownership (docs/team.md)
+        stack.append(
+            Middleware(KeyGate, ring=keys, metrics=metrics, single_key=settings.api_key, public_metrics=settings.public_metrics)
+        )
+    elif settings.api_key:
         stack.append(Middleware(ApiKeyMiddleware, api_key=settings.api_key, public_metrics=settings.public_metrics))
     return stack

@@ -39,6 +39,7 @@ from openai_stream_protocol import Chunk, Continuation, Piece
 from .backend import DownstreamRequest
 from .encoded_size import request_nbytes
 from .errors import ApiError, Overloaded, TooManyRequests, UpstreamError, UpstreamTimeout
+from .gateway.owner import visible
 from .metrics import Metrics
 from .settings import Settings
 from .state import ByteLedger, Limits, Outcome, Status, StreamState
@@ -183,7 +184,7 @@ class StreamRegistry:
         state = self.active.get(request_id) or self.retained.get(request_id)
         if state is None and self.keeper is not None:
             state = await self.keeper.lookup(request_id)
-        return state
+        return state if state is None or visible(state) else None  # another API key's: not there (docs/team.md)
 
     # -- from the backend --------------------------------------------------
 
@@ -499,10 +500,11 @@ class StreamRegistry:
         # model and error text come from the client or the node: %r keeps a line break in them from
         # starting a forged log line (docs/architecture.md, "Limits and failure behaviour").
         logger.info(
-            "completion %s surface=%s model=%r status=%s finish_reason=%s chunks=%d ttfc=%s duration=%.3fs%s",
+            "completion %s surface=%s model=%r%s status=%s finish_reason=%s chunks=%d ttfc=%s duration=%.3fs%s",
             state.request_id,
             state.surface,
             state.model,
+            "" if state.owner is None else f" key={state.owner!r}",
             state.status.value,
             state.log.finish_reason,
             len(state.log),

@@ -35,6 +35,10 @@ class Settings:
     """Model names served. Empty: one default name (dora-stream) is listed and any requested name is accepted and echoed back."""
     api_key: str | None = None
     """When set, every /v1 route (and /metrics) needs ``Authorization: Bearer <api_key>``."""
+    api_keys_file: str | None = None
+    """A TOML or JSON file of named API keys (stored as SHA-256 hashes) with optional limits: requests and tokens per
+    minute, completions open at once. Each key sees only the completions it made. Read again when it changes or on
+    SIGHUP. --api-key, when also set, is one more key named ``default`` (docs/team.md)."""
     cors_origins: tuple[str, ...] = ()
     """Origins allowed by CORS (``*`` for any); empty turns CORS off. A POST, PUT, PATCH or DELETE
     from a browser page of any other origin (``Origin: null`` included) gets 403; the server's own
@@ -143,6 +147,8 @@ class Settings:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty: give a key, or None to run without one")
+        if self.api_keys_file is not None and not self.api_keys_file.strip():
+            raise ValueError("api_keys_file is empty: name a file, or None to run without one")
 
     @property
     def default_model(self) -> str:

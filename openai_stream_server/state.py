@@ -121,6 +121,7 @@ class StreamState:
         "model",
         "created",
         "surface",
+        "owner",
         "limits",
         # its parts
         "log",
@@ -158,6 +159,8 @@ class StreamState:
         self.created = int(time.time()) if created is None else created
         self.surface = surface
         """The API surface that opened it (``api/``): a label for metrics and the log line, and which surface may read it."""
+        self.owner: str | None = None
+        """The name of the API key that made it, with a key file (``gateway/owner.py``): only that key may read it."""
         self.limits = limits
         self.log = AnswerLog(prompt_tokens)
         self.reorder = ReorderBuffer()

@@ -17,6 +17,7 @@ from openai_stream_protocol import Part, split_tokens
 from ..admission import Admission
 from ..backend import Backend, DownstreamRequest
 from ..errors import ApiError, ModelNotFound
+from ..gateway.owner import stamp
 from ..registry import StreamRegistry
 from ..settings import Settings
 from ..state import Status, StreamState
@@ -104,6 +105,7 @@ class Dispatcher:
         await self.backend.wait_live(self.settings.model_wait_s)
         tokens, texts = await self.admission.encoded(parts)  # off the loop when large (docs/architecture.md, "Admission")
         state = self.registry.open(request_id, model, prompt_tokens=tokens, surface=surface)
+        stamp(state)  # it belongs to the request's API key (docs/team.md, "Ownership")
         state.keep_context(context, getattr(context, "nbytes", 0))
         if keep_parts:
             state.keep_parts(parts)

@@ -84,6 +84,8 @@ class CompletionRecord:
     instance: str = ""
     """The id of the server process that ran it: a record left ``in_progress`` by an instance that is not
     alive any more reads ``failed`` (``settled``)."""
+    owner: str | None = None
+    """The name of the API key that made it (docs/team.md, "Ownership"); None without a key file."""
 
     @property
     def ended(self) -> bool:
@@ -136,6 +138,8 @@ def encode(record: CompletionRecord) -> bytes:
         out["ex"] = r.expires_at
     if r.instance:
         out["i"] = r.instance
+    if r.owner is not None:
+        out["o"] = r.owner
     return orjson.dumps(out)
 
 
@@ -172,6 +176,7 @@ def decode(data: bytes | str) -> CompletionRecord:
             stored=bool(d.get("sd", 0)),
             expires_at=float(d.get("ex", 0.0)),
             instance=d.get("i", ""),
+            owner=d.get("o"),
         )
     except RecordFormatError:
         raise

@@ -65,6 +65,7 @@ def record_of(state: StreamState, *, stored: bool = False) -> CompletionRecord:
         parts=list(state.surface_data.parts),
         context=context_json(state.surface_data.context),
         stored=stored,
+        owner=state.owner,
     )
 
 
@@ -81,6 +82,7 @@ def state_of(record: CompletionRecord, *, ledger: ByteLedger | None = None) -> S
     if record.parts:
         state.keep_parts(record.parts)
     state.surface_data.context = record.context
+    state.owner = record.owner
     finish(state, record)
     return state
 
