@@ -106,6 +106,17 @@ class FrontDoorFlow(Dataflow):
         response = httpx.get((url or self.base_url) + "/health", timeout=timeout_s)
         return str(response.json()["server"]["name"])
 
+    def answering(self, attempts: int = 40) -> set[str]:
+        """The servers that new connections reach (``attempts`` of them)."""
+        seen: set[str] = set()
+        for _ in range(attempts):
+            for url in dict.fromkeys(self.urls):
+                try:
+                    seen.add(self.which(url, timeout_s=2))
+                except (httpx.HTTPError, KeyError, ValueError):
+                    continue
+        return seen
+
     def scrape_each(self, attempts: int = 200) -> dict[str, str]:
         """``/metrics`` of every server (name -> text), over new connections until each has answered one."""
         scraped: dict[str, str] = {}

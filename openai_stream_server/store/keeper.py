@@ -12,6 +12,7 @@ process's live log. Control messages from other processes (cancel, delete) reach
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from ..errors import ApiError
 from ..state import StreamState
 from .base import CANCEL, DELETE, LogBatch, Store, StoreUnavailable
-from .record import CompletionRecord
+from .record import IN_PROGRESS, RESTARTED_CODE, CompletionRecord
 from .snapshot import extend, finish, record_of, state_of
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ def persisted(state: StreamState) -> bool:
 def stored(state: StreamState) -> bool:
     """Whether it is a stored response (Responses ``store: true``): kept for the stored-response TTL."""
     return bool(getattr(state.surface_data.context, "store", False))
+
+
+def _died_in_flight(record: CompletionRecord) -> bool:
+    """Read back ``failed`` because its process is gone (``CompletionRecord.settled``), with no pieces of its own."""
+    return record.error is not None and record.error.code == RESTARTED_CODE and not record.pieces
 
 
 class RecordKeeper:
@@ -133,6 +139,8 @@ class RecordKeeper:
         if record is None:
             return None
         if record.ended:
+            if self.store.shared and _died_in_flight(record):
+                return await self._recover(record)
             return state_of(record)
         if record.instance == self.store.instance_id:  # ours, yet not in memory: it cannot still be running
             return state_of(record.settled())
@@ -145,6 +153,28 @@ class RecordKeeper:
         if mirror is None:
             mirror = self._follow(record)
         return mirror
+
+    async def _recover(self, record: CompletionRecord) -> StreamState:
+        """A completion whose server process died in flight: its record holds no pieces, its live log what was delivered.
+
+        The log goes into the state, which ends as the record reads (failed: the server restarted), and the record is
+        written back with those pieces, so that later readers need no log: a client of a killed server process that
+        reattaches anywhere gets what was logged, then the error (docs/architecture.md, "Several server processes").
+        """
+        state = state_of(dataclasses.replace(record, status=IN_PROGRESS, finish_reason=None, error=None))
+        try:
+            async for item in self.store.tail(record.id):
+                if isinstance(item, LogBatch):
+                    extend(state, item)
+                else:
+                    finish(state, item)
+        except StoreUnavailable as exc:
+            raise SharedStoreUnavailable(f"cannot read completion {record.id!r} now: {exc}") from exc
+        if not state.done:
+            finish(state, record)
+        if state.log.pieces:
+            self.store.put(record_of(state, stored=record.stored))
+        return state
 
     def _follow(self, record: CompletionRecord) -> StreamState:
         mirror = state_of(record)

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,7 +27,13 @@ from openai_stream_server.bridge import DoraBridge
 from openai_stream_server.frontdoor import BindError, ServerIdentity, listen_socket, per_server_replicas
 from openai_stream_server.replicas import LOAD_STALE_S, Replica, ReplicaSet
 from openai_stream_server.settings import Settings, load_settings
+from openai_stream_server.state import Status
+from openai_stream_server.store.base import LogBatch, StoreOptions
+from openai_stream_server.store.keeper import RecordKeeper
+from openai_stream_server.store.record import CompletionRecord
+from openai_stream_server.store.redis_store import RedisStore
 from tests.live import metric
+from tests.redis_server import running_redis
 from tests.unit.test_bridge import STOP, reader_of
 from tests.unit.test_replicas import ReplicaNode
 
@@ -203,3 +210,32 @@ def test_routing_load_is_our_requests_plus_what_the_last_heartbeat_says_others_h
     rs.assign("w", b)
     assert b.routing_load(now) == 2  # never below ours (one server: in flight, as before)
     assert rs.pick() is b and rs.pick() is b  # a reads 4
+
+
+# -- a server process that died in flight --------------------------------------------
+
+
+async def test_a_completion_whose_process_died_reads_back_with_what_its_live_log_holds(tmp_path: Path) -> None:
+    """Its record was written when it opened (no pieces); its pieces went to the live log as they came. Read anywhere
+    once its process is gone, it has those pieces and the error, and the record is written back with them."""
+    with running_redis(tmp_path / "redis") as redis:
+        dead, reader = RedisStore(redis.url, StoreOptions()), RedisStore(redis.url, StoreOptions())
+        await dead.start()
+        await reader.start()
+        try:
+            opened = CompletionRecord("chatcmpl-dead", "chat", "m", 1, prompt_tokens=3, instance="deadbeefdeadbeef")
+            dead.put(opened)
+            dead.append(opened.id, LogBatch(0, ["one ", "two "], {}, set()))
+            dead.append(opened.id, LogBatch(2, ["three"], {}, set()))
+            await dead.flush()
+            keeper = RecordKeeper(reader)
+            state = await keeper.lookup(opened.id)
+            assert state is not None and state.status is Status.FAILED
+            assert state.log.pieces == ["one ", "two ", "three"]
+            assert state.error is not None and state.error.code == "server_restarted"
+            await reader.flush()
+            again = await reader.get(opened.id)
+            assert again is not None and again.pieces == ["one ", "two ", "three"] and again.status == "failed"
+        finally:
+            await dead.aclose()
+            await reader.aclose()
