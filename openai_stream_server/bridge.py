@@ -79,6 +79,9 @@ LIVENESS_INTERVAL_S = 0.25
 SLOT_WAIT_S = 0.1
 """How long one wait for a free slot lasts before the reader checks whether the bridge stopped."""
 
+PROBE_REQUEST_ID = "resend-probe"
+"""The request a silent replica is asked about (``probe_silent``): no request has this id, so it answers ``resend_missed``."""
+
 ERROR_LOG_INTERVAL_S = 60.0
 """An unexpected exception on a chunk is logged (with its traceback) at most once per this long, with a count of
 those since: a node that sends something odd on every token must not flood the log."""
@@ -602,6 +605,28 @@ class DoraBridge:
             logger.warning("could not send a resend ask for %s: %s", request_id, exc)
             return False
         return True
+
+    def probe_silent(self) -> int:
+        """Send a resend ask about a request no replica holds to each silent replica that takes asks; how many were sent.
+
+        Its answer (``resend_missed``) is a word from it, which brings it back ("it speaks again"). Needed when
+        requests to it were lost on the way between machines: it never had them, so it is idle, and an idle
+        replica sends no heartbeats; without a probe it would stay silent, and down, for good
+        (docs/architecture.md, "Resend").
+        """
+        sent = 0
+        for replica in self.replicas.replicas:
+            if replica.live or replica.down_reason is not DownReason.SILENT or self.stopped:
+                continue
+            output = self.resend_routes.output_for(replica.replica_id)
+            if output is None:
+                continue
+            try:
+                send_resend_ask(self._node, output, ResendAsk(PROBE_REQUEST_ID, 0))
+                sent += 1
+            except Exception as exc:
+                logger.warning("could not probe the silent replica %r: %s", replica.replica_id, exc)
+        return sent
 
     def _resend_missed(self, missed: list[tuple[str, int, str]]) -> None:
         for wire_id, first, input_id in missed:

@@ -17,6 +17,11 @@ the gap or idle timeout passed).
 Loss itself (holes seen, resends failed, per replica, over the last minute) goes to ``/health``
 (``chunk_loss``) and, at most once a minute, to one warning that names the likely cause.
 
+Requests can be lost between machines too: the replica never had them, stays idle and sends no
+heartbeats, so the server judges it silent (docs/architecture.md, "Failover") and, with nothing more
+from it, would keep it down. Once a second each silent replica that takes asks is asked about a
+request nobody holds; its ``resend_missed`` answer is a word from it, which brings it back.
+
 Runs on the event loop only, once per sweep: nothing on the chunk path.
 """
 
@@ -50,6 +55,9 @@ RESEND_INTERVAL_S = 1.0
 TAIL_IDLE_S = 1.0
 """A stream quiet this long after its chunks flowed (and ten times its own pace) may have lost its last chunk: ask for it."""
 TAIL_PACE_FACTOR = 10.0
+PROBE_INTERVAL_S = 1.0
+"""How often a replica judged silent is asked whether it is there (``probe_silent``): requests lost on the way to
+it leave it idle, and an idle replica sends no heartbeats to come back with."""
 LOSS_WINDOW_S = 60.0
 """What ``/health`` reports of chunk loss: holes and failed resends in this last stretch."""
 LOSS_LOG_INTERVAL_S = 60.0
@@ -63,6 +71,9 @@ class ResendBackend(Protocol):
 
     def ask_resend(self, request_id: str, first: int, end: int | None) -> bool:
         """Send the ask to the replica holding ``request_id``; False when it cannot take asks (then it is not asked again)."""
+
+    def probe_silent(self) -> int:
+        """Ask each replica judged silent about a request it cannot hold: its answer brings it back."""
 
 
 @dataclass(slots=True)
@@ -99,6 +110,7 @@ class Resender:
         self._losses: deque[tuple[float, str, str | None]] = deque()
         """``(when, "gap" | "failed", replica)`` over the last ``LOSS_WINDOW_S``."""
         self._logged_at: float | None = None
+        self._probed_at = 0.0
         metrics.count_from(
             "oss_resends_requested", "Resend asks sent to replicas for chunks lost on the way", lambda: self.requested
         )
@@ -145,6 +157,9 @@ class Resender:
                 self._lost(now, "failed", hole.replica)
             else:
                 self.served += 1  # it filled (and may have finished since)
+        if self.backend is not None and now - self._probed_at >= PROBE_INTERVAL_S:
+            self._probed_at = now
+            self.backend.probe_silent()
         self._maybe_log(now)
 
     def _maybe_ask(self, hole: _Hole, now: float) -> None:

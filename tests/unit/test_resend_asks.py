@@ -161,3 +161,18 @@ async def test_health_names_a_replica_that_keeps_restarting() -> None:
 
 def on_hello(replica: str) -> dict[str, Any]:
     return {"type": "INPUT", "id": f"chunks/{replica}", "value": pa.array([], type=pa.string()), "metadata": {"hello": replica}}
+
+
+async def test_a_silent_replica_that_never_got_its_requests_is_probed_and_comes_back_on_its_answer() -> None:
+    """Requests lost on the way leave a replica idle: no heartbeats, judged silent; the probe's answer revives it."""
+    node = ReplicaNode(resend_config())
+    async with app_over(node, silence_s=0.4) as (client, registry, bridge):
+        await introduce(node, bridge, "a", "b", can_resend=True)
+        await background(client, "never arrives")  # to a, which never hears of it (nor b after it: a poison request)
+        a = bridge.replicas.by_id["a"]
+        assert await until(lambda: not a.live)
+        assert await until(lambda: any(req[0] == "resend-probe" for out, req in asks(node) if out == "resend/a"))
+        missed = {RESEND_MISSED_KEY: "resend-probe", "resend_from": 0}
+        node.push({"type": "INPUT", "id": "chunks/a", "value": pa.array([], type=pa.string()), "metadata": missed})
+        assert await until(lambda: a.live)
+        assert app_resender(client).failed == 0  # the probe's answer ends no stream

@@ -247,7 +247,7 @@ class EchoStream:
         if isinstance(self.node, ResendingOutput):
             held = ask.request_id in self.active or ask.request_id in self.waiting
             sent = self.node.resend(ask, self.output, active=held)
-            logger.info("request %s: resent %d chunk(s) from seq %d on the server's ask", ask.request_id, sent, ask.first)
+            logger.debug("request %s: resent %d chunk(s) from seq %d on the server's ask", ask.request_id, sent, ask.first)
 
     def step(self, now: float) -> float | None:
         """Send one chunk of every generation due by ``now`` (up to a round's cap); return when the next is due."""
