@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -30,9 +30,10 @@ from .api.responses.routes import Responses
 from .api.surface import Surface
 from .api.surfaces import OPENAI_ERRORS, error_shape
 from .backend import Backend, DownstreamRequest
-from .errors import ApiError, BackendUnavailable, MethodNotAllowed, ModelNotFound, NotFound
+from .errors import ApiError, BackendUnavailable, MethodNotAllowed, NotFound
 from .frontdoor import ServerIdentity
 from .gateway.keys import KeyRing
+from .gateway.models import ModelCatalog
 from .metrics import Metrics
 from .middleware import RawSendApp, middleware_stack
 from .registry import StreamRegistry
@@ -79,23 +80,24 @@ def _store_keeper(settings: Settings, metrics: Metrics) -> RecordKeeper | None:
 
 
 def _service_routes(
-    settings: Settings, backend: Backend, registry: StreamRegistry, metrics: Metrics, resender: Resender
+    settings: Settings, backend: Backend, registry: StreamRegistry, metrics: Metrics, resender: Resender, catalog: ModelCatalog
 ) -> list[BaseRoute]:
     """The demo page, /health, /metrics and /v1/models."""
     started_at = time.time()
 
-    def model_card(name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": int(started_at), "owned_by": "dora"}
-
     async def list_models(request: Request) -> Response:
-        names = settings.models or (settings.default_model,)
-        return JSONResponse({"object": "list", "data": [model_card(n) for n in names]})
+        # what is live now: the replicas' model groups and their counts (docs/team.md, "Models by name")
+        return JSONResponse({"object": "list", "data": catalog.cards(int(started_at))})
 
     async def get_model(request: Request) -> Response:
         name = request.path_params["model"]
-        if settings.models and name not in settings.models:
-            return OPENAI_ERRORS.response(ModelNotFound(f"The model '{name}' does not exist.", param="model"), None)
-        return JSONResponse(model_card(name))
+        try:
+            served = catalog.resolve(name)
+        except ApiError as error:
+            return OPENAI_ERRORS.response(error, None)
+        cards = {card["id"]: card for card in catalog.cards(int(started_at))}
+        card = cards.get(name) or {**cards.get(served, {}), "id": name, "object": "model", "created": int(started_at)}
+        return JSONResponse({"owned_by": "dora", **card})
 
     async def health(request: Request) -> Response:
         status = backend.health()
@@ -111,6 +113,7 @@ def _service_routes(
             "store": store,
             "server": request.app.state.identity.as_dict(),  # which process answered, of several on one port
             "chunk_loss": resender.health(),
+            "models": catalog.health(),  # each model group's replicas, and how many are live
             **status,
         }
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -206,7 +209,7 @@ def create_app(settings: Settings, backend: Backend, identity: ServerIdentity | 
                 await keeper.aclose()  # flushes every record written above (docs/store.md, "What is written when")
 
     keys = KeyRing(settings.api_keys_file) if settings.api_keys_file else None  # a bad file stops the server here
-    routes = _service_routes(settings, backend, registry, metrics, resender)
+    routes = _service_routes(settings, backend, registry, metrics, resender, dispatcher.catalog)
     for surface in surfaces:
         routes += surface.routes()
     app = RawSendApp(

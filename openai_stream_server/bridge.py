@@ -379,6 +379,8 @@ class DoraBridge:
         replica.load = (status.active or 0, status.queued or 0)
         replica.load_at, replica.load_base = time.monotonic(), replica.in_flight  # routing on it: Replica.routing_load
         replica.can_continue = status.can_continue
+        if status.models:
+            replica.models = status.models
         self.resend_routes.said(replica.replica_id, status.can_resend)
         if replica.heartbeat_s is None:
             replica.heartbeat_s = DEFAULT_HEARTBEAT_S
@@ -406,10 +408,12 @@ class DoraBridge:
             anyone = replicas.of_input(input_id)  # the one replica of an unknown layout: its capabilities only
             if anyone is not None and status is not None:
                 anyone.can_continue, anyone.heartbeat_s = status.can_continue, status.heartbeat_s
+                anyone.models = status.models
                 self.resend_routes.said(anyone.replica_id, status.can_resend)
             return
         if status is not None:
             replica.can_continue, replica.heartbeat_s = status.can_continue, status.heartbeat_s
+            replica.models = status.models  # its model group (docs/team.md, "Models by name")
             self.resend_routes.said(replica.replica_id, status.can_resend)
         replica.hellos += 1
         if replica.hellos > 1 and replica.down_reason is not DownReason.RESTARTED:  # that one was counted at NODE_RESTARTED
@@ -514,8 +518,9 @@ class DoraBridge:
         if request.retry_of is not None:
             avoid.add(request.retry_of)
         failed: set[str] = set()
+        elsewhere = replicas.outside_group(request.metadata.get("model"))  # another model's replicas: never
         while True:
-            replica = replicas.pick(avoid, continuing=request.continuing, skip=failed)
+            replica = replicas.pick(avoid, continuing=request.continuing, skip=failed | elsewhere)
             if replica is None:
                 if failed:
                     raise BackendUnavailable(f"could not send the request to any model replica ({', '.join(sorted(failed))})")
@@ -551,7 +556,11 @@ class DoraBridge:
 
     def can_retry(self, request_id: str, *, continuing: bool) -> bool:
         holder = self.replicas.holder.get(request_id)
-        return any(r.live and r is not holder and (r.can_continue or not continuing) for r in self.replicas.replicas)
+        group = set(holder.models) if holder is not None else set()  # only its model group may take it over
+        return any(
+            r.live and r is not holder and (r.can_continue or not continuing) and (not group or group & set(r.models))
+            for r in self.replicas.replicas
+        )
 
     def cancel(self, request_id: str) -> None:
         replica = self.replicas.holder.get(request_id)

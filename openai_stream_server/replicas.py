@@ -96,6 +96,8 @@ class Replica:
     """While ``time.monotonic()`` is before this, the breaker keeps new requests away (unless nothing else is live)."""
     silences: int = 0
     """Times it went silent while holding requests."""
+    models: tuple[str, ...] = ()
+    """The model names its hello (or a heartbeat) said it serves: its model group (docs/team.md, "Models by name")."""
 
     def __post_init__(self) -> None:
         self.open_inputs = set(self.inputs)
@@ -182,6 +184,13 @@ class ReplicaSet:
     @property
     def any_live(self) -> bool:
         return any(r.live for r in self.replicas)
+
+    def outside_group(self, model: object) -> set[str]:
+        """The replicas a request for ``model`` must not go to: those of other model groups, when some replica named
+        ``model`` in its hello (docs/team.md, "Models by name"); none when no replica did (one group: any name)."""
+        if not isinstance(model, str) or not any(model in r.models for r in self.replicas):
+            return set()
+        return {r.replica_id for r in self.replicas if model not in r.models}
 
     def pick(
         self, avoid: str | Collection[str] | None = None, *, continuing: bool = False, skip: Collection[str] = ()

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from .gateway.models import parse_aliases
 from .store.config import parse_store_option
 
 ENV_PREFIX = "OPENAI_STREAM_SERVER_"
@@ -33,6 +34,11 @@ class Settings:
     connections over them; every process on the port needs it. Off, a port already taken stops the server at start."""
     models: tuple[str, ...] = ()
     """Model names served. Empty: one default name (dora-stream) is listed and any requested name is accepted and echoed back."""
+    model_alias: tuple[str, ...] = ()
+    """ALIAS=MODEL pairs (comma-separated): a request for ALIAS is served, and answered, as MODEL."""
+    strict_models: bool = False
+    """Refuse (404 model_not_found) a model name no replica's hello names, even with one model group; without any
+    group, any name but --model's (or the default)."""
     api_key: str | None = None
     """When set, every /v1 route (and /metrics) needs ``Authorization: Bearer <api_key>``."""
     api_keys_file: str | None = None
@@ -147,6 +153,7 @@ class Settings:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty: give a key, or None to run without one")
+        parse_aliases(self.model_alias)  # a bad --model-alias stops the server at start
         if self.api_keys_file is not None and not self.api_keys_file.strip():
             raise ValueError("api_keys_file is empty: name a file, or None to run without one")
 

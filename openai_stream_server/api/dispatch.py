@@ -16,7 +16,8 @@ from openai_stream_protocol import Part, split_tokens
 
 from ..admission import Admission
 from ..backend import Backend, DownstreamRequest
-from ..errors import ApiError, ModelNotFound
+from ..errors import ApiError
+from ..gateway.models import ModelCatalog
 from ..gateway.owner import stamp
 from ..registry import StreamRegistry
 from ..settings import Settings
@@ -72,15 +73,13 @@ class Dispatcher:
         self.registry = registry
         self.admission = Admission(settings, registry)
         """Reads request bodies under the admission checks, and prepares large ones off the loop."""
+        self.catalog = ModelCatalog(settings, backend.replica_stats)
+        """The model groups the replicas name, and the aliases."""
 
     def model(self, requested: str | None, param: str = "model") -> str:
-        """The model a request names (or the default); 404 naming ``param`` when this server has not got it."""
-        models = self.settings.models
-        if requested is None:
-            return self.settings.default_model
-        if models and requested not in models:
-            raise ModelNotFound(f"The model '{requested}' does not exist; this server has {', '.join(models)}.", param=param)
-        return requested
+        """The model a request names (its alias followed; the default when none); 404 naming ``param`` when this server
+        has not got it (``ModelCatalog.resolve``, docs/team.md, "Models by name")."""
+        return self.catalog.resolve(requested, param)
 
     async def submit(
         self,

@@ -47,6 +47,10 @@ ACTIVE_KEY = "active"
 """Heartbeat metadata, int: requests the node is generating."""
 QUEUED_KEY = "queued"
 """Heartbeat metadata, int: requests waiting in the node for a slot."""
+MODELS_KEY = "models"
+"""Hello and heartbeat metadata, list of str: the model names this node serves (absent: it does not say, and serves
+whatever the server sends it). Replicas that name the same model form its group: the server routes a request for
+that name to them only (docs/team.md, "Models by name")."""
 
 DEFAULT_HEARTBEAT_S = 0.25
 """A few hundred ms: a silence of a few seconds is then many missed heartbeats, never one late message."""
@@ -62,6 +66,7 @@ def send_hello(
     can_continue: bool = False,
     heartbeat_s: float | None = None,
     can_resend: bool = False,
+    models: tuple[str, ...] = (),
 ) -> None:
     """Tell the server this node is up (``HELLO_KEY``), and what it can do.
 
@@ -75,6 +80,8 @@ def send_hello(
         metadata[CAN_RESEND_KEY] = True
     if heartbeat_s:
         metadata[HEARTBEAT_S_KEY] = float(heartbeat_s)
+    if models:
+        metadata[MODELS_KEY] = list(models)
     node.send_output(output, _EMPTY, metadata)
 
 
@@ -87,14 +94,17 @@ def send_heartbeat(
     queued: int = 0,
     can_continue: bool = False,
     can_resend: bool = False,
+    models: tuple[str, ...] = (),
 ) -> None:
     """One heartbeat: an empty string array, metadata ``heartbeat: node_id``, ``active``, ``queued`` (and ``can_continue``,
-    ``can_resend``)."""
+    ``can_resend``, ``models``)."""
     metadata: dict[str, Any] = {HEARTBEAT_KEY: node_id, ACTIVE_KEY: int(active), QUEUED_KEY: int(queued)}
     if can_continue:
         metadata[CAN_CONTINUE_KEY] = True
     if can_resend:
         metadata[CAN_RESEND_KEY] = True
+    if models:
+        metadata[MODELS_KEY] = list(models)
     node.send_output(output, _EMPTY, metadata)
 
 
@@ -118,6 +128,8 @@ class NodeStatus:
     """Heartbeat only: requests waiting in the node."""
     can_resend: bool = False
     """It answers resend asks for lost chunks (``_resend.py``)."""
+    models: tuple[str, ...] = ()
+    """The model names it serves (``MODELS_KEY``); empty when it did not say."""
 
 
 def parse_status(metadata: Mapping[str, Any]) -> NodeStatus | None:
@@ -136,7 +148,17 @@ def parse_status(metadata: Mapping[str, Any]) -> NodeStatus | None:
         active=_count(metadata.get(ACTIVE_KEY)) if kind == "heartbeat" else None,
         queued=_count(metadata.get(QUEUED_KEY)) if kind == "heartbeat" else None,
         can_resend=as_bool(metadata.get(CAN_RESEND_KEY, False)),
+        models=_names(metadata.get(MODELS_KEY)),
     )
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """A list of names, or one comma-separated string; anything else reads as none."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)):
+        return ()
+    return tuple(dict.fromkeys(v.strip() for v in value if isinstance(v, str) and v.strip()))
 
 
 def _positive_float(value: Any) -> float | None:
@@ -180,7 +202,7 @@ class Heartbeat:
 
     __slots__ = (
         "node", "node_id", "output", "outputs", "interval_s", "can_continue", "can_resend", "clock", "sent", "_next_at",
-        "_busy",
+        "_busy", "models",
     )  # fmt: skip
 
     def __init__(
@@ -193,6 +215,7 @@ class Heartbeat:
         can_continue: bool = False,
         can_resend: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        models: tuple[str, ...] = (),
     ) -> None:
         if not interval_s >= 0:
             raise ValueError(f"the heartbeat interval must be 0 (off) or more seconds, got {interval_s!r}")
@@ -206,6 +229,8 @@ class Heartbeat:
         self.can_resend = can_resend
         """It answers resend asks (``ResendingOutput``): said in the hello and every heartbeat."""
         self.clock = clock
+        self.models = tuple(models)
+        """The model names it serves, said in the hello and every heartbeat (``MODELS_KEY``)."""
         self.sent = 0
         """Heartbeats sent so far."""
         self._next_at = 0.0
@@ -220,6 +245,7 @@ class Heartbeat:
                 can_continue=self.can_continue,
                 heartbeat_s=self.interval_s or None,
                 can_resend=self.can_resend,
+                models=self.models,
             )
 
     def beat(self, active: int, queued: int = 0) -> float | None:
@@ -242,6 +268,7 @@ class Heartbeat:
                     queued=queued,
                     can_continue=self.can_continue,
                     can_resend=self.can_resend,
+                    models=self.models,
                 )
             self.sent += 1
             if not busy:

@@ -54,7 +54,15 @@ def main(argv: list[str] | None = None) -> None:
     # Say we are up: after `dora node restart` that is how the server knows this replica is back. The
     # echo is deterministic, so it can continue any answer another echo replica started.
     node_id = args.name or node_id_from_env(os.environ, "echo-stream")
-    heartbeat = Heartbeat(node, node_id, CHUNKS_OUTPUT, interval_s=settings.heartbeat_s, can_continue=True, can_resend=resend)
+    heartbeat = Heartbeat(
+        node,
+        node_id,
+        CHUNKS_OUTPUT,
+        interval_s=settings.heartbeat_s,
+        can_continue=True,
+        can_resend=resend,
+        models=settings.models,
+    )
     heartbeat.hello()
     logger.info(
         "echo-stream: %d token(s) per chunk, %.3f s per token%s%s%s%s%s%s",

@@ -35,6 +35,9 @@ class Settings:
     drop_every: int = 0
     """``ECHO_DROP_EVERY`` (tests): lose every Nth chunk message on the way out, as a congested transport would
     (``drop.py``); 0: never."""
+    models: tuple[str, ...] = ()
+    """``ECHO_MODELS``: comma-separated model names this replica says it serves in its hello and heartbeats (its model
+    group on the server); unset: it names none and serves whatever it is sent."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -60,7 +63,9 @@ class Settings:
         drop_every = _env_number(environ, "ECHO_DROP_EVERY", "0", int)
         if drop_every == 1 or drop_every < 0:
             raise ValueError(f"ECHO_DROP_EVERY must be 0 (off) or at least 2, got {drop_every}")
+        models = tuple(dict.fromkeys(m.strip() for m in environ.get("ECHO_MODELS", "").split(",") if m.strip()))
         return cls(
+            models=models,
             tokens_per_chunk=tokens,
             token_delay_s=delay,
             stamp=stamp,
