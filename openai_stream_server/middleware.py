@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .api.surfaces import surface_of
 from .gateway.keygate import KeyGate
 from .gateway.keys import KeyRing
+from .gateway.ratelimit import RATE_LIMIT_HEADERS
 from .guard import ApiKeyMiddleware, RequestGuard
 from .metrics import Metrics
 from .settings import Settings
@@ -66,7 +67,7 @@ def middleware_stack(settings: Settings, metrics: Metrics, keys: KeyRing | None 
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                 allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Api-Key", "Anthropic-Version"],
-                expose_headers=["X-Request-Id"],
+                expose_headers=["X-Request-Id", "Retry-After", *RATE_LIMIT_HEADERS],  # a page can read its limits
             )
         )
     stack.append(

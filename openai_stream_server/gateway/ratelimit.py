@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 from ..errors import TooManyRequests
 from .keys import ApiKey
 
+RATE_LIMIT_HEADERS = tuple(
+    f"x-ratelimit-{what}-{kind}" for kind in ("requests", "tokens") for what in ("limit", "remaining", "reset")
+)
+"""The headers every answer to a key with limits carries, as OpenAI names them."""
+
 
 def duration(seconds: float) -> str:
     """OpenAI's reset format: ``20ms``, ``1s``, ``6m0s``."""

@@ -231,3 +231,13 @@ async def test_the_sdks_raise_rate_limit_error_and_not_found_for_another_keys_co
         other = claude_sdk(client, BOB)
         message = await other.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
         assert message.content[0].text == "hi"  # type: ignore[union-attr]
+
+
+async def test_a_page_of_an_allowed_origin_can_read_its_limits(tmp_path: Path) -> None:
+    settings = Settings(
+        api_keys_file=str(key_file(tmp_path, entry(ALICE, "alice", requests_per_minute=5))), cors_origins=("http://app.test",)
+    )
+    async with make_client(settings) as (client, _):
+        answer = await client.post("/v1/chat/completions", json=CHAT, headers={**auth(ALICE), "Origin": "http://app.test"})
+        exposed = {h.strip().lower() for h in answer.headers["access-control-expose-headers"].split(",")}
+        assert {"x-ratelimit-remaining-requests", "retry-after"} <= exposed
