@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from openai_stream_protocol import split_tokens
@@ -80,7 +80,9 @@ def schema(description_size: int) -> dict[str, Any]:
 
 def send(fuzzed: Fuzzed, path: str, body: dict[str, Any]) -> dict[str, Any]:
     content = json.dumps(body).encode()
-    assert len(content) <= MAX_BODY_BYTES, len(content)  # legal: the test keeps to the limit
+    # Legal only: sizes drawn together can pass the limit (100,000 messages + 3 MB + 300 long tools); such a
+    # draw is not an example of this test (the limit's own 413 is tested elsewhere).
+    assume(len(content) <= MAX_BODY_BYTES)
     r = fuzzed.post(path, content)
     assert r.status_code == 200, f"{r.status_code} {r.text[:300]} for {len(content)} bytes on {path}"
     return r.json()  # type: ignore[no-any-return]
