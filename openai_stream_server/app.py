@@ -114,6 +114,7 @@ def _service_routes(
             "server": request.app.state.identity.as_dict(),  # which process answered, of several on one port
             "chunk_loss": resender.health(),
             "models": catalog.health(),  # each model group's replicas, and how many are live
+            "queues": request.app.state.dispatcher.queues.health(),  # each group's admission queue (docs/team.md)
             **status,
         }
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -223,6 +224,7 @@ def create_app(settings: Settings, backend: Backend, identity: ServerIdentity | 
     app.state.identity = identity
     app.state.resender = resender
     app.state.settings = settings
+    app.state.dispatcher = dispatcher
     app.state.keys = keys  # main reads it again on SIGHUP
     return app
 

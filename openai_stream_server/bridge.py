@@ -408,12 +408,13 @@ class DoraBridge:
             anyone = replicas.of_input(input_id)  # the one replica of an unknown layout: its capabilities only
             if anyone is not None and status is not None:
                 anyone.can_continue, anyone.heartbeat_s = status.can_continue, status.heartbeat_s
-                anyone.models = status.models
+                anyone.models, anyone.capacity = status.models, status.capacity
                 self.resend_routes.said(anyone.replica_id, status.can_resend)
             return
         if status is not None:
             replica.can_continue, replica.heartbeat_s = status.can_continue, status.heartbeat_s
             replica.models = status.models  # its model group (docs/team.md, "Models by name")
+            replica.capacity = status.capacity  # for the admission queue (docs/team.md, "Queue and tiers")
             self.resend_routes.said(replica.replica_id, status.can_resend)
         replica.hellos += 1
         if replica.hellos > 1 and replica.down_reason is not DownReason.RESTARTED:  # that one was counted at NODE_RESTARTED

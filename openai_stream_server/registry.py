@@ -500,11 +500,12 @@ class StreamRegistry:
         # model and error text come from the client or the node: %r keeps a line break in them from
         # starting a forged log line (docs/architecture.md, "Limits and failure behaviour").
         logger.info(
-            "completion %s surface=%s model=%r%s status=%s finish_reason=%s chunks=%d ttfc=%s duration=%.3fs%s",
+            "completion %s surface=%s model=%r%s%s status=%s finish_reason=%s chunks=%d ttfc=%s duration=%.3fs%s",
             state.request_id,
             state.surface,
             state.model,
             "" if state.owner is None else f" key={state.owner!r}",
+            "" if state.service_tier is None else f" tier={state.service_tier}",
             state.status.value,
             state.log.finish_reason,
             len(state.log),

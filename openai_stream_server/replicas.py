@@ -98,6 +98,9 @@ class Replica:
     """Times it went silent while holding requests."""
     models: tuple[str, ...] = ()
     """The model names its hello (or a heartbeat) said it serves: its model group (docs/team.md, "Models by name")."""
+    capacity: int | None = None
+    """Requests it generates at once, as its hello said (None: unknown); the admission queue sums a group's
+    (``gateway/queue.py``, docs/team.md, "Queue and tiers")."""
 
     def __post_init__(self) -> None:
         self.open_inputs = set(self.inputs)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from .gateway.models import parse_aliases
+from .gateway.queue import parse_max_queued
 from .store.config import parse_store_option
 
 ENV_PREFIX = "OPENAI_STREAM_SERVER_"
@@ -39,6 +40,10 @@ class Settings:
     strict_models: bool = False
     """Refuse (404 model_not_found) a model name no replica's hello names, even with one model group; without any
     group, any name but --model's (or the default)."""
+    max_queued: tuple[str, ...] = ()
+    """Requests that may wait in the server when a model group's replicas are full (comma-separated): N for every
+    group, GROUP=N for one. Waiting needs the replicas' capacity (their hello's ``capacity``); beyond the bound,
+    429 with Retry-After. Unset: nothing waits here, as before (docs/team.md, "Queue and tiers")."""
     api_key: str | None = None
     """When set, every /v1 route (and /metrics) needs ``Authorization: Bearer <api_key>``."""
     api_keys_file: str | None = None
@@ -154,6 +159,7 @@ class Settings:
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty: give a key, or None to run without one")
         parse_aliases(self.model_alias)  # a bad --model-alias stops the server at start
+        parse_max_queued(self.max_queued)  # and so does a bad --max-queued
         if self.api_keys_file is not None and not self.api_keys_file.strip():
             raise ValueError("api_keys_file is empty: name a file, or None to run without one")
 

@@ -122,6 +122,7 @@ class StreamState:
         "created",
         "surface",
         "owner",
+        "service_tier",
         "limits",
         # its parts
         "log",
@@ -161,6 +162,8 @@ class StreamState:
         """The API surface that opened it (``api/``): a label for metrics and the log line, and which surface may read it."""
         self.owner: str | None = None
         """The name of the API key that made it, with a key file (``gateway/owner.py``): only that key may read it."""
+        self.service_tier: str | None = None
+        """The tier it was queued at (``gateway/queue.py``), which its answers name; None: it asked none and no queue ran."""
         self.limits = limits
         self.log = AnswerLog(prompt_tokens)
         self.reorder = ReorderBuffer()

@@ -7,18 +7,21 @@ waits, for the surface, for the first chunk or the end (docs/architecture.md, "A
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
+from prometheus_client import Counter
 from starlette.requests import Request
 
 from openai_stream_protocol import Part, split_tokens
 
 from ..admission import Admission
 from ..backend import Backend, DownstreamRequest
-from ..errors import ApiError
+from ..errors import ApiError, Cancelled
 from ..gateway.models import ModelCatalog
-from ..gateway.owner import stamp
+from ..gateway.owner import CURRENT_KEY, stamp
+from ..gateway.queue import AdmissionQueues, QueueMetrics, Ticket, effective_tier, parse_tier
 from ..registry import StreamRegistry
 from ..settings import Settings
 from ..state import Status, StreamState
@@ -59,6 +62,23 @@ def sampling_metadata(
     return metadata
 
 
+MAX_TIER_SERIES = 1000
+"""``oss_tier_requests_total`` series at most: the model label is a name the client sent (with one group, any)."""
+
+
+def queued_comment(position: int) -> bytes:
+    """A waiting stream's place, as an SSE comment line (``: queued 3``): every SSE decoder skips comments."""
+    return b": queued %d\n\n" % position
+
+
+def failed_state(request_id: str, model: str, surface: str, error: ApiError) -> StreamState:
+    """A completion that failed before it opened (refused after its stream's headers went out, while it waited):
+    rendered by the surface's own renderer as its error event; never in the registry."""
+    state = StreamState(request_id, model, surface)
+    state.fail(error)
+    return state
+
+
 def prompt_tokens(parts: Sequence[Part]) -> int:
     """The server's token estimate of a prompt: whitespace-split words of its parts."""
     return sum(len(split_tokens(p.content)) for p in parts)
@@ -75,11 +95,63 @@ class Dispatcher:
         """Reads request bodies under the admission checks, and prepares large ones off the loop."""
         self.catalog = ModelCatalog(settings, backend.replica_stats)
         """The model groups the replicas name, and the aliases."""
+        self.queues = AdmissionQueues(
+            settings.max_queued, self.catalog.groups, backend.replica_stats, QueueMetrics(registry.metrics.registry)
+        )
+        """Each model group's admission queue, by tier (docs/team.md, "Queue and tiers")."""
+        self._releases: set[asyncio.Future[None]] = set()
+        self.by_tier = Counter(
+            "oss_tier_requests",
+            "Completions opened, by model, API key name and service tier",
+            ["model", "key", "tier"],
+            registry=registry.metrics.registry,
+        )
+        self._tier_children: dict[tuple[str, str, str], Any] = {}
+        """Each label triple's child: ``labels()`` costs more than the rest of the count."""
 
     def model(self, requested: str | None, param: str = "model") -> str:
         """The model a request names (its alias followed; the default when none); 404 naming ``param`` when this server
         has not got it (``ModelCatalog.resolve``, docs/team.md, "Models by name")."""
         return self.catalog.resolve(requested, param)
+
+    def enter(self, model: str, service_tier: str | None = None) -> Ticket:
+        """The request's place in its model group's queue, at the tier it asked (``auto``/None: its key's default), no
+        better than its key's maximum; 429 when the queue is full (``gateway/queue.py``)."""
+        context = CURRENT_KEY.get()
+        key = None if context is None else context.key
+        tier = effective_tier(parse_tier(service_tier), key.service_tier if key else None, key.max_service_tier if key else None)
+        return self.queues.enter(model, tier, None if context is None else context.name, key.max_queued if key else None)
+
+    async def admitted(self, request: Request, ticket: Ticket) -> None:
+        """Wait for the ticket's turn; a client that leaves first leaves the queue, and nothing went downstream."""
+        if not ticket.waiting:
+            return
+        try:
+            if not await unless_disconnected(request.receive, ticket.wait()):
+                raise Cancelled("the client left while its request was queued")
+        finally:
+            ticket.leave()  # left (or cancelled) before its turn; a no-op once admitted
+
+    async def queued_stream(
+        self,
+        ticket: Ticket,
+        notice: Callable[[int], bytes],
+        opened: Callable[[], Awaitable[AsyncIterator[bytes]]],
+        failed: Callable[[ApiError], AsyncIterator[bytes]],
+    ) -> AsyncIterator[bytes]:
+        """A stream whose headers went out while it waits: ``notice(position)`` at each new place in the queue, then
+        the completion's own events (``opened``), or its error in the surface's shape (``failed``). Closed while it
+        waits (the client left), the ticket leaves the queue and nothing goes downstream."""
+        try:
+            async for position in ticket.positions():
+                yield notice(position)
+            events = await opened()
+        except ApiError as error:
+            events = failed(error)
+        finally:
+            ticket.leave()  # closed while it waits (the client left): out of the queue now, not when collected
+        async for event in events:
+            yield event
 
     async def submit(
         self,
@@ -91,6 +163,7 @@ class Dispatcher:
         *,
         keep_parts: bool = False,
         context: object | None = None,
+        ticket: Ticket | None = None,
     ) -> StreamState:
         """Open the completion and send it downstream; raises (and records nothing in flight) when it cannot.
 
@@ -99,12 +172,30 @@ class Dispatcher:
         to render it again (``surface_data.context``). Both are set before it goes downstream, so that the
         store's "opened" record holds them (docs/store.md, "What is written when").
         """
-        # No replica live (one is restarting): wait a little for one rather than fail at once
-        # (docs/architecture.md, "Replicas and failover"); returns at once while one is live.
-        await self.backend.wait_live(self.settings.model_wait_s)
-        tokens, texts = await self.admission.encoded(parts)  # off the loop when large (docs/architecture.md, "Admission")
-        state = self.registry.open(request_id, model, prompt_tokens=tokens, surface=surface)
+        if ticket is None:  # a surface that does not queue itself: in the queue here, without a visible place
+            ticket = self.enter(model)
+            await ticket.wait()
+        try:
+            # No replica live (one is restarting): wait a little for one rather than fail at once
+            # (docs/architecture.md, "Replicas and failover"); returns at once while one is live.
+            await self.backend.wait_live(self.settings.model_wait_s)
+            tokens, texts = await self.admission.encoded(parts)  # off the loop when large (docs/architecture.md, "Admission")
+            state = self.registry.open(request_id, model, prompt_tokens=tokens, surface=surface)
+        except BaseException:
+            ticket.release()
+            raise
         stamp(state)  # it belongs to the request's API key (docs/team.md, "Ownership")
+        state.service_tier = ticket.tier
+        labels = (model, state.owner or "", ticket.tier)
+        counted = self._tier_children.get(labels)
+        if counted is None and len(self._tier_children) < MAX_TIER_SERIES:
+            counted = self._tier_children[labels] = self.by_tier.labels(*labels)
+        if counted is not None:
+            counted.inc()
+        if ticket.counted:  # its slot goes to the next waiter when it ends
+            released = asyncio.ensure_future(state.wait_done())
+            self._releases.add(released)
+            released.add_done_callback(lambda done: (self._releases.discard(done), ticket.release()))
         state.keep_context(context, getattr(context, "nbytes", 0))
         if keep_parts:
             state.keep_parts(parts)

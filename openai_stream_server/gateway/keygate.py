@@ -105,7 +105,7 @@ class KeyGate:
         if counted is None:
             counted = self._ok[key.name] = self.requests.labels(key.name, "ok")
         counted.inc()
-        context = KeyContext(key.name, usage)
+        context = KeyContext(key.name, usage, key=key)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 RELOAD_CHECK_S = 1.0
 """How often, at most, a request looks at the file's modification time (one ``stat``)."""
 
-_LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent")
+_LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent", "max_queued")
+_TIER_FIELDS = ("service_tier", "max_service_tier")
+_TIERS = ("priority", "default", "flex")  # gateway/queue.py's TIERS, best first
 
 
 def hash_key(key: str | bytes) -> str:
@@ -42,6 +44,12 @@ class ApiKey:
     """Prompt and answer tokens of its completions, counted when each ends."""
     max_concurrent: int | None = None
     """Completions (streams or not) it may have open at once."""
+    max_queued: int | None = None
+    """Its requests that may wait in one model group's queue at once (docs/team.md, "Queue and tiers")."""
+    service_tier: str | None = None
+    """The tier of its requests that ask none (or ``auto``); None: ``default``."""
+    max_service_tier: str | None = None
+    """The best tier it may have: a request asking better gets this one."""
 
 
 class KeyFileError(ValueError):
@@ -68,7 +76,7 @@ def parse_keys(text: str, path: str) -> dict[str, ApiKey]:
         name = entry.get("name")
         if not isinstance(name, str) or not name.strip():
             raise KeyFileError(f"{where}: needs a name")
-        unknown = set(entry) - {"key_sha256", "name", *_LIMIT_FIELDS}
+        unknown = set(entry) - {"key_sha256", "name", *_LIMIT_FIELDS, *_TIER_FIELDS}
         if unknown:
             raise KeyFileError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
         limits: dict[str, int | None] = {}
@@ -77,9 +85,15 @@ def parse_keys(text: str, path: str) -> dict[str, ApiKey]:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise KeyFileError(f"{where}: {field} must be a whole number >= 1, got {value!r}")
             limits[field] = value
+        tiers: dict[str, str | None] = {}
+        for field in _TIER_FIELDS:
+            value = entry.get(field)
+            if value is not None and value not in _TIERS:
+                raise KeyFileError(f"{where}: {field} must be one of {', '.join(_TIERS)}, got {value!r}")
+            tiers[field] = value
         if digest in keys:
             raise KeyFileError(f"{where}: the same key is listed twice")
-        keys[digest] = ApiKey(name.strip(), **limits)
+        keys[digest] = ApiKey(name.strip(), **limits, **tiers)  # type: ignore[arg-type]
     return keys
 
 

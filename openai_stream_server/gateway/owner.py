@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..state import StreamState
+    from .keys import ApiKey
     from .ratelimit import KeyUsage
 
 
@@ -24,6 +25,8 @@ class KeyContext:
     name: str
     usage: KeyUsage | None = None
     opened: list[StreamState] = field(default_factory=list)
+    key: ApiKey | None = None
+    """The key itself: its tiers and queue bound (``gateway/queue.py``)."""
 
 
 CURRENT_KEY: ContextVar[KeyContext | None] = ContextVar("oss_current_key", default=None)

@@ -86,6 +86,8 @@ class CompletionRecord:
     alive any more reads ``failed`` (``settled``)."""
     owner: str | None = None
     """The name of the API key that made it (docs/team.md, "Ownership"); None without a key file."""
+    service_tier: str | None = None
+    """The tier it was served at (docs/team.md, "Queue and tiers"), which its answers name."""
 
     @property
     def ended(self) -> bool:
@@ -140,6 +142,8 @@ def encode(record: CompletionRecord) -> bytes:
         out["i"] = r.instance
     if r.owner is not None:
         out["o"] = r.owner
+    if r.service_tier is not None:
+        out["tr"] = r.service_tier
     return orjson.dumps(out)
 
 
@@ -177,6 +181,7 @@ def decode(data: bytes | str) -> CompletionRecord:
             expires_at=float(d.get("ex", 0.0)),
             instance=d.get("i", ""),
             owner=d.get("o"),
+            service_tier=d.get("tr"),
         )
     except RecordFormatError:
         raise

@@ -66,6 +66,7 @@ def record_of(state: StreamState, *, stored: bool = False) -> CompletionRecord:
         context=context_json(state.surface_data.context),
         stored=stored,
         owner=state.owner,
+        service_tier=state.service_tier,
     )
 
 
@@ -83,6 +84,7 @@ def state_of(record: CompletionRecord, *, ledger: ByteLedger | None = None) -> S
         state.keep_parts(record.parts)
     state.surface_data.context = record.context
     state.owner = record.owner
+    state.service_tier = record.service_tier
     finish(state, record)
     return state
 

@@ -51,6 +51,9 @@ MODELS_KEY = "models"
 """Hello and heartbeat metadata, list of str: the model names this node serves (absent: it does not say, and serves
 whatever the server sends it). Replicas that name the same model form its group: the server routes a request for
 that name to them only (docs/team.md, "Models by name")."""
+CAPACITY_KEY = "capacity"
+"""Hello and heartbeat metadata, int: requests the node generates at once (absent: it does not say). The server's
+admission queue takes a model group's capacity from it (docs/team.md, "Queue and tiers")."""
 
 DEFAULT_HEARTBEAT_S = 0.25
 """A few hundred ms: a silence of a few seconds is then many missed heartbeats, never one late message."""
@@ -67,6 +70,7 @@ def send_hello(
     heartbeat_s: float | None = None,
     can_resend: bool = False,
     models: tuple[str, ...] = (),
+    capacity: int | None = None,
 ) -> None:
     """Tell the server this node is up (``HELLO_KEY``), and what it can do.
 
@@ -82,6 +86,8 @@ def send_hello(
         metadata[HEARTBEAT_S_KEY] = float(heartbeat_s)
     if models:
         metadata[MODELS_KEY] = list(models)
+    if capacity:
+        metadata[CAPACITY_KEY] = int(capacity)
     node.send_output(output, _EMPTY, metadata)
 
 
@@ -130,6 +136,8 @@ class NodeStatus:
     """It answers resend asks for lost chunks (``_resend.py``)."""
     models: tuple[str, ...] = ()
     """The model names it serves (``MODELS_KEY``); empty when it did not say."""
+    capacity: int | None = None
+    """Requests it generates at once (``CAPACITY_KEY``); None when it did not say."""
 
 
 def parse_status(metadata: Mapping[str, Any]) -> NodeStatus | None:
@@ -149,6 +157,7 @@ def parse_status(metadata: Mapping[str, Any]) -> NodeStatus | None:
         queued=_count(metadata.get(QUEUED_KEY)) if kind == "heartbeat" else None,
         can_resend=as_bool(metadata.get(CAN_RESEND_KEY, False)),
         models=_names(metadata.get(MODELS_KEY)),
+        capacity=_count(metadata.get(CAPACITY_KEY)) or None,
     )
 
 
@@ -202,7 +211,7 @@ class Heartbeat:
 
     __slots__ = (
         "node", "node_id", "output", "outputs", "interval_s", "can_continue", "can_resend", "clock", "sent", "_next_at",
-        "_busy", "models",
+        "_busy", "models", "capacity",
     )  # fmt: skip
 
     def __init__(
@@ -216,6 +225,7 @@ class Heartbeat:
         can_resend: bool = False,
         clock: Callable[[], float] = time.monotonic,
         models: tuple[str, ...] = (),
+        capacity: int | None = None,
     ) -> None:
         if not interval_s >= 0:
             raise ValueError(f"the heartbeat interval must be 0 (off) or more seconds, got {interval_s!r}")
@@ -231,6 +241,8 @@ class Heartbeat:
         self.clock = clock
         self.models = tuple(models)
         """The model names it serves, said in the hello and every heartbeat (``MODELS_KEY``)."""
+        self.capacity = capacity
+        """Requests it generates at once, said in the hello (``CAPACITY_KEY``); None: it does not say."""
         self.sent = 0
         """Heartbeats sent so far."""
         self._next_at = 0.0
@@ -246,6 +258,7 @@ class Heartbeat:
                 heartbeat_s=self.interval_s or None,
                 can_resend=self.can_resend,
                 models=self.models,
+                capacity=self.capacity,
             )
 
     def beat(self, active: int, queued: int = 0) -> float | None:

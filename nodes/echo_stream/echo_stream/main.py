@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         can_continue=True,
         can_resend=resend,
         models=settings.models,
+        capacity=settings.max_concurrent or None,  # the server's admission queue reads it (docs/team.md)
     )
     heartbeat.hello()
     logger.info(

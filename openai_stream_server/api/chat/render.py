@@ -62,6 +62,8 @@ def completion_body(state: StreamState, reasoning_field: str = "reasoning_conten
         "usage": chat_usage(state.log),
         "status": state.status.value,
     }
+    if state.service_tier is not None:  # the tier it was served at, as OpenAI says (docs/team.md, "Queue and tiers")
+        body["service_tier"] = state.service_tier
     if state.status in (Status.FAILED, Status.CANCELLED):
         body["error"] = end_error(state).to_dict()["error"]
     return body
@@ -109,8 +111,11 @@ class ChunkEncoder:
         resumable: bool = False,
         relay_sent_at: bool = False,
         reasoning_field: str = "reasoning_content",
+        service_tier: str | None = None,
     ) -> None:
         head = orjson.dumps({"id": request_id, "object": self.OBJECT, "created": created, "model": model})[:-1]
+        if service_tier is not None:  # the tier it was served at, as OpenAI's chunks say
+            head += b',"service_tier":' + orjson.dumps(service_tier)
         self._head = head + b',"system_fingerprint":null'
         self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
         self._resumable = resumable

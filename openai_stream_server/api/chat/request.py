@@ -100,6 +100,8 @@ class ChatCompletionRequest(StrictModel):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     reasoning_effort: ReasoningEffort | None = None
+    service_tier: Annotated[str, Field(max_length=16)] | None = None
+    """``auto``, ``priority``, ``default`` or ``flex``: its place in the model group's queue (``gateway/queue.py``)."""
 
     @property
     def token_limit(self) -> int | None:

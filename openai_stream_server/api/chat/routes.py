@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
@@ -10,9 +11,10 @@ from starlette.routing import Route
 
 from openai_stream_protocol import Part, ReasoningRequest
 
+from ...errors import ApiError
 from ...state import Status, StreamState
 from ..common import check_images, sequence_number
-from ..dispatch import sampling_metadata
+from ..dispatch import failed_state, queued_comment, sampling_metadata
 from ..follow import follow
 from ..reasoning import reasoning_metadata
 from ..surface import Surface, by_id
@@ -39,8 +41,21 @@ class ChatCompletions(Surface):
 
     async def _create(self, request: Request, request_id: str) -> Response:
         body, model, parts, metadata = await self.dispatcher.admission.body(request, lambda raw: self._prepare(raw, request_id))
-        state = await self.dispatcher.submit(request_id, self.name, model, parts, metadata)
+        ticket = self.dispatcher.enter(model, body.service_tier)  # its model group's queue (docs/team.md)
         headers = {"X-Request-Id": request_id}
+        if ticket.waiting and body.stream and not body.background:
+            # It waits with its headers out, and learns its place: ": queued N" comment lines.
+            async def opened() -> AsyncIterator[bytes]:
+                state = await self.dispatcher.submit(request_id, self.name, model, parts, metadata, ticket=ticket)
+                return self._events(body, model, state)
+
+            def failed(error: ApiError) -> AsyncIterator[bytes]:
+                state = self.registry.get(request_id) or failed_state(request_id, model, self.name, error)
+                return self._events(body, model, state)
+
+            return self.sse(self.dispatcher.queued_stream(ticket, queued_comment, opened, failed), headers)
+        await self.dispatcher.admitted(request, ticket)
+        state = await self.dispatcher.submit(request_id, self.name, model, parts, metadata, ticket=ticket)
         if body.background:
             return JSONResponse(
                 {
@@ -60,6 +75,11 @@ class ChatCompletions(Surface):
             del gathered["status"]
             return JSONResponse(gathered, headers=headers)
         await self.dispatcher.first_chunk(request, state)
+        return self.sse(self._events(body, model, state), headers)
+
+    def _events(self, body: ChatCompletionRequest, model: str, state: StreamState) -> AsyncIterator[bytes]:
+        """A POST's stream of chunks; the client leaving cancels it."""
+        request_id = state.request_id
         encoder = ChunkEncoder(
             request_id,
             model,
@@ -67,9 +87,9 @@ class ChatCompletions(Surface):
             include_usage=include_usage(body.stream_options),
             relay_sent_at=self.settings.relay_sent_at,
             reasoning_field=self.settings.reasoning_field,
+            service_tier=state.service_tier,
         )
-        events = follow(ChunkRenderer(state, encoder), self.metrics, on_early_close=lambda: self.dispatcher.cancel(request_id))
-        return self.sse(events, headers)
+        return follow(ChunkRenderer(state, encoder), self.metrics, on_early_close=lambda: self.dispatcher.cancel(request_id))
 
     def _prepare(self, raw: bytes, request_id: str) -> tuple[ChatCompletionRequest, str, list[Part], dict[str, Any]]:
         """What the request needs before it opens, from its body alone: it may run off the loop (``admission``)."""

@@ -22,6 +22,8 @@ class CompletionRequest(StrictModel):
     """A string, or a list of exactly one string (unwrapped by ``_one_prompt``)."""
     model: Annotated[str, Field(max_length=MAX_MODEL_CHARS)] | None = None
     stream: bool = False
+    service_tier: Annotated[str, Field(max_length=16)] | None = None
+    """Its place in the model group's queue (``gateway/queue.py``): ``auto``, ``priority``, ``default``, ``flex``."""
     stream_options: StreamOptions | None = None
     max_tokens: Annotated[int, Field(ge=1, le=I64_MAX)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None

@@ -7,15 +7,18 @@ with another encoder. There is no background mode and no reattach: those are cha
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ...errors import ApiError
+from ...state import StreamState
 from ..chat.render import ChunkRenderer
 from ..chat.request import include_usage
-from ..dispatch import sampling_metadata
+from ..dispatch import failed_state, queued_comment, sampling_metadata
 from ..follow import follow
 from ..surface import Surface
 from ..surfaces import COMPLETIONS
@@ -34,12 +37,31 @@ class Completions(Surface):
     async def _create(self, request: Request, request_id: str) -> Response:
         body = await self.dispatcher.admission.body(request, parse_completion_request)
         model = self.dispatcher.model(body.model)
-        state = await self.dispatcher.submit(request_id, self.name, model, body.parts(), self._metadata(body, model, request_id))
+        parts, metadata = body.parts(), self._metadata(body, model, request_id)
+        ticket = self.dispatcher.enter(model, body.service_tier)  # its model group's queue (docs/team.md)
         headers = {"X-Request-Id": request_id}
+        if ticket.waiting and body.stream:  # it waits with its headers out, and learns its place: ": queued N"
+
+            async def opened() -> AsyncIterator[bytes]:
+                state = await self.dispatcher.submit(request_id, self.name, model, parts, metadata, ticket=ticket)
+                return self._events(body, model, state)
+
+            def failed(error: ApiError) -> AsyncIterator[bytes]:
+                state = self.registry.get(request_id) or failed_state(request_id, model, self.name, error)
+                return self._events(body, model, state)
+
+            return self.sse(self.dispatcher.queued_stream(ticket, queued_comment, opened, failed), headers)
+        await self.dispatcher.admitted(request, ticket)
+        state = await self.dispatcher.submit(request_id, self.name, model, parts, metadata, ticket=ticket)
         if not body.stream:
             await self.dispatcher.gathered(request, state)
             return JSONResponse(completion_body(state), headers=headers)
         await self.dispatcher.first_chunk(request, state)
+        return self.sse(self._events(body, model, state), headers)
+
+    def _events(self, body: CompletionRequest, model: str, state: StreamState) -> AsyncIterator[bytes]:
+        """A POST's stream of chunks; the client leaving cancels it."""
+        request_id = state.request_id
         encoder = TextCompletionEncoder(
             request_id,
             model,
@@ -47,8 +69,7 @@ class Completions(Surface):
             include_usage=include_usage(body.stream_options),
             relay_sent_at=self.settings.relay_sent_at,
         )
-        events = follow(ChunkRenderer(state, encoder), self.metrics, on_early_close=lambda: self.dispatcher.cancel(request_id))
-        return self.sse(events, headers)
+        return follow(ChunkRenderer(state, encoder), self.metrics, on_early_close=lambda: self.dispatcher.cancel(request_id))
 
     @staticmethod
     def _metadata(body: CompletionRequest, model: str, request_id: str) -> dict[str, Any]:

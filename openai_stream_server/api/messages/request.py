@@ -236,6 +236,8 @@ class MessagesRequest(PromptRequest):
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0, le=I64_MAX)] | None = None
     stream: bool = False
+    service_tier: Annotated[str, Field(max_length=16)] | None = None
+    """Its place in the model group's queue (``gateway/queue.py``): ``auto``, ``priority``, ``default``, ``flex``."""
     metadata: Metadata | None = None
 
     @model_validator(mode="after")

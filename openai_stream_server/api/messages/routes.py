@@ -8,6 +8,7 @@ Messages API"). Every error on these paths is Anthropic-shaped (``surfaces.MESSA
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
@@ -17,8 +18,9 @@ from starlette.routing import Route
 from openai_stream_protocol import Part
 
 from ...errors import ApiError, InvalidRequest, MethodNotAllowed, NotFound
+from ...state import StreamState
 from ..common import check_images
-from ..dispatch import prompt_tokens, sampling_metadata
+from ..dispatch import failed_state, prompt_tokens, queued_comment, sampling_metadata
 from ..follow import follow
 from ..reasoning import reasoning_metadata
 from ..surface import Surface
@@ -47,14 +49,31 @@ class Messages(Surface):
 
     async def _create(self, request: Request, message_id: str) -> Response:
         body, model, parts, metadata = await self.dispatcher.admission.body(request, lambda raw: self._prepare(raw, message_id))
-        state = await self.dispatcher.submit(message_id, self.name, model, parts, metadata)
+        # Anthropic's "standard_only" is the default tier; OpenAI's names are taken too (docs/team.md, "Queue and tiers").
+        tier = "default" if body.service_tier == "standard_only" else body.service_tier
+        ticket = self.dispatcher.enter(model, tier)  # its model group's queue
         headers = {"X-Request-Id": message_id, "request-id": message_id}
+        if ticket.waiting and body.stream:  # it waits with its headers out, and learns its place: ": queued N"
+
+            async def opened() -> AsyncIterator[bytes]:
+                return self._events(await self.dispatcher.submit(message_id, self.name, model, parts, metadata, ticket=ticket))
+
+            def failed(error: ApiError) -> AsyncIterator[bytes]:
+                return self._events(self.registry.get(message_id) or failed_state(message_id, model, self.name, error))
+
+            return self.sse(self.dispatcher.queued_stream(ticket, queued_comment, opened, failed), headers)
+        await self.dispatcher.admitted(request, ticket)
+        state = await self.dispatcher.submit(message_id, self.name, model, parts, metadata, ticket=ticket)
         if not body.stream:
             await self.dispatcher.gathered(request, state)
             return JSONResponse(message_body(state), headers=headers)
         await self.dispatcher.first_chunk(request, state)
-        events = follow(MessageRenderer(state), self.metrics, on_early_close=lambda: self.dispatcher.cancel(message_id))
-        return self.sse(events, headers)
+        return self.sse(self._events(state), headers)
+
+    def _events(self, state: StreamState) -> AsyncIterator[bytes]:
+        """A POST's stream of events; the client leaving cancels it."""
+        message_id = state.request_id
+        return follow(MessageRenderer(state), self.metrics, on_early_close=lambda: self.dispatcher.cancel(message_id))
 
     def _prepare(self, raw: bytes, message_id: str) -> tuple[MessagesRequest, str, list[Part], dict[str, Any]]:
         """What the request needs before it opens, from its body alone: it may run off the loop (``admission``)."""

@@ -95,6 +95,7 @@ def response_body(state: StreamState, echo: Echo, *, status: str | None = None) 
         "parallel_tool_calls": echo.parallel_tool_calls,
         "previous_response_id": echo.previous_response_id,
         "reasoning": {"effort": echo.reasoning_effort, "summary": echo.reasoning_summary},
+        "service_tier": state.service_tier,  # the tier it was served at (docs/team.md, "Queue and tiers")
         "store": echo.store,
         "temperature": echo.temperature,
         "text": {"format": {"type": "text"}},
@@ -105,6 +106,15 @@ def response_body(state: StreamState, echo: Echo, *, status: str | None = None) 
         "usage": usage,
         "user": None,
     }
+
+
+def queued_event(state: StreamState, echo: Echo, position: int, first: bool) -> bytes:
+    """A waiting stream's place (``queue_position``, an extension field) in a ``response.queued`` event; the first
+    one after a ``response.created`` (status ``queued``), which the SDK's stream helper needs before anything else.
+    Numbered 0, as the events of the response itself start again from 0 once it is admitted."""
+    snapshot = response_body(state, echo, status="queued")
+    created = ResponseRenderer.event("response.created", 0, response=snapshot) if first else b""
+    return created + ResponseRenderer.event("response.queued", 0, response=snapshot, queue_position=position)
 
 
 class ResponseRenderer:

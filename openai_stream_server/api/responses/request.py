@@ -187,6 +187,8 @@ class ResponsesRequest(StrictModel):
     stream: bool = False
     background: bool = False
     store: bool = True
+    service_tier: Annotated[str, Field(max_length=16)] | None = None
+    """``auto``, ``priority``, ``default`` or ``flex``: its place in the model group's queue (``gateway/queue.py``)."""
     metadata: (
         Annotated[
             dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
 from starlette.requests import Request
@@ -20,14 +21,14 @@ from openai_stream_protocol import Part, ReasoningRequest
 from ...errors import ApiError, Cancelled, InvalidRequest, NotFound
 from ...state import StreamState
 from ..common import check_images, sequence_number
-from ..dispatch import sampling_metadata
+from ..dispatch import failed_state, sampling_metadata
 from ..follow import follow
 from ..reasoning import reasoning_metadata
 from ..surface import Surface, by_id
 from ..surfaces import RESPONSES
 from .echo import Echo, echo_of
 from .items import input_item_list
-from .render import ResponseRenderer, response_body
+from .render import ResponseRenderer, queued_event, response_body
 from .request import ResponsesRequest, parse_responses_request
 from .walk import answer_parts
 
@@ -94,10 +95,34 @@ class Responses(Surface):
             reasoning_effort=None if body.reasoning is None else body.reasoning.effort,
             reasoning_summary=None if body.reasoning is None else body.reasoning.summary,
         )
-        state = await self.dispatcher.submit(
-            response_id, self.name, model, parts, prepared.metadata, keep_parts=body.store, context=echo
-        )
+        ticket = self.dispatcher.enter(model, body.service_tier)  # its model group's queue (docs/team.md)
         headers = {"X-Request-Id": response_id}
+        if ticket.waiting and body.stream and not body.background:
+            # It waits with its headers out, and learns its place: response.queued events.
+            waiting = StreamState(response_id, model, self.name)
+            waiting.service_tier = ticket.tier
+            said: list[int] = []
+
+            def notice(position: int) -> bytes:
+                said.append(position)
+                return queued_event(waiting, echo, position, first=len(said) == 1)
+
+            async def opened() -> AsyncIterator[bytes]:
+                state = await self.dispatcher.submit(
+                    response_id, self.name, model, parts, prepared.metadata, keep_parts=body.store, context=echo, ticket=ticket
+                )
+                return self._events(state, echo, body.store)
+
+            def failed(error: ApiError) -> AsyncIterator[bytes]:
+                state = self.registry.get(response_id) or failed_state(response_id, model, self.name, error)
+                state.service_tier = ticket.tier
+                return self._events(state, echo, body.store)
+
+            return self.sse(self.dispatcher.queued_stream(ticket, notice, opened, failed), headers)
+        await self.dispatcher.admitted(request, ticket)
+        state = await self.dispatcher.submit(
+            response_id, self.name, model, parts, prepared.metadata, keep_parts=body.store, context=echo, ticket=ticket
+        )
         if body.background:
             if body.stream:  # no header hold-back: a background response outlives this connection
                 return self.sse(follow(ResponseRenderer(state, echo), self.metrics), headers)
@@ -117,12 +142,16 @@ class Responses(Surface):
             if not body.store:
                 self.registry.delete(response_id)
             raise
+        return self.sse(self._events(state, echo, body.store), headers)
+
+    def _events(self, state: StreamState, echo: Echo, store: bool) -> AsyncIterator[bytes]:
+        """A POST's stream of events; the client leaving cancels it, and one not stored is forgotten at its end."""
+        response_id = state.request_id
         renderer = ResponseRenderer(state, echo)
-        if body.store:  # the client left: cancel what is still in flight
-            events = follow(renderer, self.metrics, on_early_close=lambda: self.dispatcher.cancel(response_id))
-        else:  # ended or left: forget it (cancelled first if still in flight)
-            events = follow(renderer, self.metrics, on_close=lambda: self.registry.delete(response_id))
-        return self.sse(events, headers)
+        if store:  # the client left: cancel what is still in flight
+            return follow(renderer, self.metrics, on_early_close=lambda: self.dispatcher.cancel(response_id))
+        # ended or left: forget it (cancelled first if still in flight)
+        return follow(renderer, self.metrics, on_close=lambda: self.registry.delete(response_id))
 
     async def _previous(self, previous_id: str | None) -> list[Part]:
         """The conversation a ``previous_response_id`` continues: its input (less its instructions) and its answer
