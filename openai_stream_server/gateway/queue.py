@@ -9,8 +9,9 @@ as before (docs/team.md, "Queue and tiers").
 
 Tiers (``service_tier``): ``priority`` waiters go before ``default`` ones, ``default`` before ``flex``;
 in order of arrival within a tier. A full queue refuses a newcomer with 429 ``rate_limit_exceeded`` and
-``Retry-After`` unless the newcomer outranks a ``flex`` waiter: then the newest ``flex`` waiter is shed
-(it gets the 429) and the newcomer takes its place.
+``Retry-After`` unless a waiter of a worse tier is there: then the newest waiter of the worst tier present
+is shed (it gets the 429; ``flex`` first, then ``default`` for a ``priority`` newcomer) and the newcomer
+takes its place.
 """
 
 from __future__ import annotations
@@ -306,11 +307,11 @@ class AdmissionQueues:
             self.metrics.count(queue, ticket, "rejected")
             raise self._full(f"Key '{key}' has {key_bound} requests waiting for model group '{queue.name or model}'.")
         if bound is not None and len(queue) >= bound:
-            flex = queue.waiters["flex"]
-            if tier == "flex" or not flex:
+            worse = next((w for t in reversed(TIERS[TIERS.index(tier) + 1 :]) if (w := queue.waiters[t])), None)
+            if worse is None:
                 self.metrics.count(queue, ticket, "rejected")
                 raise self._full(f"The queue for model '{model}' is full ({bound} waiting); try again shortly.")
-            queue.shed(flex[-1], self._full(f"The queue for model '{model}' is full: a flex request gave way."))
+            queue.shed(worse[-1], self._full(f"The queue for model '{model}' is full: this request gave way to a better tier."))
         self.metrics.count(queue, ticket, "queued")
         queue.waiters[tier].append(ticket)
         queue.renumber()

@@ -112,7 +112,7 @@ async def test_without_capacity_or_bound_nothing_waits() -> None:
         assert all(t.admitted for t in tickets)
 
 
-async def test_positions_follow_the_queue_and_flex_is_shed_for_a_better_tier() -> None:
+async def test_positions_follow_the_queue_and_the_worst_tier_is_shed_for_a_better_one() -> None:
     replica = Replica("r", "out", None, frozenset(), frozenset(), capacity=1)
     queues = AdmissionQueues(("2",), dict, lambda: [replica])
     first = queues.enter("m", "default")
@@ -123,9 +123,13 @@ async def test_positions_follow_the_queue_and_flex_is_shed_for_a_better_tier() -
         queues.enter("m", "flex")  # full, and nothing worse to shed
     priority = queues.enter("m", "priority")  # full: the newest flex waiter gives way
     assert flex.shed is not None and (priority.position, default.position) == (1, 2)
+    with pytest.raises(QueueFull):
+        queues.enter("m", "default")  # full, and only as good or better waiting
+    second = queues.enter("m", "priority")  # no flex left: the newest default waiter gives way
+    assert default.shed is not None and (priority.position, second.position) == (1, 2)
     first.release()
-    assert priority.admitted and default.position == 1
-    assert queues.health()["*"]["shed"] == {"priority": 0, "default": 0, "flex": 1}
+    assert priority.admitted and second.position == 1
+    assert queues.health()["*"]["shed"] == {"priority": 0, "default": 1, "flex": 1}
 
 
 # -- over HTTP -------------------------------------------------------------------------------------
