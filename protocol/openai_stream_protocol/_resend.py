@@ -215,6 +215,8 @@ class ResendingOutput:
         self._keep(request_id, (seq, output, data, metadata, None, size), fin)
 
     def _record_batch(self, output: str, batch: pa.StructArray) -> None:
+        """Each row under its request; a row of a request already kept and not finished takes the short path (a
+        1,000-row step is 1,000 of them: the per-row cost is the node's whole overhead, benchmarks/README.md)."""
         n = len(batch)
         if not n:
             return
@@ -222,9 +224,40 @@ class ResendingOutput:
         seqs = batch.field("seq").to_pylist()
         fins = batch.field("fin").to_pylist()
         size = ENTRY_OVERHEAD_BYTES + batch.nbytes // n
+        kept_by_id, max_chunks = self._kept, self.max_chunks
+        added = 0
         for row, (request_id, seq, fin) in enumerate(zip(ids, seqs, fins, strict=True)):
-            if request_id is not None and seq is not None:
-                self._keep(request_id, (seq, output, batch, None, row, size), bool(fin))
+            kept = kept_by_id.get(request_id)
+            if fin or kept is None or kept.finished_at is not None or seq is None:
+                if request_id is not None and seq is not None:
+                    self._keep(request_id, (seq, output, batch, None, row, size), bool(fin))
+                continue
+            entries = kept.entries
+            entries.append((seq, output, batch, None, row, size))
+            kept.nbytes += size
+            added += size
+            if len(entries) > max_chunks:
+                popped = entries.popleft()[5]
+                kept.nbytes -= popped
+                added -= popped
+        self.nbytes += added
+        if self.nbytes > self.max_bytes:
+            self._shrink_all()
+
+    def _shrink_all(self) -> None:
+        """Over ``max_bytes`` after a batch: finished requests first, then the oldest chunk of each request in turn."""
+        while self.nbytes > self.max_bytes and self._finished:
+            self._drop(next(iter(self._finished)))
+        while self.nbytes > self.max_bytes:
+            trimmed = False
+            for kept in self._kept.values():
+                if len(kept.entries) > 1:
+                    self._pop_oldest(kept)
+                    trimmed = True
+                    if self.nbytes <= self.max_bytes:
+                        return
+            if not trimmed:
+                return
 
     def _keep(self, request_id: str, entry: tuple[int, str, pa.Array, dict[str, Any] | None, int | None, int], fin: bool) -> None:
         kept = self._kept.get(request_id)

@@ -228,3 +228,20 @@ def test_a_missed_answer_is_not_a_status_and_reads_back() -> None:
     metadata = {RESEND_MISSED_KEY: "r", "resend_from": "4"}
     assert is_resend_missed(metadata) and parse_resend_missed(metadata) == ("r", 4)
     assert parse_resend_missed({RESEND_MISSED_KEY: "r"}) is None
+
+
+def test_batch_rows_are_bounded_per_request_and_in_bytes_over_all_requests() -> None:
+    inner, out, _ = chunk_node(max_chunks=4, max_bytes=4_000)
+    batch = BatchSender(out)
+    ids = [f"r{i}" for i in range(5)]
+    for rid in ids:
+        batch.open({"request_id": rid})
+    for step in range(10):
+        for rid in ids:
+            batch.send(rid, f"{rid}-{step} ")
+        batch.emit()
+    assert out.nbytes <= 4_000
+    assert sum(k.nbytes for k in out._kept.values()) == out.nbytes  # the account matches what is kept
+    for rid in ids:
+        seqs = [e[0] for e in out._kept[rid].entries]
+        assert 1 <= len(seqs) <= 4 and seqs == list(range(10 - len(seqs), 10))  # the newest, in order
