@@ -100,6 +100,9 @@ class Dispatcher:
         )
         """Each model group's admission queue, by tier (docs/team.md, "Queue and tiers")."""
         self._releases: set[asyncio.Future[None]] = set()
+        self.waiting: dict[str, tuple[Ticket, str | None]] = {}
+        """Background requests waiting in a queue, by id, with their key's name: their stream shows their place."""
+        self._later: set[asyncio.Task[None]] = set()
         self.by_tier = Counter(
             "oss_tier_requests",
             "Completions opened, by model, API key name and service tier",
@@ -152,6 +155,51 @@ class Dispatcher:
             ticket.leave()  # closed while it waits (the client left): out of the queue now, not when collected
         async for event in events:
             yield event
+
+    def submit_later(
+        self, request_id: str, surface: str, model: str, parts: Sequence[Part], metadata: dict[str, Any], ticket: Ticket
+    ) -> None:
+        """A background request that has to wait: its POST is answered at once, and it goes downstream on its turn.
+        Shed, cancelled or refused meanwhile, it is retained as failed with that error (nothing went downstream)."""
+        context = CURRENT_KEY.get()
+        self.waiting[request_id] = (ticket, None if context is None else context.name)
+
+        async def later() -> None:
+            try:
+                await ticket.wait()
+                await self.submit(request_id, surface, model, parts, metadata, ticket=ticket)
+            except ApiError as error:
+                if self.registry.get(request_id) is None:
+                    state = self.registry.open(request_id, model, prompt_tokens=0, surface=surface)
+                    stamp(state)
+                    state.service_tier = ticket.tier
+                    if isinstance(error, Cancelled):  # taken out of the queue by a cancel
+                        self.registry.cancel(request_id)
+                    else:
+                        self.registry.fail(state, error)
+            finally:
+                self.waiting.pop(request_id, None)
+
+        task = asyncio.ensure_future(later())  # the key's context goes with it: the completion is the key's
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
+
+    def waiting_ticket(self, request_id: str) -> Ticket | None:
+        """The ticket of a background request still waiting, if the current request's key may see it."""
+        entry = self.waiting.get(request_id)
+        if entry is None:
+            return None
+        context = CURRENT_KEY.get()
+        return entry[0] if context is None or context.name == entry[1] else None
+
+    async def opened(self, request_id: str, surface: str, timeout_s: float = 30.0) -> StreamState | None:
+        """A background request's completion once it left the queue (None: it never opened, or another surface's)."""
+        for _ in range(int(timeout_s / 0.02)):
+            if self.registry.get(request_id) is not None or request_id not in self.waiting:
+                break
+            await asyncio.sleep(0.02)
+        state = self.registry.get(request_id)
+        return state if state is not None and state.surface == surface else None
 
     async def submit(
         self,

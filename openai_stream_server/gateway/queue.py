@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ..errors import InvalidRequest
+from ..errors import Cancelled, InvalidRequest
 from .ratelimit import RateLimited
 
 if TYPE_CHECKING:
@@ -111,20 +111,23 @@ class Ticket:
     counted: bool = False
     """It holds one of the group's slots (``GroupQueue.in_use``) until ``release``: only where a queue applies."""
     shed: QueueFull | None = None
+    left: bool = False
+    """It left the queue before its turn (``leave``): it will never be admitted."""
     queued_at: float = field(default_factory=time.monotonic)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     released: bool = False
 
     @property
     def waiting(self) -> bool:
-        return not self.admitted and self.shed is None
+        return not self.admitted and self.shed is None and not self.left
 
     async def positions(self) -> AsyncIterator[int]:
-        """Each new position while it waits (the first at once); returns once admitted; raises ``QueueFull`` if shed.
+        """Each new position while it waits (the first at once); returns once admitted; raises ``QueueFull`` if shed,
+        ``Cancelled`` if it was taken out of the queue (``leave``: a cancel by id).
 
         Closed early (the client left), the ticket leaves the queue: nothing was sent downstream.
         """
-        left = True
+        closed = True
         try:
             said = 0
             while self.waiting:
@@ -137,12 +140,29 @@ class Ticket:
                     await asyncio.wait_for(self.changed.wait(), RECHECK_S)
                 except TimeoutError:
                     self.queue.pump()
-            left = False
+            closed = False
             if self.shed is not None:
                 raise self.shed
+            if self.left:
+                raise Cancelled("the request was cancelled while it was queued")
         finally:
-            if left:
+            if closed:
                 self.leave()
+
+    async def watch(self) -> AsyncIterator[int]:
+        """Each new position while it waits, for an onlooker (a background request's stream): closing it leaves the
+        ticket where it is."""
+        said = 0
+        while self.waiting:
+            if self.position != said:
+                said = self.position
+                yield said
+                continue
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), RECHECK_S)
+            except TimeoutError:
+                pass
 
     async def wait(self) -> None:
         """Until admitted (``positions`` without the positions)."""
@@ -153,6 +173,8 @@ class Ticket:
         """The client went before its turn: out of the queue, nothing downstream."""
         if self.waiting and self.queue.remove(self):
             self.queue.queues.metrics.count(self.queue, self, "left")
+            self.left = True
+            self.changed.set()
 
     def release(self) -> None:
         """Its completion ended (or never opened): its slot goes to the next waiter."""

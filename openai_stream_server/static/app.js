@@ -152,6 +152,11 @@
     if (run === r) finish(r, "error", message);
   }
 
+  function showQueued(place) {
+    app.dataset.queued = String(place);
+    setState("waiting", place === 1 ? "queued · next in line" : `queued · position ${place}`);
+  }
+
   function follow(r, streamUrl) {
     const source = new EventSource(withKey(streamUrl));
     r.source = source;
@@ -160,6 +165,17 @@
       app.dataset.opens = String(r.opens);
       if (app.dataset.state === "reconnecting") setState(r.firstAt == null ? "waiting" : "streaming", "streaming… (resumed after a drop)");
       showStats(r);
+    });
+    // Its place while it waits in the server's queue for its model (a named event: EventSource skips comments).
+    source.addEventListener("queued", (event) => {
+      if (run !== r || r.firstAt != null) return;
+      let place;
+      try {
+        place = JSON.parse(event.data).queue_position;
+      } catch (_) {
+        return;
+      }
+      showQueued(place);
     });
     source.addEventListener("message", (event) => {
       if (run !== r) return;
@@ -209,7 +225,7 @@
     answerBox.appendChild(r.text);
     reasoningText.appendChild(r.reasoning);
     run = r;
-    Object.assign(app.dataset, { opens: "0", drops: "0", applied: "0", skipped: "0", id: "", reasoning: "0" });
+    Object.assign(app.dataset, { opens: "0", drops: "0", applied: "0", skipped: "0", id: "", reasoning: "0", queued: "" });
     meta.textContent = "";
     sendButton.disabled = true;
     setState("waiting", "waiting for the first token…");
@@ -234,6 +250,7 @@
     r.id = answer.id;
     app.dataset.id = answer.id;
     meta.textContent = `${answer.id} · reattach: ${answer.stream_url}`;
+    if (answer.status === "queued") showQueued(answer.queue_position);
     r.ticker = setInterval(() => showStats(r), 100);
     follow(r, answer.stream_url);
   }

@@ -267,3 +267,24 @@ async def test_a_keys_tiers_and_queue_bound_apply(tmp_path: Path) -> None:
         assert refused.status_code == 429 and "retry-after" in refused.headers
         assert (await busy).json()["service_tier"] == "flex"  # the key's default
         assert (await waiting).json()["service_tier"] == "default"  # asked priority, capped at the key's maximum
+
+
+async def test_a_waiting_background_request_is_answered_at_once_and_its_stream_shows_its_place() -> None:
+    async with slot_client(("4",), delay_s=0.03) as (client, backend):
+        busy = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("a b c d e f")))
+        await until(lambda: len(backend.submitted) == 1)
+        accepted = await client.post("/v1/chat/completions", json=chat("later one", stream=True, background=True))
+        assert accepted.status_code == 202
+        body = accepted.json()
+        assert (body["status"], body["queue_position"]) == ("queued", 1)
+        stream = (await client.get(body["stream_url"])).text
+        assert stream.startswith('event: queued\ndata: {"queue_position":1}\n\n') and stream.endswith("data: [DONE]\n\n")
+        assert '"content":" one"' in stream and '"service_tier":"default"' in stream
+        dropped = (await client.post("/v1/chat/completions", json=chat("never", background=True))).json()
+        assert dropped["status"] == "queued"
+        cancelled = await client.post(f"/v1/chat/completions/{dropped['id']}/cancel")
+        assert cancelled.json()["status"] == "cancelled"
+        await busy
+        await asyncio.sleep(0.1)
+        assert not any("never" in t for r in backend.submitted for t in r.texts)  # it never went downstream
+        assert (await client.get(f"/v1/chat/completions/{dropped['id']}")).json()["status"] == "cancelled"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,8 +34,8 @@ class ChatCompletions(Surface):
         return [
             Route("/v1/chat/completions", self.create, methods=["POST"]),
             Route("/v1/chat/completions/{request_id}", self.retrieve),
-            Route("/v1/chat/completions/{request_id}/stream", self.stream),
-            Route("/v1/chat/completions/{request_id}/cancel", self.cancel, methods=["POST"]),
+            Route("/v1/chat/completions/{request_id}/stream", self.stream_or_queued),
+            Route("/v1/chat/completions/{request_id}/cancel", self.cancel_or_dequeue, methods=["POST"]),
         ]
 
     # -- POST /v1/chat/completions -----------------------------------------
@@ -54,21 +55,14 @@ class ChatCompletions(Surface):
                 return self._events(body, model, state)
 
             return self.sse(self.dispatcher.queued_stream(ticket, queued_comment, opened, failed), headers)
+        if ticket.waiting and body.background:  # answered at once: it waits here, and its stream shows its place
+            self.dispatcher.submit_later(request_id, self.name, model, parts, metadata, ticket)
+            queued = {"status": "queued", "queue_position": ticket.position, "service_tier": ticket.tier}
+            return JSONResponse(self._accepted(request_id, model, int(time.time())) | queued, status_code=202, headers=headers)
         await self.dispatcher.admitted(request, ticket)
         state = await self.dispatcher.submit(request_id, self.name, model, parts, metadata, ticket=ticket)
         if body.background:
-            return JSONResponse(
-                {
-                    "id": request_id,
-                    "object": "chat.completion",
-                    "created": state.created,
-                    "model": model,
-                    "status": Status.IN_PROGRESS.value,
-                    "stream_url": f"/v1/chat/completions/{request_id}/stream",
-                },
-                status_code=202,
-                headers=headers,
-            )
+            return JSONResponse(self._accepted(request_id, model, state.created), status_code=202, headers=headers)
         if not body.stream:
             await self.dispatcher.gathered(request, state)
             gathered = completion_body(state, self.settings.reasoning_field)
@@ -113,7 +107,59 @@ class ChatCompletions(Surface):
             seed=body.seed,
         )
 
+    @staticmethod
+    def _accepted(request_id: str, model: str, created: int) -> dict[str, Any]:
+        return {
+            "id": request_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "status": Status.IN_PROGRESS.value,
+            "stream_url": f"/v1/chat/completions/{request_id}/stream",
+        }
+
     # -- by id ---------------------------------------------------------------
+
+    async def stream_or_queued(self, request: Request) -> Response:
+        """GET .../{id}/stream of a background request still in its queue: ``event: queued`` with its place each time
+        it moves (an ``EventSource`` delivers named events, not comments), then its stream from the start."""
+        request_id = request.path_params["request_id"]
+        ticket = self.dispatcher.waiting_ticket(request_id)
+        if ticket is None:
+            return await self.stream(request)
+
+        async def events() -> AsyncIterator[bytes]:
+            async for position in ticket.watch():
+                yield b'event: queued\ndata: {"queue_position":%d}\n\n' % position
+            state = await self.dispatcher.opened(request_id, self.name)
+            if state is None:
+                return
+            encoder = ChunkEncoder(
+                request_id,
+                state.model,
+                state.created,
+                resumable=True,
+                reasoning_field=self.settings.reasoning_field,
+                service_tier=state.service_tier,
+            )
+            renderer = ChunkRenderer(state, encoder, retry_ms=self.settings.sse_retry_ms)
+            async for event in follow(renderer, self.metrics):
+                yield event
+
+        return self.sse(events(), {"X-Request-Id": request_id})
+
+    async def cancel_or_dequeue(self, request: Request) -> Response:
+        """POST .../{id}/cancel of a background request still in its queue: it leaves the queue (nothing went
+        downstream) and is retained as cancelled."""
+        request_id = request.path_params["request_id"]
+        ticket = self.dispatcher.waiting_ticket(request_id)
+        if ticket is None:
+            return await self.cancel(request)
+        ticket.leave()
+        state = await self.dispatcher.opened(request_id, self.name, timeout_s=5.0)
+        if state is None:
+            return await self.cancel(request)
+        return JSONResponse(completion_body(state, self.settings.reasoning_field), headers={"X-Request-Id": request_id})
 
     @by_id
     async def stream(self, request: Request, state: StreamState) -> Response:
