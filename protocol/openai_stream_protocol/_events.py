@@ -6,7 +6,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from ._resend import RESEND_OUTPUT, read_resend_ask
+from ._resend import is_resend_input, read_resend_ask
 from ._servers import server_of_input
 from ._wire import CANCEL_OUTPUT, REQUEST_OUTPUT, cancelled_request_id, texts_of
 
@@ -51,8 +51,8 @@ def dispatch_event(event: Mapping[str, Any], handler: NodeEventHandler) -> bool:
             request_id = cancelled_request_id(event["value"], metadata)
             if request_id is not None:
                 handler.on_cancel(request_id)
-        elif input_id == RESEND_OUTPUT and (on_resend := getattr(handler, "on_resend", None)) is not None:
-            ask = read_resend_ask(event["value"], metadata)
+        elif is_resend_input(input_id or "") and (on_resend := getattr(handler, "on_resend", None)) is not None:
+            ask = read_resend_ask(event["value"], metadata, input_id or "")
             if ask is not None:
                 on_resend(ask)
         else:

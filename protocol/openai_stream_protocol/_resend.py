@@ -72,11 +72,16 @@ _EMPTY = pa.array([], type=pa.string())
 
 @dataclass(frozen=True, slots=True)
 class ResendAsk:
-    """The server lacks ``seq`` ``first`` up to ``end`` (exclusive; ``None``: everything from ``first`` on)."""
+    """The server lacks ``seq`` ``first`` up to ``end`` (exclusive; ``None``: everything from ``first`` on).
+
+    ``server``: the server that asked, when several share the replica (its ask came on ``resend/<server>``):
+    a missed answer about a request the node does not know goes to that server's output.
+    """
 
     request_id: str
     first: int
     end: int | None = None
+    server: str | None = None
 
     def to_metadata(self) -> dict[str, Any]:
         metadata: dict[str, Any] = {"request_id": self.request_id, RESEND_FROM_KEY: self.first}
@@ -90,7 +95,13 @@ def send_resend_ask(node: OutputSender, output: str, ask: ResendAsk) -> None:
     node.send_output(output, pa.array([ask.request_id], type=pa.string()), ask.to_metadata())
 
 
-def read_resend_ask(value: pa.Array, metadata: Mapping[str, Any]) -> ResendAsk | None:
+def is_resend_input(input_id: str) -> bool:
+    """A node's input of asks: ``resend``, or ``resend/<server>`` with several servers (docs/architecture.md,
+    "Several servers")."""
+    return input_id == RESEND_OUTPUT or input_id.startswith(RESEND_OUTPUT + "/")
+
+
+def read_resend_ask(value: pa.Array, metadata: Mapping[str, Any], input_id: str = RESEND_OUTPUT) -> ResendAsk | None:
     """The ask a ``resend`` message carries; ``None`` when it names no request or no valid range (never raises)."""
     request_id = request_id_of(metadata)
     if request_id is None and len(value):
@@ -103,7 +114,8 @@ def read_resend_ask(value: pa.Array, metadata: Mapping[str, Any]) -> ResendAsk |
         return None
     if request_id is None or first is None or first < 0 or (end is not None and end <= first):
         return None
-    return ResendAsk(request_id, first, end)
+    server = input_id[len(RESEND_OUTPUT) + 1 :] if input_id.startswith(RESEND_OUTPUT + "/") else None
+    return ResendAsk(request_id, first, end, server or None)
 
 
 def is_resend_missed(metadata: Mapping[str, Any]) -> bool:
@@ -138,7 +150,7 @@ def has_resend_input(node: Any) -> bool:
     except Exception:  # an older dora, or a test double
         return False
     inputs = config.get("inputs") if isinstance(config, Mapping) else None
-    return isinstance(inputs, Mapping) and RESEND_OUTPUT in inputs
+    return isinstance(inputs, Mapping) and any(is_resend_input(str(name)) for name in inputs)
 
 
 @dataclass(slots=True)
@@ -324,6 +336,8 @@ class ResendingOutput:
         """
         self._expire(self.clock())
         kept = self._kept.get(ask.request_id)
+        if ask.server:  # several servers: the asking server's own output (docs/architecture.md, "Several servers")
+            missed_output = f"{missed_output}/{ask.server}"
         if kept is None:
             if not active:  # unknown here: evicted, cancelled, or another process's (a restart)
                 self._missed(missed_output, ask.request_id, ask.first)

@@ -245,3 +245,29 @@ def test_batch_rows_are_bounded_per_request_and_in_bytes_over_all_requests() -> 
     for rid in ids:
         seqs = [e[0] for e in out._kept[rid].entries]
         assert 1 <= len(seqs) <= 4 and seqs == list(range(10 - len(seqs), 10))  # the newest, in order
+
+
+def test_with_several_servers_an_ask_on_resend_slash_server_is_that_servers_and_so_is_the_missed_answer() -> None:
+    class Handler:
+        def __init__(self) -> None:
+            self.asks: list[ResendAsk] = []
+
+        def on_request(self, texts: list[str], metadata: Any) -> None: ...
+        def on_cancel(self, request_id: str) -> None: ...
+        def on_stop(self) -> None: ...
+        def on_resend(self, ask: ResendAsk) -> None:
+            self.asks.append(ask)
+
+    event = ask_event(ResendAsk("r", 0))
+    handler = Handler()
+    dispatch_event({**event, "id": "resend/openai-stream-server-2"}, handler)
+    assert handler.asks == [ResendAsk("r", 0, None, "openai-stream-server-2")]
+    inner, out, _ = chunk_node()
+    out.resend(handler.asks[0])  # unknown here: the missed answer goes to the asking server's chunk output
+    assert inner.sent[0].output_id == "chunks/openai-stream-server-2"
+
+    class Node:
+        def node_config(self) -> Any:
+            return {"inputs": {"resend/openai-stream-server-1": {}}}
+
+    assert has_resend_input(Node())
