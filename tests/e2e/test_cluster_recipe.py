@@ -214,7 +214,9 @@ def test_the_documented_recipe_serves_300_streams_exactly_and_survives_a_replica
     asyncio.run(wait_until_async(healthy, timeout_s=120, interval_s=0.2, what=f"the server on {base}\n{recipe.logs()}"))
     pids = recipe.pids()
     assert {"openai-stream-server", "echo-stream-1", "echo-stream-2"} <= set(pids), (pids, recipe.logs())
-    assert not (ROOT / "_work").exists()  # the nodes run where their daemon runs, not in the repository
+    # Each node runs in its daemon's directory for the dataflow, not where the CLI ran: why the overlay is absolute.
+    server_cwd = Path(f"/proc/{pids['openai-stream-server']}/cwd").resolve()
+    assert server_cwd.is_relative_to(recipe.workdir / "machine-A") and "_work" in server_cwd.parts, server_cwd
 
     async def run() -> tuple[list[str], list[str], list[str], dict[str, Any], str]:
         limits = httpx.Limits(max_connections=400)
