@@ -5,13 +5,15 @@ In one process and one run, the same non-streaming chat requests through the app
 
 - ``before``: no key file, no model groups (the server as it was);
 - ``after``: ``--api-keys-file`` with 50 keys (the request's key with requests/min, tokens/min and
-  concurrency limits, so every check and header runs), an alias, and three replicas naming two models.
+  concurrency limits, so every check and header runs), an alias, three replicas naming two models and
+  saying their capacity, and ``--max-queued`` (every request takes and gives back a slot of its group's
+  admission queue; the capacity is large, so none waits).
 
 CPU is ``time.process_time()`` over each round (this process runs both the client and the app, so the
 figure is the whole request path, the client's parsing of the extra headers included); the overhead is
 (after - before) / before. On a shared machine rounds vary by several percent, so the same run also
 times the checks alone (``checks_us``): the key gate around an app that only answers 200, less that
-app alone, plus one model lookup, as a share of ``before_us``.
+app alone, plus one model lookup and one admission (enter and release), as a share of ``before_us``.
 
     .venv/bin/python -m benchmarks.team_overhead --requests 2000 --rounds 5
 """
@@ -41,6 +43,7 @@ def _replicas() -> list[Replica]:
     for name, model in (("a", "echo"), ("b", "echo"), ("c", "slow-echo")):
         r = Replica(name, f"v1/chat/completions/{name}", None, frozenset({f"{name}/chunks"}), frozenset({name}))
         r.models = (model,)
+        r.capacity = 1_000_000  # said in its hello: the admission queue runs, and nothing waits
         out.append(r)
     return out
 
@@ -78,7 +81,7 @@ async def main(requests: int, rounds: int) -> dict[str, float]:
         entries.append({"name": "bench", "key_sha256": hash_key("sk-bench"), **limits})
         keys.write_text(json.dumps({"keys": entries}))
         before_s = Settings(sweep_interval_s=1.0)
-        after_s = Settings(sweep_interval_s=1.0, api_keys_file=str(keys), model_alias=("gpt-4o=echo",))
+        after_s = Settings(sweep_interval_s=1.0, api_keys_file=str(keys), model_alias=("gpt-4o=echo",), max_queued=("64",))
         before, after = [], []
         for i in range(rounds):  # alternating which goes first, so that neither always runs on a warmer heap
             for kind in ("before", "after") if i % 2 == 0 else ("after", "before"):
@@ -98,10 +101,12 @@ async def main(requests: int, rounds: int) -> dict[str, float]:
 
 
 async def _checks(settings: Settings, n: int) -> float:
-    """CPU per request of the key gate (key, limits, headers, ownership context) and the model lookup alone."""
+    """CPU per request of the key gate (key, limits, headers, ownership context), the model lookup and the admission
+    queue (a slot taken and given back) alone."""
     from openai_stream_server.gateway.keygate import KeyGate
     from openai_stream_server.gateway.keys import KeyRing
     from openai_stream_server.gateway.models import ModelCatalog
+    from openai_stream_server.gateway.queue import AdmissionQueues, effective_tier, parse_tier
     from openai_stream_server.metrics import Metrics
 
     async def answer(scope: object, receive: object, send: object) -> None:
@@ -117,6 +122,7 @@ async def _checks(settings: Settings, n: int) -> float:
     assert settings.api_keys_file is not None
     gate = KeyGate(answer, ring=KeyRing(settings.api_keys_file), metrics=Metrics())
     catalog = ModelCatalog(settings, _Grouped().replica_stats)
+    queues = AdmissionQueues(settings.max_queued, catalog.groups, _Grouped().replica_stats)
     scope = {
         "type": "http",
         "method": "POST",
@@ -129,7 +135,7 @@ async def _checks(settings: Settings, n: int) -> float:
         for _ in range(n):
             await app(dict(scope), receive, send)  # type: ignore[operator]
             if lookup:
-                catalog.resolve("gpt-4o")
+                queues.enter(catalog.resolve("gpt-4o"), effective_tier(parse_tier(None), None, None)).release()
         return (time.process_time() - start) / n
 
     bare = min([await timed(answer, False) for _ in range(3)])
