@@ -204,6 +204,7 @@ def create_app(settings: Settings, backend: Backend, identity: ServerIdentity | 
         finally:
             # Shutdown: every completion still in flight ends with an error event (or 503), then the bridge closes.
             sweeper.cancel()
+            dispatcher.close()  # background requests still queued
             registry.fail_all(_shutdown_error())
             await backend.aclose()
             if keeper is not None:

@@ -184,6 +184,11 @@ class Dispatcher:
         self._later.add(task)
         task.add_done_callback(self._later.discard)
 
+    def close(self) -> None:
+        """Shutdown: the background requests still waiting in a queue go nowhere (nothing of them went downstream)."""
+        for task in list(self._later):
+            task.cancel()
+
     def waiting_ticket(self, request_id: str) -> Ticket | None:
         """The ticket of a background request still waiting, if the current request's key may see it."""
         entry = self.waiting.get(request_id)
