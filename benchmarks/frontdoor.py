@@ -219,8 +219,8 @@ def balance(workdir: Path, heartbeats: bool, store: str, args: argparse.Namespac
         r: sum(metric(t, f'oss_replica_served_total{{replica="{r}"}}', default=0.0) for t in scraped.values())
         for r in flow.replicas
     }
-    # The steady part: every slot could be busy (the load at least the slots of all replicas).
-    busy = [s for s in samples if sum(s.values()) >= args.slots * len(flow.replicas)]
+    # The steady part: every worker's request in flight, or every slot busy.
+    busy = [s for s in samples if sum(s.values()) >= min(args.slots * len(flow.replicas), args.concurrency)]
     ratios = [max(s.values()) / min(s.values()) if min(s.values()) else float("inf") for s in busy]
     spreads = [max(s.values()) - min(s.values()) for s in busy]
     return {
@@ -230,6 +230,7 @@ def balance(workdir: Path, heartbeats: bool, store: str, args: argparse.Namespac
         "load_max_over_min_p50": round(statistics.median(ratios), 3) if ratios else None,
         "load_max_over_min_p90": round(sorted(ratios)[int(0.9 * (len(ratios) - 1))], 3) if ratios else None,
         "load_max_minus_min_p50": statistics.median(spreads) if spreads else None,
+        "piled_share": round(sum(1 for s in busy if min(s.values()) == 0 < max(s.values()) - 1) / len(busy), 3) if busy else None,
         "mean_load": round(statistics.mean(sum(s.values()) for s in busy) / 3, 2) if busy else None,
         "served": served,
         "served_max_over_min": round(max(served.values()) / min(served.values()), 3) if min(served.values()) else None,
@@ -247,6 +248,7 @@ def balance_table(results: list[dict[str, Any]]) -> str:
         ("replica load max/min, p50 of samples", "load_max_over_min_p50"),
         ("replica load max/min, p90 of samples", "load_max_over_min_p90"),
         ("replica load max - min, p50 (requests)", "load_max_minus_min_p50"),
+        ("samples with an idle replica while another holds 2+", "piled_share"),
         ("mean load per replica (requests)", "mean_load"),
         ("completions per replica max/min", "served_max_over_min"),
         ("completions/s", "completions_per_s"),

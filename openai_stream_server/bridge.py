@@ -50,7 +50,7 @@ from openai_stream_protocol import (
 
 from .backend import ChunkSink, DownstreamRequest, OnLost, OnOrphaned
 from .errors import BackendUnavailable, UpstreamError
-from .frontdoor import per_server_replicas
+from .frontdoor import per_server_replicas, server_place
 from .replicas import DownReason, LegacyReplicas, Replica, ReplicaSet, discover, is_tick
 from .resend import ResendRoutes
 from .restarts import RestartLog
@@ -168,6 +168,8 @@ class DoraBridge:
         config = _node_config(self._node)
         self.replicas = ReplicaSet(discover(config))
         self._per_server = per_server_replicas(config, self.server_id)
+        if self._per_server:
+            self.replicas.spread = server_place(self.server_id)
         self.resend_routes = ResendRoutes(config, self.replicas.replicas)
         self._live = asyncio.Event()
         self._live.set()

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import sys
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -113,3 +115,16 @@ def per_server_replicas(config: Mapping[str, Any] | None, server: str) -> frozen
         if node != "dora" and output.endswith("/" + server):
             found.add(node)
     return frozenset(found)
+
+
+_PLACE = re.compile(r"-(\d+)$")
+
+
+def server_place(server: str) -> int:
+    """This server's place among several: K - 1 for an id ending in ``-K`` (the generator's), else a hash of the id.
+
+    Servers break ties between equally loaded replicas from different places (``ReplicaSet.spread``): with the same
+    heartbeat loads in view, servers deciding at the same moment would otherwise all pick the same replica.
+    """
+    match = _PLACE.search(server)
+    return int(match.group(1)) - 1 if match else zlib.crc32(server.encode())

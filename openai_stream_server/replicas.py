@@ -176,6 +176,11 @@ class ReplicaSet:
         """Wire request id -> the replica it was sent to, until it ends or the replica dies."""
         self._next = 0
         """Where the next scan starts: rotates past each pick, so ties go round robin."""
+        self.spread: int | None = None
+        """Several servers (docs/architecture.md, "Several server processes"): this server's place among them. Ties then
+        go by the count of picks plus it, so that servers that decide at the same moment on the same heartbeat loads
+        pick different replicas instead of herding onto one. None: round robin past the last pick."""
+        self._picks = 0
 
     def of_input(self, input_id: str) -> Replica | None:
         """The replica whose answers come on ``input_id`` (None: not an answer input of any replica)."""
@@ -212,8 +217,9 @@ class ReplicaSet:
         best: Replica | None = None
         best_rank: tuple[bool, bool, int] | None = None
         best_at = 0
+        start = self._next if self.spread is None else self._picks + self.spread
         for k in range(n):
-            at = (self._next + k) % n
+            at = (start + k) % n
             r = replicas[at]
             if not r.live or (continuing and not r.can_continue) or r.replica_id in skip:
                 continue
@@ -222,6 +228,7 @@ class ReplicaSet:
                 best, best_rank, best_at = r, rank, at
         if best is not None:
             self._next = (best_at + 1) % n
+            self._picks += 1
         return best
 
     def assign(self, request_id: str, replica: Replica) -> None:

@@ -57,6 +57,8 @@ admission queue takes a model group's capacity from it (docs/team.md, "Queue and
 
 DEFAULT_HEARTBEAT_S = 0.25
 """A few hundred ms: a silence of a few seconds is then many missed heartbeats, never one late message."""
+LOAD_CHANGE_S = 0.02
+"""While busy, a heartbeat also goes out when the load changes, at most this often (servers route on the load)."""
 
 _EMPTY = pa.array([], type=pa.string())
 
@@ -202,9 +204,10 @@ class Heartbeat:
             ...
 
     ``beat`` sends at once when the node takes on work after being idle, then
-    every ``interval_s`` while it holds any, and once more (load 0) when it
-    becomes idle. ``interval_s`` 0 turns heartbeats off (``beat`` then only
-    returns ``None``), and the hello then promises none. Each goes to every
+    every ``interval_s`` while it holds any and whenever its load changes (at
+    most every ``LOAD_CHANGE_S``), and once more (load 0) when it becomes
+    idle. ``interval_s`` 0 turns heartbeats off (``beat`` then only returns
+    ``None``), and the hello then promises none. Each goes to every
     chunk output the dataflow declares (``answer_outputs``): with several server
     processes, one per server, so that every server sees the replica's load.
     """
@@ -246,7 +249,8 @@ class Heartbeat:
         self.sent = 0
         """Heartbeats sent so far."""
         self._next_at = 0.0
-        self._busy = False
+        self._busy: tuple[int, int] | tuple[()] = ()
+        """The load last told, ``(active, queued)``; ``()`` once the idle beat went (or before any)."""
 
     def hello(self) -> None:
         for output in self.outputs:
@@ -269,8 +273,13 @@ class Heartbeat:
         if not busy and not self._busy:
             return None
         now = self.clock()
-        if busy != self._busy or now >= self._next_at:
-            self._busy = busy
+        load = (active, queued) if busy else ()
+        told_at = self._next_at - self.interval_s
+        # A change of load is told at once, at most every LOAD_CHANGE_S: with several servers each routes on it, and
+        # a report up to interval_s old would count requests that other servers' replicas have long ended.
+        changed = load != self._busy
+        if busy != bool(self._busy) or now >= self._next_at or (changed and now >= told_at + LOAD_CHANGE_S):
+            self._busy = load
             self._next_at = now + self.interval_s
             for output in self.outputs:
                 send_heartbeat(
@@ -286,6 +295,9 @@ class Heartbeat:
             self.sent += 1
             if not busy:
                 return None
+            return max(0.0, self._next_at - now)
+        if changed:  # told as soon as LOAD_CHANGE_S has passed since the last beat
+            return max(0.0, min(self._next_at, told_at + LOAD_CHANGE_S) - now)
         return max(0.0, self._next_at - now)
 
 

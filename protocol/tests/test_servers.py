@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from openai_stream_protocol import (
+    LOAD_CHANGE_S,
     SERVER_KEY,
     BatchSender,
     ChunkSender,
@@ -176,3 +177,21 @@ def test_dispatch_takes_per_server_inputs_and_tells_of_a_server_gone() -> None:
 )
 def test_server_of_input(input_id: str, server: str | None) -> None:
     assert server_of_input(input_id) == server
+
+
+def test_a_change_of_load_is_told_at_once_but_at_most_every_load_change_s() -> None:
+    """Every server routes on the heartbeats' load (docs/architecture.md, "Several server processes"): a report that
+    waits for the next interval would count requests that ended up to 0.25 s ago."""
+    node, now = RecordingNode(), [0.0]
+    heartbeat = Heartbeat(node, "echo-1", interval_s=0.25, clock=lambda: now[0])
+    assert heartbeat.beat(1) == pytest.approx(0.25)  # took on work: told at once
+    now[0] = 0.005
+    assert heartbeat.beat(2) == pytest.approx(LOAD_CHANGE_S - 0.005)  # changed too soon: wake when it may be told
+    now[0] = LOAD_CHANGE_S
+    assert heartbeat.beat(2) == pytest.approx(0.25)  # told
+    now[0] = 0.1
+    assert heartbeat.beat(2) == pytest.approx(LOAD_CHANGE_S + 0.25 - 0.1)  # unchanged: the next is the interval's
+    now[0] = 0.2
+    heartbeat.beat(1, 3)
+    loads = [(s.active, s.queued) for s in node.statuses()]
+    assert loads == [(1, 0), (2, 0), (1, 3)]

@@ -24,7 +24,7 @@ from openai_stream_protocol import SERVER_KEY
 from openai_stream_protocol.testing import wait_until_async
 from openai_stream_server.app import create_app
 from openai_stream_server.bridge import DoraBridge
-from openai_stream_server.frontdoor import BindError, ServerIdentity, listen_socket, per_server_replicas
+from openai_stream_server.frontdoor import BindError, ServerIdentity, listen_socket, per_server_replicas, server_place
 from openai_stream_server.replicas import LOAD_STALE_S, Replica, ReplicaSet
 from openai_stream_server.settings import Settings, load_settings
 from openai_stream_server.state import Status
@@ -170,7 +170,8 @@ async def test_a_request_names_this_server_only_to_replicas_that_answer_on_its_o
     async with app_over(node) as (client, _):
         await background(client, "hello")
         [(output, _, metadata)] = [m for m in node.sent if m[0].startswith("v1/chat/completions")]
-    assert output == "v1/chat/completions/a"
+    # srv-2 is second among several servers: ties start at its place (ReplicaSet.spread); alone, at the first.
+    assert output == ("v1/chat/completions/b" if own_outputs else "v1/chat/completions/a")
     assert metadata.get(SERVER_KEY) == (SERVER if own_outputs else None)
 
 
@@ -239,3 +240,25 @@ async def test_a_completion_whose_process_died_reads_back_with_what_its_live_log
         finally:
             await dead.aclose()
             await reader.aclose()
+
+
+def test_servers_deciding_at_once_on_the_same_loads_pick_different_replicas() -> None:
+    """Two servers in lockstep (their clients' requests start and end together) see the same heartbeat loads: ties
+    broken from each server's place keep them apart, where plain round robin herded both onto one replica."""
+
+    def servers(spread: list[int | None]) -> list[ReplicaSet]:
+        sets = []
+        for place in spread:
+            rs = ReplicaSet([Replica(r, f"v1/chat/completions/{r}", None, frozenset(), frozenset()) for r in ("a", "b", "c")])
+            rs.spread = place
+            sets.append(rs)
+        return sets
+
+    for spread, collide in (([0, 1], False), ([None, None], True)):
+        one, two = servers(spread)
+        for turn in range(9):
+            first, second = one.pick(), two.pick()
+            assert first is not None and second is not None
+            assert (first.replica_id == second.replica_id) is collide, (spread, turn)
+    assert [server_place(s) for s in ("openai-stream-server-1", "openai-stream-server-3")] == [0, 2]
+    assert server_place("front") == server_place("front") >= 0
