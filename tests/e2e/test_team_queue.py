@@ -70,7 +70,7 @@ def post(flow: Dataflow, text: str, tier: str = "default", stream: bool = False)
 
 def test_priority_overtakes_default_and_the_bound_refuses_with_429(flow: Dataflow) -> None:
     with ThreadPoolExecutor(8) as pool:
-        busy = pool.submit(post, flow, "busy " * 15)
+        busy = pool.submit(post, flow, "busy " * 30)
         wait_for(lambda: queue_health(flow) is not None and queue_health(flow)["admitted"] == 1, "the first admitted")  # type: ignore[index]
         queued = []
         for n, (text, tier) in enumerate((("d1 x", "default"), ("d2 x", "default"), ("p1 x", "priority")), 1):
@@ -94,7 +94,7 @@ def test_priority_overtakes_default_and_the_bound_refuses_with_429(flow: Dataflo
 
 def test_a_waiting_stream_learns_its_place_and_the_sdk_stream_parses(flow: Dataflow) -> None:
     with ThreadPoolExecutor(4) as pool:
-        busy = pool.submit(post, flow, "busy " * 10)
+        busy = pool.submit(post, flow, "busy " * 20)
         wait_for(lambda: queue_health(flow)["admitted"] == 1, "the first admitted")  # type: ignore[index]
         raw = pool.submit(post, flow, "raw one", "default", True)
         wait_for(lambda: waiting(flow) == 1, "the raw stream waiting")

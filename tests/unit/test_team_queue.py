@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from openai_stream_protocol import Heartbeat, parse_status
+from openai_stream_protocol import Heartbeat, last_user_text, parse_request_texts, parse_status
 from openai_stream_server.gateway.keys import KeyFileError, hash_key, parse_keys
 from openai_stream_server.gateway.queue import AdmissionQueues, QueueFull, effective_tier, parse_max_queued
 from openai_stream_server.replicas import Replica
@@ -44,6 +44,10 @@ async def slot_client(
     backend = SlotBackend(delay_s=delay_s, capacity=capacity)
     async with make_client(Settings(sweep_interval_s=0.02, max_queued=max_queued, **settings), backend) as pair:  # type: ignore[arg-type]
         yield pair  # type: ignore[misc]
+
+
+BUSY = "a " * 40
+"""A request that keeps the one slot for a while (40 tokens): what comes after it, in the test, queues behind it."""
 
 
 def chat(text: str, **extra: object) -> dict[str, object]:
@@ -137,7 +141,7 @@ async def test_positions_follow_the_queue_and_the_worst_tier_is_shed_for_a_bette
 
 async def test_over_the_bound_is_429_with_retry_after_and_the_sdks_rate_limit_error() -> None:
     async with slot_client(("1",), delay_s=0.05) as (client, backend):
-        busy = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("a " * 20)))
+        busy = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(BUSY)))
         await until(lambda: len(backend.submitted) == 1)
         waiting = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("b")))
         await until(lambda: len(queue_of(client)) == 1)
@@ -159,14 +163,13 @@ async def test_over_the_bound_is_429_with_retry_after_and_the_sdks_rate_limit_er
 
 async def test_priority_overtakes_default_in_a_full_queue_in_the_order_the_node_receives() -> None:
     async with slot_client(("4",), delay_s=0.03) as (client, backend):
-        posts = [asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("first one two three")))]
+        posts = [asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("first " + BUSY)))]
         await until(lambda: len(backend.submitted) == 1)
         for text, tier in (("d1", "default"), ("f1", "flex"), ("d2", "default"), ("p1", "priority")):
             posts.append(asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(text, service_tier=tier))))
             await until(lambda n=len(posts) - 1: len(queue_of(client)) == n)
         answers = await asyncio.gather(*posts)
-        words = ("first", "p1", "d1", "d2", "f1")
-        said = [next(w for w in words if any(w in text for text in r.texts)) for r in backend.submitted]
+        said = [last_user_text(parse_request_texts(r.texts)).split()[0] for r in backend.submitted]
         assert said == ["first", "p1", "d1", "d2", "f1"]
         assert [a.json()["service_tier"] for a in answers] == ["default", "default", "flex", "default", "priority"]
         metrics = (await client.get("/metrics")).text
@@ -176,7 +179,7 @@ async def test_priority_overtakes_default_in_a_full_queue_in_the_order_the_node_
 
 async def test_a_waiting_stream_learns_its_place_and_the_sdk_still_parses_it() -> None:
     async with slot_client(("4",), delay_s=0.03) as (client, backend):
-        busy = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("a b c d e f")))
+        busy = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(BUSY)))
         await until(lambda: len(backend.submitted) == 1)
         raw = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("raw one", stream=True)))
         await until(lambda: len(queue_of(client)) == 1)
@@ -194,7 +197,7 @@ async def test_a_waiting_stream_learns_its_place_and_the_sdk_still_parses_it() -
 
 async def test_a_waiting_responses_stream_gets_response_queued_with_its_position() -> None:
     async with slot_client(("4",), delay_s=0.03) as (client, backend):
-        busy = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("a b c d e f")))
+        busy = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(BUSY)))
         await until(lambda: len(backend.submitted) == 1)
         sdk = openai.AsyncOpenAI(base_url="http://localhost/v1", api_key="x", http_client=client, max_retries=0)
         events = [e async for e in await sdk.responses.create(model="m", input="hello there", stream=True)]
@@ -211,7 +214,7 @@ async def test_a_waiting_responses_stream_gets_response_queued_with_its_position
 @pytest.mark.parametrize("path", ["/v1/messages", "/v1/completions"])
 async def test_a_waiting_messages_or_completions_stream_gets_comment_lines(path: str) -> None:
     async with slot_client(("4",), delay_s=0.03) as (client, backend):
-        busy = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("a b c d e f")))
+        busy = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(BUSY)))
         await until(lambda: len(backend.submitted) == 1)
         if path == "/v1/messages":
             message = {"model": "m", "max_tokens": 50, "messages": [{"role": "user", "content": "hi you"}]}
@@ -230,7 +233,7 @@ async def test_a_waiting_messages_or_completions_stream_gets_comment_lines(path:
 
 async def test_a_client_that_leaves_the_queue_costs_nothing_downstream() -> None:
     async with slot_client(("4",), delay_s=0.05) as (client, backend):
-        busy = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("a b c d e f g h")))
+        busy = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(BUSY)))
         await until(lambda: len(backend.submitted) == 1)
         dispatcher = client.app.state.dispatcher  # type: ignore[attr-defined]
         ticket = dispatcher.enter("m")
@@ -257,7 +260,7 @@ async def test_a_keys_tiers_and_queue_bound_apply(tmp_path: Path) -> None:
     )
     async with slot_client((), delay_s=0.03, api_keys_file=str(path)) as (client, backend):
         auth = {"Authorization": "Bearer sk-b"}
-        busy = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("a b c d"), headers=auth))
+        busy = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(BUSY), headers=auth))
         await until(lambda: len(backend.submitted) == 1)
         waiting = asyncio.ensure_future(
             client.post("/v1/chat/completions", json=chat("w", service_tier="priority"), headers=auth)
@@ -271,7 +274,7 @@ async def test_a_keys_tiers_and_queue_bound_apply(tmp_path: Path) -> None:
 
 async def test_a_waiting_background_request_is_answered_at_once_and_its_stream_shows_its_place() -> None:
     async with slot_client(("4",), delay_s=0.03) as (client, backend):
-        busy = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("a b c d e f")))
+        busy = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(BUSY)))
         await until(lambda: len(backend.submitted) == 1)
         accepted = await client.post("/v1/chat/completions", json=chat("later one", stream=True, background=True))
         assert accepted.status_code == 202
