@@ -27,6 +27,7 @@ Results: ``benchmarks/results/frontdoor.json`` and a Markdown table on stdout (b
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import multiprocessing
@@ -239,6 +240,80 @@ def balance(workdir: Path, heartbeats: bool, store: str, args: argparse.Namespac
     }
 
 
+async def _pinned_stream_loop(url: str, server: str, tokens: int, until: asyncio.Event | None, ids: Iterator[int]) -> int:
+    """Streams of ``tokens`` tokens on one connection pinned to ``server``: one, or back to back until ``until``."""
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    for _ in range(200):
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+            if (await client.get("/health")).json()["server"]["name"] != server:
+                continue
+            done = 0
+            while True:
+                body = scenarios.body(next(ids), tokens, stream=True)
+                async with client.stream("POST", scenarios.PATH, json=body) as r:
+                    async for _line in r.aiter_lines():
+                        pass
+                done += 1
+                if until is None or until.is_set():
+                    return done
+    raise RuntimeError(f"no connection reached {server}")
+
+
+def skewed_balance(workdir: Path, heartbeats: bool, store: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Another server's work the first cannot see: server 2 holds two long streams (on two replicas), server 1 streams
+    short answers on two connections meanwhile. Blind, server 1 spreads its own over all three replicas and now and then
+    puts both beside the long ones, leaving the third idle; with the heartbeats' load it sees which replica is free."""
+    node_env = {
+        "ECHO_TOKEN_DELAY_S": args.delay_s,
+        "ECHO_MAX_CONCURRENT": args.slots,
+        "ECHO_HEARTBEAT_S": 0.25 if heartbeats else 0,
+    }
+    with FrontDoorFlow(workdir, store, servers=2, replicas=3, node_env=node_env) as flow:
+        samples: list[dict[str, int]] = []
+        stop = threading.Event()
+        with pinned_clients(flow) as clients:
+
+            def sample() -> None:
+                while not stop.wait(0.1):
+                    load = dict.fromkeys(flow.replicas, 0)
+                    for client in clients.values():
+                        for row in client.get("/health").json()["replicas"]:
+                            load[row["id"]] += row["in_flight"]
+                    samples.append(load)
+
+            async def scenario() -> int:
+                ids = scenarios.stream_ids()
+                longs = [
+                    asyncio.ensure_future(_pinned_stream_loop(flow.base_url, flow.servers[1], 400, None, ids)) for _ in range(2)
+                ]
+                await asyncio.sleep(1.0)  # both long ones placed (on two replicas) before the short ones start
+                ended = asyncio.Event()
+                shorts = [
+                    asyncio.ensure_future(_pinned_stream_loop(flow.base_url, flow.servers[0], 10, ended, ids)) for _ in range(2)
+                ]
+                await asyncio.gather(*longs)
+                ended.set()
+                return sum(await asyncio.gather(*shorts))
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            try:
+                short_streams = run_async(scenario())
+            finally:
+                stop.set()
+                sampler.join(10)
+    # While both long streams and both short ones are in flight: four requests on three replicas.
+    busy = [s for s in samples if sum(s.values()) == 4]
+    piled = sum(1 for s in busy if min(s.values()) == 0)
+    return {
+        "heartbeats": heartbeats,
+        "skewed": True,
+        "busy_samples": len(busy),
+        "idle_replica_share": round(piled / len(busy), 3) if busy else None,
+        "short_streams": short_streams,
+    }
+
+
 def balance_table(results: list[dict[str, Any]]) -> str:
     rows = [
         "| 2 servers x 3 replicas (median of runs) | heartbeat load (sees every server) | own requests only (no heartbeats) |",
@@ -316,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay-s", type=float, default=0.02, help="--balance: ECHO_TOKEN_DELAY_S")
     parser.add_argument("--concurrency", type=int, default=32, help="--balance: workers")
     parser.add_argument("--streams-each", type=int, default=8, help="--balance: streams per worker")
+    parser.add_argument("--skewed", action="store_true", help="--balance: another server's long streams (skewed_balance)")
     parser.add_argument("--json", type=Path, default=RESULTS / "frontdoor.json")
     args = parser.parse_args(argv)
     raise_open_files_limit()
@@ -324,15 +400,26 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="oss-balance-") as tmp:
             for run in range(args.runs):
                 for heartbeats in (True, False):
-                    result = balance(Path(tmp) / f"{run}-{heartbeats}", heartbeats, args.store, args)
+                    measure = skewed_balance if args.skewed else balance
+                    result = measure(Path(tmp) / f"{run}-{heartbeats}", heartbeats, args.store, args)
                     result["run"] = run
                     balanced.append(result)
                     log(f"run {run} heartbeats={heartbeats}: {json.dumps({k: v for k, v in result.items() if k != 'integrity'})}")
         path = args.json.with_name("frontdoor-balance.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(balanced, indent=1))
-        print(balance_table(balanced))
-        return 0 if all(r["integrity"]["exact"] for r in balanced) else 1
+        if args.skewed:
+            for on in (True, False):
+                shares = [
+                    r["idle_replica_share"] for r in balanced if r["heartbeats"] is on and r["idle_replica_share"] is not None
+                ]
+                print(
+                    f"heartbeats {'on ' if on else 'off'}: a replica idle while 4 requests are in flight on the others, "
+                    f"median share of samples {statistics.median(shares) if shares else '-'} (runs: {shares})"
+                )
+        else:
+            print(balance_table(balanced))
+        return 0 if all(r.get("integrity", {"exact": True})["exact"] for r in balanced) else 1
     counts = [int(n) for n in args.servers.split(",")]
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="oss-frontdoor-") as tmp:
