@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 CANCEL_WAIT_S = 2.0
 """A cancel of another process's completion waits this long for the end to come back through the store."""
+MISS_WAIT_S = 0.3
+"""On a shared store, an id with no record is read again for this long before it is unknown: another server process
+may have answered its 202 (or its first chunk) a moment before its write of the opened record reached Redis, and the
+client's next request reached this process (docs/architecture.md, "Several server processes")."""
 
 
 class SharedStoreUnavailable(ApiError):
@@ -134,6 +138,8 @@ class RecordKeeper:
             return mirror
         try:
             record = await self.store.get(request_id)
+            if record is None and self.store.shared:
+                record = await self._read_again(request_id)
         except StoreUnavailable as exc:
             raise SharedStoreUnavailable(f"cannot read completion {request_id!r} now: {exc}") from exc
         if record is None:
@@ -153,6 +159,18 @@ class RecordKeeper:
         if mirror is None:
             mirror = self._follow(record)
         return mirror
+
+    async def _read_again(self, request_id: str) -> CompletionRecord | None:
+        """The record, read again for up to ``MISS_WAIT_S`` (each wait twice the last): a write in flight lands."""
+        deadline = asyncio.get_running_loop().time() + MISS_WAIT_S
+        pause = 0.01
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            await asyncio.sleep(min(pause, left))
+            record = await self.store.get(request_id)
+            if record is not None:
+                return record
+            pause *= 2
+        return None
 
     async def _recover(self, record: CompletionRecord) -> StreamState:
         """A completion whose server process died in flight: its record holds no pieces, its live log what was delivered.

@@ -107,6 +107,7 @@ async def test_a_stream_resumes_through_nginx_whichever_server_each_request_reac
         request_id, url = created.json()["id"], created.json()["stream_url"]
         cut: list[Event] = []
         async with client.stream("GET", url) as r:  # drop the connection after a few events
+            assert r.status_code == 200, (r.status_code, await r.aread(), nginx.upstreams_of(request_id))
             event_id = None
             async for line in r.aiter_lines():
                 if line.startswith("id: "):

@@ -7,6 +7,7 @@ The port tests bind real sockets on 127.0.0.1; the rest run the app over the scr
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -262,3 +263,27 @@ def test_servers_deciding_at_once_on_the_same_loads_pick_different_replicas() ->
             assert (first.replica_id == second.replica_id) is collide, (spread, turn)
     assert [server_place(s) for s in ("openai-stream-server-1", "openai-stream-server-3")] == [0, 2]
     assert server_place("front") == server_place("front") >= 0
+
+
+async def test_a_record_written_a_moment_after_the_lookup_began_is_found(tmp_path: Path) -> None:
+    """Another process answered its 202 before its opened record reached Redis: a miss is read again briefly."""
+    with running_redis(tmp_path / "redis") as redis:
+        owner, reader = RedisStore(redis.url, StoreOptions()), RedisStore(redis.url, StoreOptions())
+        await owner.start()
+        await reader.start()
+        try:
+            keeper = RecordKeeper(reader)
+
+            async def write_late() -> None:
+                await asyncio.sleep(0.05)
+                owner.put(CompletionRecord("chatcmpl-late", "chat", "m", 1, prompt_tokens=1))
+                await owner.flush()
+
+            writer = asyncio.ensure_future(write_late())
+            state = await keeper.lookup("chatcmpl-late")
+            await writer
+            assert state is not None and state.request_id == "chatcmpl-late"
+            assert await keeper.lookup("chatcmpl-never") is None
+        finally:
+            await owner.aclose()
+            await reader.aclose()
