@@ -23,7 +23,7 @@ from typing import Any
 
 from dora import Node
 
-from openai_stream_protocol import REQUEST_OUTPUT, USER_TEXT_PREFIX, string_array, texts_of
+from openai_stream_protocol import REQUEST_OUTPUT, USER_TEXT_PREFIX, is_status, string_array, texts_of
 
 
 def prompt_for(stream_id: int, tokens: int) -> str:  # the same words as benchmarks.client.prompt_for
@@ -78,7 +78,7 @@ def burst(node: Any, concurrency: int, rounds: int, tokens: int, ids: Iterator[i
                 if ev["type"] != "INPUT":
                     continue
                 md = ev["metadata"]
-                if "hello" in md:  # echo_stream's hello at start (docs/architecture.md, "Replicas and failover")
+                if is_status(md):  # echo_stream's hello and heartbeats: about the node, not a request's chunk
                     continue
                 request_id = md.get("request_id")
                 got = texts.get(request_id)
