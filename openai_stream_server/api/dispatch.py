@@ -139,21 +139,27 @@ class Dispatcher:
         self,
         ticket: Ticket,
         notice: Callable[[int], bytes],
-        opened: Callable[[], Awaitable[AsyncIterator[bytes]]],
-        failed: Callable[[ApiError], AsyncIterator[bytes]],
+        submit: Callable[[], Awaitable[StreamState]],
+        events: Callable[[StreamState], AsyncIterator[bytes]],
+        *,
+        request_id: str,
+        model: str,
+        surface: str,
     ) -> AsyncIterator[bytes]:
         """A stream whose headers went out while it waits: ``notice(position)`` at each new place in the queue, then
-        the completion's own events (``opened``), or its error in the surface's shape (``failed``). Closed while it
-        waits (the client left), the ticket leaves the queue and nothing goes downstream."""
+        the completion's own ``events`` once ``submit`` opened it, or its error in the surface's shape (a failed
+        state rendered by the same ``events``). Closed while it waits (the client left), the ticket leaves the queue
+        and nothing goes downstream."""
         try:
             async for position in ticket.positions():
                 yield notice(position)
-            events = await opened()
+            state = await submit()
         except ApiError as error:
-            events = failed(error)
+            state = self.registry.get(request_id) or failed_state(request_id, model, surface, error)
+            state.service_tier = ticket.tier
         finally:
             ticket.leave()  # closed while it waits (the client left): out of the queue now, not when collected
-        async for event in events:
+        async for event in events(state):
             yield event
 
     def submit_later(

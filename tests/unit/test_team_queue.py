@@ -238,7 +238,9 @@ async def test_a_client_that_leaves_the_queue_costs_nothing_downstream() -> None
         dispatcher = client.app.state.dispatcher  # type: ignore[attr-defined]
         ticket = dispatcher.enter("m")
         assert ticket.waiting
-        stream = dispatcher.queued_stream(ticket, lambda n: b": queued %d\n\n" % n, None, None)
+        stream = dispatcher.queued_stream(
+            ticket, lambda n: b": queued %d\n\n" % n, None, None, request_id="chatcmpl-0", model="m", surface="chat"
+        )
         assert await stream.__anext__() == b": queued 1\n\n"
         await stream.aclose()  # the client went
         left = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("never")))

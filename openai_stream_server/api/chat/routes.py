@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,10 +13,9 @@ from starlette.routing import Route
 
 from openai_stream_protocol import Part, ReasoningRequest
 
-from ...errors import ApiError
 from ...state import Status, StreamState
 from ..common import check_images, sequence_number
-from ..dispatch import failed_state, queued_comment, sampling_metadata
+from ..dispatch import queued_comment, sampling_metadata
 from ..follow import follow
 from ..reasoning import reasoning_metadata
 from ..surface import Surface, by_id
@@ -46,15 +46,12 @@ class ChatCompletions(Surface):
         headers = {"X-Request-Id": request_id}
         if ticket.waiting and body.stream and not body.background:
             # It waits with its headers out, and learns its place: ": queued N" comment lines.
-            async def opened() -> AsyncIterator[bytes]:
-                state = await self.dispatcher.submit(request_id, self.name, model, parts, metadata, ticket=ticket)
-                return self._events(body, model, state)
-
-            def failed(error: ApiError) -> AsyncIterator[bytes]:
-                state = self.registry.get(request_id) or failed_state(request_id, model, self.name, error)
-                return self._events(body, model, state)
-
-            return self.sse(self.dispatcher.queued_stream(ticket, queued_comment, opened, failed), headers)
+            submit = functools.partial(self.dispatcher.submit, request_id, self.name, model, parts, metadata, ticket=ticket)
+            events = self.dispatcher.queued_stream(
+                ticket, queued_comment, submit, lambda state: self._events(body, model, state),
+                request_id=request_id, model=model, surface=self.name,
+            )  # fmt: skip
+            return self.sse(events, headers)
         if ticket.waiting and body.background:  # answered at once: it waits here, and its stream shows its place
             self.dispatcher.submit_later(request_id, self.name, model, parts, metadata, ticket)
             queued = {"status": "queued", "queue_position": ticket.position, "service_tier": ticket.tier}

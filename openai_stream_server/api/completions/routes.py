@@ -7,6 +7,7 @@ with another encoder. There is no background mode and no reattach: those are cha
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,11 +15,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ...errors import ApiError
 from ...state import StreamState
 from ..chat.render import ChunkRenderer
 from ..chat.request import include_usage
-from ..dispatch import failed_state, queued_comment, sampling_metadata
+from ..dispatch import queued_comment, sampling_metadata
 from ..follow import follow
 from ..surface import Surface
 from ..surfaces import COMPLETIONS
@@ -41,16 +41,12 @@ class Completions(Surface):
         ticket = self.dispatcher.enter(model, body.service_tier)  # its model group's queue (docs/team.md)
         headers = {"X-Request-Id": request_id}
         if ticket.waiting and body.stream:  # it waits with its headers out, and learns its place: ": queued N"
-
-            async def opened() -> AsyncIterator[bytes]:
-                state = await self.dispatcher.submit(request_id, self.name, model, parts, metadata, ticket=ticket)
-                return self._events(body, model, state)
-
-            def failed(error: ApiError) -> AsyncIterator[bytes]:
-                state = self.registry.get(request_id) or failed_state(request_id, model, self.name, error)
-                return self._events(body, model, state)
-
-            return self.sse(self.dispatcher.queued_stream(ticket, queued_comment, opened, failed), headers)
+            submit = functools.partial(self.dispatcher.submit, request_id, self.name, model, parts, metadata, ticket=ticket)
+            events = self.dispatcher.queued_stream(
+                ticket, queued_comment, submit, lambda state: self._events(body, model, state),
+                request_id=request_id, model=model, surface=self.name,
+            )  # fmt: skip
+            return self.sse(events, headers)
         await self.dispatcher.admitted(request, ticket)
         state = await self.dispatcher.submit(request_id, self.name, model, parts, metadata, ticket=ticket)
         if not body.stream:

@@ -8,6 +8,7 @@ Messages API"). Every error on these paths is Anthropic-shaped (``surfaces.MESSA
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +21,7 @@ from openai_stream_protocol import Part
 from ...errors import ApiError, InvalidRequest, MethodNotAllowed, NotFound
 from ...state import StreamState
 from ..common import check_images
-from ..dispatch import failed_state, prompt_tokens, queued_comment, sampling_metadata
+from ..dispatch import prompt_tokens, queued_comment, sampling_metadata
 from ..follow import follow
 from ..reasoning import reasoning_metadata
 from ..surface import Surface
@@ -54,14 +55,11 @@ class Messages(Surface):
         ticket = self.dispatcher.enter(model, tier)  # its model group's queue
         headers = {"X-Request-Id": message_id, "request-id": message_id}
         if ticket.waiting and body.stream:  # it waits with its headers out, and learns its place: ": queued N"
-
-            async def opened() -> AsyncIterator[bytes]:
-                return self._events(await self.dispatcher.submit(message_id, self.name, model, parts, metadata, ticket=ticket))
-
-            def failed(error: ApiError) -> AsyncIterator[bytes]:
-                return self._events(self.registry.get(message_id) or failed_state(message_id, model, self.name, error))
-
-            return self.sse(self.dispatcher.queued_stream(ticket, queued_comment, opened, failed), headers)
+            submit = functools.partial(self.dispatcher.submit, message_id, self.name, model, parts, metadata, ticket=ticket)
+            events = self.dispatcher.queued_stream(
+                ticket, queued_comment, submit, self._events, request_id=message_id, model=model, surface=self.name
+            )
+            return self.sse(events, headers)
         await self.dispatcher.admitted(request, ticket)
         state = await self.dispatcher.submit(message_id, self.name, model, parts, metadata, ticket=ticket)
         if not body.stream:

@@ -7,6 +7,7 @@ the request model is in ``request`` (docs/architecture.md, "Responses API").
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from openai_stream_protocol import Part, ReasoningRequest
 from ...errors import ApiError, Cancelled, InvalidRequest, NotFound
 from ...state import StreamState
 from ..common import check_images, sequence_number
-from ..dispatch import failed_state, sampling_metadata
+from ..dispatch import sampling_metadata
 from ..follow import follow
 from ..reasoning import reasoning_metadata
 from ..surface import Surface, by_id
@@ -107,18 +108,15 @@ class Responses(Surface):
                 said.append(position)
                 return queued_event(waiting, echo, position, first=len(said) == 1)
 
-            async def opened() -> AsyncIterator[bytes]:
-                state = await self.dispatcher.submit(
-                    response_id, self.name, model, parts, prepared.metadata, keep_parts=body.store, context=echo, ticket=ticket
-                )
-                return self._events(state, echo, body.store)
-
-            def failed(error: ApiError) -> AsyncIterator[bytes]:
-                state = self.registry.get(response_id) or failed_state(response_id, model, self.name, error)
-                state.service_tier = ticket.tier
-                return self._events(state, echo, body.store)
-
-            return self.sse(self.dispatcher.queued_stream(ticket, notice, opened, failed), headers)
+            submit = functools.partial(
+                self.dispatcher.submit,
+                response_id, self.name, model, parts, prepared.metadata, keep_parts=body.store, context=echo, ticket=ticket,
+            )  # fmt: skip
+            events = self.dispatcher.queued_stream(
+                ticket, notice, submit, lambda state: self._events(state, echo, body.store),
+                request_id=response_id, model=model, surface=self.name,
+            )  # fmt: skip
+            return self.sse(events, headers)
         await self.dispatcher.admitted(request, ticket)
         state = await self.dispatcher.submit(
             response_id, self.name, model, parts, prepared.metadata, keep_parts=body.store, context=echo, ticket=ticket
