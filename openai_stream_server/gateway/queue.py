@@ -136,17 +136,8 @@ class Ticket:
         """
         closed = True
         try:
-            said = 0
-            while self.waiting:
-                if self.position != said:
-                    said = self.position
-                    yield said
-                    continue
-                self.changed.clear()
-                try:
-                    await asyncio.wait_for(self.changed.wait(), RECHECK_S)
-                except TimeoutError:
-                    self.queue.pump()
+            async for position in self.watch(pump=True):
+                yield position
             closed = False
             if self.shed is not None:
                 raise self.shed
@@ -156,9 +147,9 @@ class Ticket:
             if closed:
                 self.leave()
 
-    async def watch(self) -> AsyncIterator[int]:
+    async def watch(self, *, pump: bool = False) -> AsyncIterator[int]:
         """Each new position while it waits, for an onlooker (a background request's stream): closing it leaves the
-        ticket where it is."""
+        ticket where it is. ``pump``: the waiter itself, which also nudges the queue when nothing changed for a while."""
         said = 0
         while self.waiting:
             if self.position != said:
@@ -169,7 +160,8 @@ class Ticket:
             try:
                 await asyncio.wait_for(self.changed.wait(), RECHECK_S)
             except TimeoutError:
-                pass
+                if pump:
+                    self.queue.pump()
 
     async def wait(self) -> None:
         """Until admitted (``positions`` without the positions)."""
